@@ -1,0 +1,28 @@
+"""archalign: move trained weights between PyTorch models whose parameter names do not line up."""
+
+from .apply import apply_plan
+from .cost import CostWeights
+from .errors import AlignError, ApplyError, ArchalignError, PlanError, SourceError
+from .pipeline import align, align_and_load
+from .plan import Match, Mismatch, Plan, load_plan
+from .report import LoadReport, Skipped
+
+__all__ = [
+    "AlignError",
+    "ApplyError",
+    "ArchalignError",
+    "CostWeights",
+    "LoadReport",
+    "Match",
+    "Mismatch",
+    "Plan",
+    "PlanError",
+    "Skipped",
+    "SourceError",
+    "align",
+    "align_and_load",
+    "apply_plan",
+    "load_plan",
+]
+
+__version__ = "0.1.0"

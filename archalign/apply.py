@@ -1,0 +1,143 @@
+"""Apply a plan: the only module that writes into a model's tensors.
+
+Everything is checked before the first write (keys, shapes, the source's tensors), so a refused
+plan leaves the destination exactly as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ApplyError, PlanError, SourceError
+from .plan import Match, Plan
+from .report import LoadReport, Skipped
+from .source import TensorSource, read_source
+
+__all__ = ["apply_plan"]
+
+logger = logging.getLogger(__name__)
+
+
+def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: float = 0.5,
+               strict: bool = False) -> LoadReport:
+    """Copy the planned source tensors into ``dst`` (parameters and buffers, in place).
+
+    Dtype and device follow ``dst``; ties in ``dst`` are kept (a tied tensor is written once).
+
+    Parameters
+    ----------
+    plan : Plan
+        What `archalign.align` proposed (possibly edited or loaded from a file).
+    dst : nn.Module
+        The model to load into.
+    src : nn.Module, state_dict, path or None
+        The source; ``None`` uses the one the plan was made from.
+    min_confidence : float
+        Matches below this confidence are skipped and reported.
+    strict : bool
+        Refuse (and write nothing) unless every destination tensor would be loaded.
+
+    Returns
+    -------
+    LoadReport
+
+    Raises
+    ------
+    PlanError
+        If a key or shape in the plan no longer agrees with ``dst`` or the source.
+    ApplyError
+        If ``strict`` and some destination tensor would stay unloaded.
+    SourceError
+        If ``dst`` is not a module, or the source cannot be read.
+    """
+    if not isinstance(dst, nn.Module):
+        raise SourceError(f"the destination must be an nn.Module, got {type(dst).__name__}")
+    if not 0.0 <= min_confidence <= 1.0:
+        raise ValueError(f"min_confidence must lie in [0, 1], got {min_confidence}")
+    source = read_source(src, role="source") if src is not None else plan.source
+    if source is None:
+        raise PlanError("this plan does not carry its source (it was loaded from a file): "
+                        "pass it as plan.apply(dst, src)")
+    target = read_source(dst, role="destination")
+    _check_plan(plan, source, target)
+
+    to_load: list[Match] = []
+    skipped: list[Skipped] = []
+    for match in plan.matches:
+        if match.confidence < min_confidence:
+            reason = f"confidence {match.confidence:.2f} < min_confidence {min_confidence:.2f}"
+            skipped.extend(Skipped(d, ", ".join(match.src), reason) for d in match.dst)
+        else:
+            to_load.append(match)
+    for mm in plan.mismatches:
+        skipped.extend(Skipped(d, ", ".join(mm.src), mm.reason) for d in mm.dst)
+
+    loaded_keys = [d for m in to_load for d in m.dst]
+    loaded_set = set(loaded_keys)
+    missing = tuple(k for k in target.specs if k not in loaded_set)
+    if strict and missing:
+        why = {s.dst: s.reason for s in skipped}
+        shown = "; ".join(f"{k} ({why.get(k, 'no counterpart')})" for k in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise ApplyError(f"strict: {len(missing)} destination tensors would stay unloaded: "
+                         f"{shown}{more}. Lower min_confidence, fix the plan, or pass strict=False")
+
+    _copy(to_load, source, dst, target)
+    used = {s for m in to_load for s in m.src}
+    report = LoadReport(
+        loaded=tuple(loaded_keys),
+        skipped=tuple(skipped),
+        missing=missing,
+        unexpected=tuple(k for k in source.specs if k not in used),
+        tied=tuple(sorted(target.aliases.items())),
+    )
+    logger.info("%s", str(report).splitlines()[0])
+    return report
+
+
+def _check_plan(plan: Plan, source: TensorSource, target: TensorSource) -> None:
+    problems: list[str] = []
+    for match in plan.matches:
+        for key, shape in zip(match.dst, match.dst_shapes):
+            _check_key(key, shape, target, "destination", problems)
+        for key, shape in zip(match.src, match.src_shapes):
+            _check_key(key, shape, source, "source", problems)
+        if len(match.src) == len(match.dst) == 1 and match.src_shapes != match.dst_shapes:
+            problems.append(f"match {match.src[0]} -> {match.dst[0]} copies shape "
+                            f"{match.src_shapes[0]} into {match.dst_shapes[0]}")
+    dst_keys = [d for m in plan.matches for d in m.dst]
+    dups = sorted({k for k in dst_keys if dst_keys.count(k) > 1})
+    if dups:
+        problems.append(f"destination keys written twice: {', '.join(dups)}")
+    if problems:
+        shown = "; ".join(problems[:10])
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise PlanError(f"the plan does not agree with the models: {shown}{more}. "
+                        "Were the models changed since the plan was made? Re-run align")
+
+
+def _check_key(key: str, shape: tuple[int, ...], side: TensorSource, role: str,
+               problems: list[str]) -> None:
+    primary = side.aliases.get(key, key)
+    spec = side.specs.get(primary)
+    if spec is None:
+        problems.append(f"{role} has no tensor {key!r}")
+    elif spec.shape != tuple(shape):
+        problems.append(f"{role} tensor {key!r} has shape {spec.shape}, the plan says {tuple(shape)}")
+
+
+def _copy(matches: list[Match], source: TensorSource, dst: nn.Module,
+          target: TensorSource) -> None:
+    with torch.no_grad():
+        for match in matches:
+            for src_key, dst_key in zip(match.src, match.dst):
+                into = target.get(dst_key)
+                if into.device.type == "meta":
+                    raise ApplyError(f"destination tensor {dst_key!r} is on the meta device; "
+                                     "materialise the model (e.g. dst.to_empty(device='cpu')) first")
+                into.copy_(source.get(src_key))
+    del dst

@@ -1,0 +1,25 @@
+"""One exception family: every error archalign raises on purpose derives from `ArchalignError`."""
+
+from __future__ import annotations
+
+__all__ = ["AlignError", "ApplyError", "ArchalignError", "PlanError", "SourceError"]
+
+
+class ArchalignError(Exception):
+    """Base class of every error archalign raises on purpose."""
+
+
+class SourceError(ArchalignError, TypeError):
+    """A source or destination is not something archalign can read (wrong type, empty, bad file)."""
+
+
+class AlignError(ArchalignError):
+    """The alignment itself cannot be computed (e.g. contradictory hints)."""
+
+
+class PlanError(ArchalignError, ValueError):
+    """A plan is malformed, or no longer agrees with the models it is applied to."""
+
+
+class ApplyError(ArchalignError):
+    """Applying a plan was refused (``strict`` and something stayed unloaded, or a copy failed)."""

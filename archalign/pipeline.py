@@ -1,0 +1,123 @@
+"""The algorithm, top to bottom: read, trace, featurise, cost, solve, plan (and apply)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+
+from .cost import CostWeights
+from .features import extract_features
+from .graph import build_units
+from .match import AMBIGUOUS_INSIDE, UnitMatch, match_near_misses, match_units, pair_tensors
+from .plan import Match, Mismatch, Plan
+from .report import LoadReport
+from .source import TensorSource, read_source
+from .trace import ExampleInputs, harmonise_graphs, trace_graph
+
+__all__ = ["align", "align_and_load"]
+
+logger = logging.getLogger(__name__)
+
+
+def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
+          weights: CostWeights | None = None) -> Plan:
+    """Propose how the source's tensors load into the destination; touches no weights.
+
+    Parameters
+    ----------
+    src : nn.Module, Mapping[str, Tensor], str or os.PathLike
+        The trained model, its state_dict, or a checkpoint file.
+    dst : nn.Module or Mapping[str, Tensor]
+        The model to load into.
+    example_inputs : Tensor, tuple, list or dict, optional
+        An input both models accept (a dict is passed as keyword arguments). Used only for models
+        that torch.fx cannot trace.
+    weights : CostWeights, optional
+        The cost model's weights; the defaults suit most ports.
+
+    Returns
+    -------
+    Plan
+
+    Raises
+    ------
+    SourceError
+        If ``src`` or ``dst`` cannot be read (wrong type, empty, non-tensor values, bad file).
+    """
+    weights = weights or CostWeights()
+    source = read_source(src, role="source")
+    target = read_source(dst, role="destination")
+
+    src_graph, dst_graph = harmonise_graphs(
+        trace_graph(source, example_inputs), trace_graph(target, example_inputs),
+        build_units(source), build_units(target))
+    src_features, dst_features = extract_features(src_graph, dst_graph)
+
+    exact = match_units(src_features, dst_features, weights)
+    taken_src = {m.src.unit.key for m in exact}
+    taken_dst = {m.dst.unit.key for m in exact}
+    near = match_near_misses([f for f in src_features if f.unit.key not in taken_src],
+                             [f for f in dst_features if f.unit.key not in taken_dst], weights)
+
+    plan = _build_plan(exact, near, source, target, src_graph.tracer, dst_graph.tracer)
+    logger.info("aligned %s -> %s: %d matches, %d mismatches, %d destination keys unmatched",
+                source.description, target.description, len(plan.matches),
+                len(plan.mismatches), len(plan.unmatched_dst))
+    return plan
+
+
+def align_and_load(src: Any, dst: nn.Module, *, example_inputs: ExampleInputs = None,
+                   min_confidence: float = 0.5, strict: bool = False,
+                   weights: CostWeights | None = None) -> LoadReport:
+    """`align` then `Plan.apply` in one call; returns the load report.
+
+    Raises
+    ------
+    SourceError, PlanError, ApplyError
+        As `align` and `archalign.apply.apply_plan` do.
+    """
+    plan = align(src, dst, example_inputs=example_inputs, weights=weights)
+    return plan.apply(dst, min_confidence=min_confidence, strict=strict)
+
+
+def _build_plan(exact: list[UnitMatch], near: list[UnitMatch], source: TensorSource,
+                target: TensorSource, src_tracer: str, dst_tracer: str) -> Plan:
+    matches: list[Match] = []
+    for um in exact:
+        src_unit, dst_unit = um.src.unit, um.dst.unit
+        for pair in pair_tensors(src_unit, dst_unit):
+            conf = um.confidence * (1.0 if pair.by_name else AMBIGUOUS_INSIDE)
+            matches.append(Match(
+                src=(pair.src,), dst=(pair.dst,),
+                src_shapes=(source.specs[pair.src].shape,),
+                dst_shapes=(target.specs[pair.dst].shape,),
+                confidence=round(conf, 6),
+                costs=tuple((k, round(v, 6)) for k, v in um.terms.items()),
+                src_unit=src_unit.key, dst_unit=dst_unit.key))
+    mismatches: list[Mismatch] = []
+    for um in near:
+        pairs = pair_tensors(um.src.unit, um.dst.unit, same_shape=False)
+        for pair in pairs:
+            s_shape, d_shape = source.specs[pair.src].shape, target.specs[pair.dst].shape
+            if s_shape == d_shape:
+                reason = (f"its layer {um.dst.unit.key} does not fit source layer "
+                          f"{um.src.unit.key} as a whole")
+            else:
+                reason = f"shape mismatch: source {s_shape} vs destination {d_shape}"
+            mismatches.append(Mismatch(src=(pair.src,), dst=(pair.dst,), src_shapes=(s_shape,),
+                                       dst_shapes=(d_shape,), reason=reason))
+    used_src = {k for m in matches for k in m.src}
+    used_dst = {k for m in matches for k in m.dst}
+    return Plan(
+        matches=tuple(matches),
+        mismatches=tuple(mismatches),
+        unmatched_src=tuple(k for k in source.specs if k not in used_src),
+        unmatched_dst=tuple(k for k in target.specs if k not in used_dst),
+        tied_src=tuple(sorted(source.aliases.items())),
+        tied_dst=tuple(sorted(target.aliases.items())),
+        src_tracer=src_tracer,
+        dst_tracer=dst_tracer,
+        source=source,
+    )

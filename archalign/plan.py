@@ -1,0 +1,248 @@
+"""The plan: plain, reviewable data saying which source tensors go where, and how sure we are.
+
+A `Plan` is produced by `archalign.align` and touches no weights. It prints as a review table
+(lowest confidence first), compares equal by value, and round-trips through JSON. Applying it is
+`apply.py`'s job; `Plan.apply` only forwards there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import PlanError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .report import LoadReport
+    from .source import TensorSource
+
+__all__ = ["PLAN_VERSION", "Match", "Mismatch", "Plan", "load_plan"]
+
+PLAN_VERSION = 1
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Match:
+    """Source tensor(s) that load into destination tensor(s)."""
+
+    src: tuple[str, ...]  # source keys; one for a plain copy
+    dst: tuple[str, ...]  # destination keys; one for a plain copy
+    src_shapes: tuple[Shape, ...]  # shapes of `src`, same order
+    dst_shapes: tuple[Shape, ...]  # shapes of `dst`, same order
+    confidence: float  # in [0, 1]; low when the structure disagrees or a runner-up is as good
+    costs: tuple[tuple[str, float], ...]  # the cost terms behind it, and "regret" (the margin)
+    src_unit: str  # the source layer (unit) this tensor moves with
+    dst_unit: str  # the destination layer (unit) this tensor moves with
+
+    @property
+    def cost_terms(self) -> dict[str, float]:
+        return dict(self.costs)
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A destination layer whose counterpart was found but does not fit; nothing is loaded."""
+
+    src: tuple[str, ...]  # source keys of the counterpart
+    dst: tuple[str, ...]  # destination keys left untouched
+    src_shapes: tuple[Shape, ...]  # shapes of `src`
+    dst_shapes: tuple[Shape, ...]  # shapes of `dst`
+    reason: str  # why it was not loaded, e.g. "shape mismatch: (8, 10) vs (5, 10)"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything `align` proposes, as plain data.
+
+    Attributes
+    ----------
+    matches : tuple of Match
+        Proposed copies, in destination execution order.
+    mismatches : tuple of Mismatch
+        Destination layers whose counterpart does not fit (reported, not loaded).
+    unmatched_src, unmatched_dst : tuple of str
+        Keys that take part in no match (mismatched keys included).
+    tied_src, tied_dst : tuple of (alias, primary)
+        Tied tensors: the alias is the primary and is loaded through it.
+    src_tracer, dst_tracer : str
+        How each side's structure was obtained: "fx", "hooks", "registration" or "state_dict".
+    """
+
+    matches: tuple[Match, ...]
+    mismatches: tuple[Mismatch, ...] = ()
+    unmatched_src: tuple[str, ...] = ()
+    unmatched_dst: tuple[str, ...] = ()
+    tied_src: tuple[tuple[str, str], ...] = ()
+    tied_dst: tuple[tuple[str, str], ...] = ()
+    src_tracer: str = ""
+    dst_tracer: str = ""
+    source: TensorSource | None = field(default=None, compare=False, repr=False, hash=False)
+
+    # ---------------------------------------------------------------- applying
+    def apply(self, dst: nn.Module, src: Any = None, *, min_confidence: float = 0.5,
+              strict: bool = False) -> LoadReport:
+        """Load the planned tensors into ``dst``; see `archalign.apply.apply_plan`."""
+        from .apply import apply_plan
+
+        return apply_plan(self, dst, src, min_confidence=min_confidence, strict=strict)
+
+    # ---------------------------------------------------------------- reading
+    def __len__(self) -> int:
+        return len(self.matches)
+
+    def mapping(self) -> dict[str, str]:
+        """``dst key -> src key`` for every one-to-one match."""
+        return {m.dst[0]: m.src[0] for m in self.matches if len(m.src) == len(m.dst) == 1}
+
+    def __str__(self) -> str:
+        return format_plan(self)
+
+    # ---------------------------------------------------------------- saving
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the plan file schema, version `PLAN_VERSION`)."""
+        return {
+            "archalign_plan": PLAN_VERSION,
+            "src_tracer": self.src_tracer,
+            "dst_tracer": self.dst_tracer,
+            "matches": [
+                {"src": list(m.src), "dst": list(m.dst),
+                 "src_shapes": [list(s) for s in m.src_shapes],
+                 "dst_shapes": [list(s) for s in m.dst_shapes],
+                 "confidence": _round(m.confidence),
+                 "costs": {k: _round(v) for k, v in m.costs},
+                 "src_unit": m.src_unit, "dst_unit": m.dst_unit}
+                for m in self.matches
+            ],
+            "mismatches": [
+                {"src": list(m.src), "dst": list(m.dst),
+                 "src_shapes": [list(s) for s in m.src_shapes],
+                 "dst_shapes": [list(s) for s in m.dst_shapes], "reason": m.reason}
+                for m in self.mismatches
+            ],
+            "unmatched_src": list(self.unmatched_src),
+            "unmatched_dst": list(self.unmatched_dst),
+            "tied_src": [list(t) for t in self.tied_src],
+            "tied_dst": [list(t) for t in self.tied_dst],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1) + "\n"
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the plan as JSON (deterministic: the same plan gives the same bytes)."""
+        Path(path).write_text(self.to_json(), encoding="utf-8")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        """Rebuild a plan from `to_dict` output.
+
+        Raises
+        ------
+        PlanError
+            If the schema version is unknown or a field is missing or malformed.
+        """
+        if not isinstance(data, Mapping):
+            raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}")
+        version = data.get("archalign_plan")
+        if version != PLAN_VERSION:
+            raise PlanError(f"plan schema version {version!r} is not supported; this archalign "
+                            f"reads version {PLAN_VERSION}: re-run `align` to make a new plan")
+        try:
+            matches = tuple(
+                Match(src=_keys(m["src"]), dst=_keys(m["dst"]),
+                      src_shapes=_shapes(m["src_shapes"]), dst_shapes=_shapes(m["dst_shapes"]),
+                      confidence=float(m["confidence"]),
+                      costs=tuple((str(k), float(v)) for k, v in m["costs"].items()),
+                      src_unit=str(m["src_unit"]), dst_unit=str(m["dst_unit"]))
+                for m in data["matches"])
+            mismatches = tuple(
+                Mismatch(src=_keys(m["src"]), dst=_keys(m["dst"]),
+                         src_shapes=_shapes(m["src_shapes"]), dst_shapes=_shapes(m["dst_shapes"]),
+                         reason=str(m["reason"]))
+                for m in data.get("mismatches", ()))
+            return cls(
+                matches=matches, mismatches=mismatches,
+                unmatched_src=_keys(data.get("unmatched_src", ())),
+                unmatched_dst=_keys(data.get("unmatched_dst", ())),
+                tied_src=tuple((str(a), str(b)) for a, b in data.get("tied_src", ())),
+                tied_dst=tuple((str(a), str(b)) for a, b in data.get("tied_dst", ())),
+                src_tracer=str(data.get("src_tracer", "")),
+                dst_tracer=str(data.get("dst_tracer", "")),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise PlanError(f"malformed plan: {type(exc).__name__}: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"a plan file must be JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+
+def load_plan(path: str | os.PathLike[str]) -> Plan:
+    """Read a plan saved with `Plan.save`.
+
+    Raises
+    ------
+    PlanError
+        If the file is not a plan of a supported schema version.
+    """
+    return Plan.from_json(Path(path).read_text(encoding="utf-8"))
+
+
+def format_plan(plan: Plan, *, limit: int | None = None) -> str:
+    """The review table: one row per match, lowest confidence first, then what was left out."""
+    rows = sorted(plan.matches, key=lambda m: (m.confidence, m.dst))
+    if limit is not None:
+        rows = rows[:limit]
+    header = ("conf", "destination", "source", "shape")
+    body = [(f"{m.confidence:.2f}", ", ".join(m.dst), ", ".join(m.src),
+             " ".join(_fmt_shape(s) for s in m.dst_shapes)) for m in rows]
+    widths = [max(len(r[k]) for r in [header, *body]) for k in range(4)]
+    lines = [f"Plan: {len(plan.matches)} matches, {len(plan.mismatches)} shape mismatches, "
+             f"{len(plan.unmatched_dst)} destination keys unmatched "
+             f"(tracers: source {plan.src_tracer}, destination {plan.dst_tracer})"]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in body)
+    if limit is not None and len(plan.matches) > limit:
+        lines.append(f"... {len(plan.matches) - limit} more")
+    for mm in plan.mismatches:
+        lines.append(f"not loaded: {', '.join(mm.dst)} <- {', '.join(mm.src)}: {mm.reason}")
+    mismatched = {k for mm in plan.mismatches for k in mm.dst}
+    lonely = [k for k in plan.unmatched_dst if k not in mismatched]
+    if lonely:
+        lines.append(f"unmatched destination keys ({len(lonely)}): {', '.join(lonely)}")
+    used = {k for mm in plan.mismatches for k in mm.src}
+    spare = [k for k in plan.unmatched_src if k not in used]
+    if spare:
+        lines.append(f"unused source keys ({len(spare)}): {', '.join(spare)}")
+    return "\n".join(lines)
+
+
+def _fmt_shape(shape: Shape) -> str:
+    return "(" + ",".join(map(str, shape)) + ")"
+
+
+def _round(x: float) -> float:
+    return round(float(x), 6) if math.isfinite(x) else float(x)
+
+
+def _keys(values: Sequence[Any]) -> tuple[str, ...]:
+    if isinstance(values, str) or not all(isinstance(v, str) for v in values):
+        raise TypeError(f"expected a list of keys, got {values!r}")
+    return tuple(values)
+
+
+def _shapes(values: Sequence[Any]) -> tuple[Shape, ...]:
+    return tuple(tuple(int(d) for d in s) for s in values)

@@ -1,0 +1,47 @@
+"""What `apply` did: loaded, skipped (and why), left untouched, and source tensors not used."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+__all__ = ["LoadReport", "Skipped"]
+
+
+class Skipped(NamedTuple):
+    """A destination tensor that had a candidate but was not written."""
+
+    dst: str  # destination key, left as it was
+    src: str  # the candidate source key(s), comma-separated
+    reason: str  # e.g. "confidence 0.31 < min_confidence 0.50", "shape mismatch: (8,10) vs (5,10)"
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """The outcome of applying a plan; nothing is loaded that is not listed in ``loaded``."""
+
+    loaded: tuple[str, ...]  # destination keys written, in plan order
+    skipped: tuple[Skipped, ...]  # destination keys with a candidate that were not written
+    missing: tuple[str, ...]  # destination keys left at their initialisation (skipped included)
+    unexpected: tuple[str, ...]  # source keys that went nowhere
+    tied: tuple[tuple[str, str], ...] = ()  # destination (alias, primary): loaded with the primary
+
+    @property
+    def complete(self) -> bool:
+        """True when every destination tensor was loaded."""
+        return not self.missing
+
+    def __str__(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors, skipped {len(self.skipped)}, "
+                 f"{len(self.missing)} destination tensors left untouched, "
+                 f"{len(self.unexpected)} source tensors unused"]
+        lines.extend(f"  skipped {s.dst} <- {s.src}: {s.reason}" for s in self.skipped)
+        skipped = {s.dst for s in self.skipped}
+        untouched = [k for k in self.missing if k not in skipped]
+        if untouched:
+            lines.append(f"  untouched (no counterpart in the source): {', '.join(untouched)}")
+        if self.unexpected:
+            lines.append(f"  unused source tensors: {', '.join(self.unexpected)}")
+        if self.tied:
+            lines.append("  tied: " + ", ".join(f"{a} = {p}" for a, p in self.tied))
+        return "\n".join(lines)

@@ -1,0 +1,251 @@
+"""Read what a source or destination holds: tensor names, shapes, dtypes, ties, module types.
+
+Everything here is *reading*: nothing is copied or changed. A `TensorSource` answers the planning
+questions (which keys, which shapes, which module owns what) without touching tensor data, and
+hands out tensors only when `apply` asks for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import SourceError
+
+__all__ = ["TensorSource", "TensorSpec", "read_source"]
+
+logger = logging.getLogger(__name__)
+
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What planning needs to know about one tensor."""
+
+    key: str  # the name in the state_dict, e.g. "layer1.0.conv1.weight"
+    shape: tuple[int, ...]  # the tensor's shape
+    dtype: str  # str(torch.dtype), e.g. "torch.float32"
+
+
+@dataclass
+class TensorSource:
+    """The tensors of a model or checkpoint, read for planning and, later, for loading.
+
+    Attributes
+    ----------
+    specs : dict
+        ``key -> TensorSpec`` for every *primary* tensor, in state_dict order.
+    aliases : dict
+        ``alias key -> primary key`` for tied tensors (GPT-2's ``lm_head.weight`` is
+        ``transformer.wte.weight``): a tie is one tensor and is matched once.
+    module_types : dict
+        ``module path -> class name`` for every submodule when the source is a module; empty for a
+        state_dict or a checkpoint file.
+    layer_owners : frozenset
+        Module paths whose direct tensors form one layer (weight, bias and statistics move together).
+    module : nn.Module or None
+        The module itself, when the source is one (tracing needs it).
+    description : str
+        How the source was given, for messages ("module ResNet", "state_dict", "file x.pt").
+    """
+
+    specs: dict[str, TensorSpec]
+    aliases: dict[str, str]
+    module_types: dict[str, str]
+    layer_owners: frozenset[str]
+    module: nn.Module | None
+    description: str
+    _tensors: Mapping[str, torch.Tensor] = field(repr=False, default_factory=dict)
+
+    def get(self, key: str) -> torch.Tensor:
+        """Return the tensor stored under ``key`` (a primary or an alias key).
+
+        Raises
+        ------
+        KeyError
+            If the source holds no tensor of that name.
+        """
+        key = self.aliases.get(key, key)
+        try:
+            return self._tensors[key]
+        except KeyError:
+            raise KeyError(f"{self.description} holds no tensor {key!r}") from None
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+
+def read_source(obj: Any, *, role: str = "source") -> TensorSource:
+    """Read an ``nn.Module``, a state_dict or a checkpoint file into a `TensorSource`.
+
+    Parameters
+    ----------
+    obj : nn.Module, Mapping[str, Tensor], str or os.PathLike
+        The model, its state_dict, or the path of a ``.safetensors``/``.pt``/``.pth``/``.bin`` file.
+    role : str
+        "source" or "destination", used in error messages.
+
+    Raises
+    ------
+    SourceError
+        If ``obj`` is none of those, holds no tensor, or holds values that are not tensors.
+    """
+    if isinstance(obj, nn.Module):
+        return _read_module(obj, role)
+    if isinstance(obj, (str, os.PathLike)):
+        return _read_file(Path(obj), role)
+    if isinstance(obj, Mapping):
+        return _read_state_dict(obj, role, description="state_dict")
+    raise SourceError(
+        f"the {role} is a {type(obj).__name__}; pass an nn.Module, a state_dict "
+        "(a mapping of names to tensors) or the path of a checkpoint file"
+    )
+
+
+def _read_module(module: nn.Module, role: str) -> TensorSource:
+    state = module.state_dict(keep_vars=True)
+    if not state:
+        raise SourceError(
+            f"the {role} module {type(module).__name__} has no parameters or buffers; "
+            "there is nothing to align"
+        )
+    modules = dict(module.named_modules(remove_duplicate=False))
+    module_types = {path: type(m).__name__ for path, m in modules.items()}
+    specs, aliases = _specs_and_aliases(state, by_identity=True)
+    owners = {_owner(k) for k in specs}
+    layer_owners = frozenset(o for o in owners if o in modules and _is_layer(modules[o]))
+    return TensorSource(
+        specs=specs,
+        aliases=aliases,
+        module_types=module_types,
+        layer_owners=layer_owners,
+        module=module,
+        description=f"{role} module {type(module).__name__}",
+        _tensors=state,
+    )
+
+
+def _read_state_dict(state: Mapping[Any, Any], role: str, description: str) -> TensorSource:
+    if not state:
+        raise SourceError(f"the {role} {description} is empty; there is nothing to align")
+    bad = [(k, type(v).__name__) for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad or not all(isinstance(k, str) for k in state):
+        shown = ", ".join(f"{k!r} ({t})" for k, t in bad[:5])
+        raise SourceError(
+            f"the {role} {description} holds values that are not tensors: {shown}; if this is a "
+            "training checkpoint, pass the model weights inside it (e.g. ckpt['state_dict'])"
+            if bad
+            else f"the {role} {description} has keys that are not strings"
+        )
+    tensors: dict[str, torch.Tensor] = dict(state)
+    specs, aliases = _specs_and_aliases(tensors, by_identity=False)
+    owners = {_owner(k) for k in specs}
+    layer_owners = frozenset(o for o in owners if _looks_like_layer(o, specs))
+    return TensorSource(
+        specs=specs,
+        aliases=aliases,
+        module_types={},
+        layer_owners=layer_owners,
+        module=None,
+        description=f"{role} {description}",
+        _tensors=tensors,
+    )
+
+
+def _read_file(path: Path, role: str) -> TensorSource:
+    if not path.exists():
+        raise SourceError(f"the {role} file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as exc:  # pragma: no cover - safetensors is a core dependency
+            raise SourceError("reading .safetensors files needs `pip install safetensors`") from exc
+        try:
+            state = load_file(str(path))
+        except Exception as exc:
+            raise SourceError(f"cannot read the {role} file {str(path)!r}: {exc}") from exc
+        return _read_state_dict(state, role, description=f"file {path.name}")
+    if path.suffix in _PICKLE_SUFFIXES:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise SourceError(
+                f"cannot read the {role} file {str(path)!r} with torch.load(weights_only=True): "
+                f"{exc}. archalign never unpickles code; if you trust the file, re-save its "
+                "tensors once with torch.save(model.state_dict(), ...) or safetensors"
+            ) from exc
+        if isinstance(state, Mapping) and "state_dict" in state and isinstance(
+            state["state_dict"], Mapping
+        ):
+            state = state["state_dict"]
+        if not isinstance(state, Mapping):
+            raise SourceError(
+                f"the {role} file {str(path)!r} holds a {type(state).__name__}, not a state_dict"
+            )
+        return _read_state_dict(state, role, description=f"file {path.name}")
+    raise SourceError(
+        f"the {role} file {str(path)!r} has an unknown suffix {path.suffix!r}; use one of "
+        f".safetensors, {', '.join(_PICKLE_SUFFIXES)}"
+    )
+
+
+def _specs_and_aliases(
+    state: Mapping[str, torch.Tensor], *, by_identity: bool
+) -> tuple[dict[str, TensorSpec], dict[str, str]]:
+    specs: dict[str, TensorSpec] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[Any, str] = {}
+    for key, tensor in state.items():
+        ident = _identity(tensor, by_identity)
+        if ident is not None and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        if ident is not None:
+            seen[ident] = key
+        specs[key] = TensorSpec(key=key, shape=tuple(tensor.shape), dtype=str(tensor.dtype))
+    return specs, aliases
+
+
+def _identity(tensor: torch.Tensor, by_identity: bool) -> Any:
+    if by_identity:
+        return id(tensor)
+    if tensor.device.type == "meta" or tensor.numel() == 0:
+        return None
+    try:
+        ptr = tensor.untyped_storage().data_ptr()
+    except RuntimeError:  # tensors without storage (e.g. some subclasses)
+        return None
+    return (ptr, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+
+
+def _owner(key: str) -> str:
+    return key.rpartition(".")[0]
+
+
+def _is_layer(module: nn.Module) -> bool:
+    """A layer's direct tensors move together: a module from torch.nn, or one without children."""
+    if not (module._parameters or module._buffers):
+        return False
+    if type(module).__module__.startswith(("torch.nn", "torch.ao.nn")):
+        return True
+    return not any(True for _ in module.children())
+
+
+_LAYER_TENSOR_NAMES = frozenset({"running_mean", "running_var", "num_batches_tracked"})
+
+
+def _looks_like_layer(owner: str, specs: Mapping[str, TensorSpec]) -> bool:
+    """Without a module, a group is a layer when every local name is a weight, bias or statistic."""
+    prefix = owner + "." if owner else ""
+    locals_ = [k[len(prefix):] for k in specs if _owner(k) == owner]
+    return all(
+        name in _LAYER_TENSOR_NAMES or name.endswith(("weight", "bias")) for name in locals_
+    ) and any(name.endswith("weight") for name in locals_)

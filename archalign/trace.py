@@ -1,0 +1,240 @@
+"""Trace a model into a `UnitGraph`: torch.fx first, forward hooks next, registration order last.
+
+``torch.fx`` gives the truth (the order in which layers run and what feeds what) without running
+any compute. Models it cannot trace (data-dependent control flow, most Hugging Face models) are run
+once on ``example_inputs`` (or the model's own ``dummy_inputs``) with forward pre-hooks that record
+the order in which layers start. Without either, the registration order is all there is, and the
+graph says so in its ``tracer`` field.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .graph import INPUT, OUTPUT, Unit, UnitGraph, build_units, chain_graph, ordered_graph
+from .source import TensorSource
+
+__all__ = ["ExampleInputs", "harmonise_graphs", "trace_graph"]
+
+logger = logging.getLogger(__name__)
+
+ExampleInputs = torch.Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any] | None
+
+_ORDER_ONLY = ("registration", "state_dict")
+
+
+def trace_graph(source: TensorSource, example_inputs: ExampleInputs = None) -> UnitGraph:
+    """Build the unit graph of a source, with the best tracer that works on it.
+
+    Parameters
+    ----------
+    source : TensorSource
+        What `read_source` returned for the model or state_dict.
+    example_inputs : Tensor, tuple, list, dict or None
+        Inputs the model accepts; used only when torch.fx cannot trace it.
+
+    Returns
+    -------
+    UnitGraph
+        Its ``tracer`` names the method used: "fx", "hooks", "registration" or "state_dict".
+    """
+    units = build_units(source)
+    module = source.module
+    if module is None:
+        return chain_graph(units, "state_dict")
+    try:
+        return _trace_fx(module, units, source)
+    except Exception as exc:  # fx raises many kinds of errors on untraceable code
+        logger.info("torch.fx cannot trace %s (%s: %s); trying forward hooks",
+                    type(module).__name__, type(exc).__name__, str(exc).splitlines()[0][:200])
+    inputs = example_inputs if example_inputs is not None else _dummy_inputs(module)
+    if inputs is not None:
+        try:
+            return _trace_hooks(module, units, source, inputs)
+        except Exception as exc:
+            logger.warning("running %s on the example inputs failed (%s: %s); falling back to "
+                           "registration order", type(module).__name__, type(exc).__name__, exc)
+    else:
+        logger.warning("%s cannot be traced by torch.fx and no example_inputs were given; "
+                       "using registration order (pass example_inputs=... for a better "
+                       "alignment)", type(module).__name__)
+    return chain_graph(units, "registration")
+
+
+def harmonise_graphs(src: UnitGraph, dst: UnitGraph,
+                     src_units: Sequence[Unit] | None = None,
+                     dst_units: Sequence[Unit] | None = None) -> tuple[UnitGraph, UnitGraph]:
+    """Bring two graphs to the same kind of evidence so that their features compare.
+
+    A registration-order graph cannot be compared with an execution-order one (registration order
+    is not execution order), and a hooks graph has order but no data flow. Both sides are reduced to
+    the weaker of the two.
+    """
+    if src.tracer == dst.tracer or {src.tracer, dst.tracer} <= set(_ORDER_ONLY):
+        return src, dst
+    if src.tracer in _ORDER_ONLY or dst.tracer in _ORDER_ONLY:
+        tracer = "registration"
+        src_reg = list(src_units) if src_units is not None else list(src.units.values())
+        dst_reg = list(dst_units) if dst_units is not None else list(dst.units.values())
+        return (chain_graph(src_reg, tracer if src.tracer != "state_dict" else "state_dict"),
+                chain_graph(dst_reg, tracer))
+    # one side "hooks", the other "fx": keep each order, drop the fx data flow
+    return (chain_graph(list(src.units.values()), src.tracer),
+            chain_graph(list(dst.units.values()), dst.tracer))
+
+
+class _UnitTracer(fx.Tracer):
+    """Treat every layer (and every module without tensors) as a leaf; trace containers."""
+
+    def __init__(self, layer_owners: frozenset[str], empty: frozenset[str]) -> None:
+        super().__init__()
+        self._leaves = layer_owners | empty
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self._leaves
+
+
+def _trace_fx(module: nn.Module, units: list[Unit], source: TensorSource) -> UnitGraph:
+    empty = frozenset(
+        path for path, m in module.named_modules()
+        if path and next(iter(m.parameters()), None) is None
+        and next(iter(m.buffers()), None) is None
+    )
+    graph = _UnitTracer(source.layer_owners, empty).trace(module)
+    unit_of_tensor = {t: u.key for u in units for t in u.tensors}
+    for alias, primary in source.aliases.items():
+        unit_of_tensor[alias] = unit_of_tensor[primary]
+
+    order: list[str] = []
+    edges: list[tuple[str, str]] = []
+    # frontier[n]: the units whose outputs reach fx node n through parameter-free operations
+    frontier: dict[fx.Node, frozenset[str]] = {}
+    for node in graph.nodes:
+        feeding: frozenset[str] = frozenset().union(
+            *(frontier.get(arg, frozenset()) for arg in node.all_input_nodes))
+        if node.op == "placeholder":
+            frontier[node] = frozenset({INPUT})
+        elif _is_metadata(node):
+            frontier[node] = frozenset()  # x.shape, x.size(): no data flows through
+        elif node.op == "get_attr" and str(node.target) in unit_of_tensor:
+            key = unit_of_tensor[str(node.target)]
+            order.append(key)
+            frontier[node] = frozenset({key})
+        elif node.op == "call_module" and (inside := _units_inside(str(node.target), units)):
+            edges.extend((a, inside[0]) for a in feeding)
+            edges.extend(itertools.pairwise(inside))
+            order.extend(inside)
+            frontier[node] = frozenset({inside[-1]})
+        elif node.op == "output":
+            edges.extend((a, OUTPUT) for a in feeding)
+        else:
+            frontier[node] = feeding
+    used = set(order)
+    unused = [u.key for u in units if u.key not in used]
+    if unused:
+        logger.debug("%d units of %s are not used by forward: %s", len(unused),
+                     type(module).__name__, unused[:5])
+    result = ordered_graph(units, order, edges, "fx")
+    if nx.is_directed_acyclic_graph(result.graph):
+        # keep only the nearest producers: a residual stream would otherwise feed every later
+        # layer from every earlier one
+        reduced = nx.transitive_reduction(result.graph)
+        reduced.add_nodes_from(result.graph.nodes)
+        result.graph = reduced
+    return result
+
+
+_METADATA_METHODS = frozenset({"size", "dim", "numel", "type", "get_device", "stride"})
+_METADATA_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda"})
+
+
+def _is_metadata(node: fx.Node) -> bool:
+    """Nodes that read a tensor's metadata, not its values."""
+    if node.op == "call_method":
+        return node.target in _METADATA_METHODS
+    if node.op == "call_function":
+        if node.target is getattr and len(node.args) > 1:
+            return node.args[1] in _METADATA_ATTRS
+        return node.target in (len, torch.numel)
+    return False
+
+
+def _units_inside(path: str, units: list[Unit]) -> list[str]:
+    """Units owned by the leaf module at ``path`` (itself and its children), in registration order."""
+    prefix = path + "."
+    return [u.key for u in units
+            if u.key == path or (u.key.startswith(prefix) and u.type_name != "Parameter")] + [
+        u.key for u in units if u.type_name == "Parameter" and u.key.startswith(prefix)]
+
+
+def _trace_hooks(module: nn.Module, units: list[Unit], source: TensorSource,
+                 inputs: Any) -> UnitGraph:
+    by_owner: dict[str, list[str]] = {}
+    for u in units:
+        owner = u.key if u.type_name != "Parameter" else u.key.rpartition(".")[0]
+        by_owner.setdefault(owner, []).append(u.key)
+    order: list[str] = []
+    handles = []
+    modules = dict(module.named_modules())
+    for owner, keys in by_owner.items():
+        target = modules.get(owner)
+        if target is None:
+            continue
+        handles.append(target.register_forward_pre_hook(_recorder(order, keys)))
+    training = {name: m.training for name, m in modules.items()}
+    args, kwargs = _split_inputs(inputs, _device_of(module))
+    try:
+        module.eval()
+        with torch.no_grad():
+            module(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, m in modules.items():
+            m.training = training[name]
+    seen: dict[str, None] = dict.fromkeys(order)
+    ordered = [next(u for u in units if u.key == k) for k in seen]
+    ordered += [u for u in units if u.key not in seen]
+    return chain_graph(ordered, "hooks")
+
+
+def _recorder(order: list[str], keys: list[str]) -> Callable[[nn.Module, Any], None]:
+    def hook(_module: nn.Module, _args: Any) -> None:
+        order.extend(keys)
+
+    return hook
+
+
+def _dummy_inputs(module: nn.Module) -> Any:
+    """Hugging Face models carry ``dummy_inputs``; use them when the user gave none."""
+    dummy = getattr(module, "dummy_inputs", None)
+    if isinstance(dummy, Mapping) and all(isinstance(v, torch.Tensor) for v in dummy.values()):
+        return dict(dummy)
+    return None
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _split_inputs(inputs: Any, device: torch.device) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def move(value: Any) -> Any:
+        return value.to(device) if isinstance(value, torch.Tensor) else value
+
+    if isinstance(inputs, torch.Tensor):
+        return (move(inputs),), {}
+    if isinstance(inputs, Mapping):
+        return (), {k: move(v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return tuple(move(v) for v in inputs), {}
+    return (inputs,), {}
