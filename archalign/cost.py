@@ -12,6 +12,7 @@ Every term is >= 0 and 0 for a perfect fit. Shapes are not a term: units whose s
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -89,7 +90,13 @@ def compute_costs(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
 
 
 def _canonical_type(name: str) -> str:
-    return TYPE_ALIASES.get(name, name)
+    """Class name without a model prefix: ``LlamaRMSNorm`` and ``MistralRMSNorm`` are one layer."""
+    name = TYPE_ALIASES.get(name, name)
+    words = _CAMEL.findall(name)
+    return "".join(words[1:]) if len(words) >= 3 else name
+
+
+_CAMEL = re.compile(r"[A-Z]+[0-9]*(?![a-z])|[A-Z][a-z0-9]*|[a-z0-9]+")
 
 
 def shape_distance(a: Sequence[tuple[int, ...]], b: Sequence[tuple[int, ...]]) -> float:

@@ -9,6 +9,7 @@ two sentinel nodes for the model's inputs and outputs.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -16,7 +17,8 @@ import networkx as nx
 
 from .source import TensorSource
 
-__all__ = ["INPUT", "OUTPUT", "Unit", "UnitGraph", "build_units", "chain_graph"]
+__all__ = ["INPUT", "OUTPUT", "Unit", "UnitGraph", "build_units", "chain_graph", "natural_key",
+           "ordered_graph"]
 
 INPUT = "<input>"
 OUTPUT = "<output>"
@@ -87,6 +89,12 @@ def build_units(source: TensorSource) -> list[Unit]:
             )
         )
     return units
+
+
+def natural_key(key: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key that orders ``blocks.2`` before ``blocks.10``."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part)
+                 for part in re.split(r"(\d+)", key) if part)
 
 
 def chain_graph(units: Sequence[Unit], tracer: str) -> UnitGraph:

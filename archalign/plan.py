@@ -74,7 +74,8 @@ class Plan:
     tied_src, tied_dst : tuple of (alias, primary)
         Tied tensors: the alias is the primary and is loaded through it.
     src_tracer, dst_tracer : str
-        How each side's structure was obtained: "fx", "hooks", "registration" or "state_dict".
+        How each side's structure was obtained: "fx", "hooks", "registration", "state_dict" or
+        "sorted" (a file whose key order means nothing, compared in natural key order).
     """
 
     matches: tuple[Match, ...]

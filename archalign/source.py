@@ -55,6 +55,9 @@ class TensorSource:
         The module itself, when the source is one (tracing needs it).
     description : str
         How the source was given, for messages ("module ResNet", "state_dict", "file x.pt").
+    ordered : bool
+        Whether the key order is the registration order. A ``.safetensors`` file stores its tensors
+        sorted, so its order says nothing about the model's structure.
     """
 
     specs: dict[str, TensorSpec]
@@ -63,6 +66,7 @@ class TensorSource:
     layer_owners: frozenset[str]
     module: nn.Module | None
     description: str
+    ordered: bool = True
     _tensors: Mapping[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
     def get(self, key: str) -> torch.Tensor:
@@ -133,7 +137,8 @@ def _read_module(module: nn.Module, role: str) -> TensorSource:
     )
 
 
-def _read_state_dict(state: Mapping[Any, Any], role: str, description: str) -> TensorSource:
+def _read_state_dict(state: Mapping[Any, Any], role: str, description: str,
+                     ordered: bool = True) -> TensorSource:
     if not state:
         raise SourceError(f"the {role} {description} is empty; there is nothing to align")
     bad = [(k, type(v).__name__) for k, v in state.items() if not isinstance(v, torch.Tensor)]
@@ -156,6 +161,7 @@ def _read_state_dict(state: Mapping[Any, Any], role: str, description: str) -> T
         layer_owners=layer_owners,
         module=None,
         description=f"{role} {description}",
+        ordered=ordered and not _is_sorted(list(tensors)),
         _tensors=tensors,
     )
 
@@ -172,7 +178,7 @@ def _read_file(path: Path, role: str) -> TensorSource:
             state = load_file(str(path))
         except Exception as exc:
             raise SourceError(f"cannot read the {role} file {str(path)!r}: {exc}") from exc
-        return _read_state_dict(state, role, description=f"file {path.name}")
+        return _read_state_dict(state, role, description=f"file {path.name}", ordered=False)
     if path.suffix in _PICKLE_SUFFIXES:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
@@ -224,6 +230,11 @@ def _identity(tensor: torch.Tensor, by_identity: bool) -> Any:
     except RuntimeError:  # tensors without storage (e.g. some subclasses)
         return None
     return (ptr, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+
+
+def _is_sorted(keys: list[str]) -> bool:
+    """Keys already in lexicographic order (more than a handful): the order carries no structure."""
+    return len(keys) > 4 and keys == sorted(keys)
 
 
 def _owner(key: str) -> str:

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .graph import INPUT, OUTPUT, Unit, UnitGraph, build_units, chain_graph, ordered_graph
+from .graph import INPUT, OUTPUT, Unit, UnitGraph, build_units, chain_graph, natural_key, ordered_graph
 from .source import TensorSource
 
 __all__ = ["ExampleInputs", "harmonise_graphs", "trace_graph"]
@@ -44,12 +44,13 @@ def trace_graph(source: TensorSource, example_inputs: ExampleInputs = None) -> U
     Returns
     -------
     UnitGraph
-        Its ``tracer`` names the method used: "fx", "hooks", "registration" or "state_dict".
+        Its ``tracer`` names the method used: "fx", "hooks", "registration", "state_dict" (a
+        state_dict in registration order) or "sorted" (a state_dict whose order means nothing).
     """
     units = build_units(source)
     module = source.module
     if module is None:
-        return chain_graph(units, "state_dict")
+        return chain_graph(units, "state_dict" if source.ordered else "sorted")
     try:
         return _trace_fx(module, units, source)
     except Exception as exc:  # fx raises many kinds of errors on untraceable code
@@ -69,23 +70,32 @@ def trace_graph(source: TensorSource, example_inputs: ExampleInputs = None) -> U
     return chain_graph(units, "registration")
 
 
-def harmonise_graphs(src: UnitGraph, dst: UnitGraph,
-                     src_units: Sequence[Unit] | None = None,
-                     dst_units: Sequence[Unit] | None = None) -> tuple[UnitGraph, UnitGraph]:
+def harmonise_graphs(src: UnitGraph, dst: UnitGraph, src_units: Sequence[Unit],
+                     dst_units: Sequence[Unit]) -> tuple[UnitGraph, UnitGraph]:
     """Bring two graphs to the same kind of evidence so that their features compare.
 
-    A registration-order graph cannot be compared with an execution-order one (registration order
-    is not execution order), and a hooks graph has order but no data flow. Both sides are reduced to
-    the weaker of the two.
+    Registration order cannot be compared with execution order, and a hooks graph has order but
+    no data flow: both sides are reduced to the weaker of the two. A source whose key order means
+    nothing (tracer "sorted": a ``.safetensors`` file) puts both sides in natural key order.
+
+    Parameters
+    ----------
+    src, dst : UnitGraph
+        What `trace_graph` returned for each side.
+    src_units, dst_units : sequence of Unit
+        Each side's units in registration order (`build_units`).
     """
-    if src.tracer == dst.tracer or {src.tracer, dst.tracer} <= set(_ORDER_ONLY):
+    tracers = {src.tracer, dst.tracer}
+    if "sorted" in tracers:
+        return (chain_graph(sorted(src_units, key=lambda u: natural_key(u.key)), src.tracer),
+                chain_graph(sorted(dst_units, key=lambda u: natural_key(u.key)), "sorted"))
+    if len(tracers) == 1 or tracers <= set(_ORDER_ONLY):
         return src, dst
-    if src.tracer in _ORDER_ONLY or dst.tracer in _ORDER_ONLY:
-        tracer = "registration"
-        src_reg = list(src_units) if src_units is not None else list(src.units.values())
-        dst_reg = list(dst_units) if dst_units is not None else list(dst.units.values())
-        return (chain_graph(src_reg, tracer if src.tracer != "state_dict" else "state_dict"),
-                chain_graph(dst_reg, tracer))
+    if tracers & set(_ORDER_ONLY):
+        return (chain_graph(list(src_units), src.tracer if src.tracer in _ORDER_ONLY
+                            else "registration"),
+                chain_graph(list(dst_units), dst.tracer if dst.tracer in _ORDER_ONLY
+                            else "registration"))
     # one side "hooks", the other "fx": keep each order, drop the fx data flow
     return (chain_graph(list(src.units.values()), src.tracer),
             chain_graph(list(dst.units.values()), dst.tracer))

@@ -1,0 +1,66 @@
+"""Small models built from a spec, shared by the pipeline tests.
+
+`SpecNet` runs a list of layers in a fixed execution order, but registers them under any names,
+nested in any containers, in any registration order: exactly what differs between two
+implementations of one architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def make_layers(kind: str, widths: Sequence[int], norm: Sequence[bool]) -> list[nn.Module]:
+    """Layers of an MLP ("mlp") or a CNN ("cnn") with the given widths, optionally normalised."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        if kind == "mlp":
+            layers.append(nn.Linear(a, b))
+            if norm[i]:
+                layers.append(nn.LayerNorm(b))
+        else:
+            layers.append(nn.Conv2d(a, b, 3, padding=1))
+            if norm[i]:
+                layers.append(nn.BatchNorm2d(b))
+    return layers
+
+
+class SpecNet(nn.Module):
+    """Run ``layers`` in order (ReLU between), registered at ``paths`` in ``registration`` order."""
+
+    def __init__(self, layers: Sequence[nn.Module], paths: Sequence[str],
+                 registration: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.paths = list(paths)
+        for i in registration if registration is not None else range(len(layers)):
+            _register(self, paths[i], layers[i])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, path in enumerate(self.paths):
+            x = self.get_submodule(path)(x)
+            if i < len(self.paths) - 1:
+                x = torch.relu(x)
+        return x
+
+
+def _register(root: nn.Module, path: str, layer: nn.Module) -> None:
+    *parents, leaf = path.split(".")
+    node = root
+    for name in parents:
+        if not hasattr(node, name):
+            node.add_module(name, nn.ModuleDict() if len(name) % 2 else nn.Module())
+        node = getattr(node, name)
+    node.add_module(leaf, layer)
+
+
+def randomise_buffers(model: nn.Module, seed: int) -> None:
+    """Give BatchNorm statistics values that a wrong load would reveal."""
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            assert module.running_mean is not None and module.running_var is not None
+            module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=gen))
+            module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen) + 0.5)
