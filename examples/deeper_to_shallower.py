@@ -4,6 +4,8 @@ A hand-written ``load_state_dict`` crashes with "size mismatch". archalign loads
 which fits exactly, and reports the first layer as a shape mismatch it did not load.
 """
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -12,7 +14,7 @@ import archalign
 
 def mlp(*widths: int) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for a, b in zip(widths, widths[1:]):
+    for a, b in itertools.pairwise(widths):
         layers += [nn.Linear(a, b), nn.ReLU()]
     return nn.Sequential(*layers[:-1])
 

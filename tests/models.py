@@ -7,6 +7,7 @@ implementations of one architecture.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 def make_layers(kind: str, widths: Sequence[int], norm: Sequence[bool]) -> list[nn.Module]:
     """Layers of an MLP ("mlp") or a CNN ("cnn") with the given widths, optionally normalised."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
         if kind == "mlp":
             layers.append(nn.Linear(a, b))
             if norm[i]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -39,7 +40,7 @@ class Renamed(nn.Module):
 
 def mlp(*widths: int) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for a, b in zip(widths, widths[1:]):
+    for a, b in itertools.pairwise(widths):
         layers += [nn.Linear(a, b), nn.ReLU()]
     return nn.Sequential(*layers[:-1])
 
@@ -159,8 +160,7 @@ _names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=6).
 def _variants(draw: st.DrawFn) -> tuple[str, list[int], list[bool], list[str], list[int]]:
     kind = draw(st.sampled_from(["mlp", "cnn"]))
     depth = draw(st.integers(1, 6))
-    widths = [draw(st.sampled_from([3, 4]))] + draw(
-        st.lists(st.sampled_from([4, 6, 8]), min_size=depth, max_size=depth))
+    widths = [draw(st.sampled_from([3, 4])), *draw(st.lists(st.sampled_from([4, 6, 8]), min_size=depth, max_size=depth))]
     norm = draw(st.lists(st.booleans(), min_size=depth, max_size=depth))
     n_layers = depth + sum(norm)
     paths: list[str] = []
