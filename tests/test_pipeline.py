@@ -160,7 +160,8 @@ _names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=6).
 def _variants(draw: st.DrawFn) -> tuple[str, list[int], list[bool], list[str], list[int]]:
     kind = draw(st.sampled_from(["mlp", "cnn"]))
     depth = draw(st.integers(1, 6))
-    widths = [draw(st.sampled_from([3, 4])), *draw(st.lists(st.sampled_from([4, 6, 8]), min_size=depth, max_size=depth))]
+    hidden = draw(st.lists(st.sampled_from([4, 6, 8]), min_size=depth, max_size=depth))
+    widths = [draw(st.sampled_from([3, 4])), *hidden]
     norm = draw(st.lists(st.booleans(), min_size=depth, max_size=depth))
     n_layers = depth + sum(norm)
     paths: list[str] = []
