@@ -6,12 +6,14 @@ from .errors import AlignError, ApplyError, ArchalignError, PlanError, SourceErr
 from .pipeline import align, align_and_load
 from .plan import Match, Mismatch, Plan, load_plan
 from .report import LoadReport, Skipped
+from .verify import Divergence, Verification, verify
 
 __all__ = [
     "AlignError",
     "ApplyError",
     "ArchalignError",
     "CostWeights",
+    "Divergence",
     "LoadReport",
     "Match",
     "Mismatch",
@@ -19,10 +21,12 @@ __all__ = [
     "PlanError",
     "Skipped",
     "SourceError",
+    "Verification",
     "align",
     "align_and_load",
     "apply_plan",
     "load_plan",
+    "verify",
 ]
 
 __version__ = "0.1.0"

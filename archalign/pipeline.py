@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
 from torch import nn
 
 from .cost import CostWeights
+from .errors import SourceError
 from .features import extract_features
 from .graph import build_units
 from .match import AMBIGUOUS_INSIDE, UnitMatch, match_near_misses, match_units, pair_tensors
@@ -15,6 +17,7 @@ from .plan import Match, Mismatch, Plan
 from .report import LoadReport
 from .source import TensorSource, read_source
 from .trace import ExampleInputs, harmonise_graphs, trace_graph
+from .verify import verify as run_verification
 
 __all__ = ["align", "align_and_load"]
 
@@ -70,8 +73,15 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
 
 def align_and_load(src: Any, dst: nn.Module, *, example_inputs: ExampleInputs = None,
                    min_confidence: float = 0.5, strict: bool = False,
+                   verify: ExampleInputs = None,
                    weights: CostWeights | None = None) -> LoadReport:
     """`align` then `Plan.apply` in one call; returns the load report.
+
+    Parameters
+    ----------
+    verify : Tensor, tuple, list or dict, optional
+        When given (and ``src`` is a module), both models are run on it after the load and the
+        report's ``verification`` says whether the outputs agree, and where they first diverge.
 
     Raises
     ------
@@ -79,7 +89,13 @@ def align_and_load(src: Any, dst: nn.Module, *, example_inputs: ExampleInputs = 
         As `align` and `archalign.apply.apply_plan` do.
     """
     plan = align(src, dst, example_inputs=example_inputs, weights=weights)
-    return plan.apply(dst, min_confidence=min_confidence, strict=strict)
+    report = plan.apply(dst, min_confidence=min_confidence, strict=strict)
+    if verify is None:
+        return report
+    if not isinstance(src, nn.Module):
+        raise SourceError("verify=... needs the source as an nn.Module (a state_dict cannot run)")
+    check = run_verification(src, dst, verify, plan=plan)
+    return dataclasses.replace(report, verification=check)
 
 
 def _build_plan(exact: list[UnitMatch], near: list[UnitMatch], source: TensorSource,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from .verify import Verification
 
 __all__ = ["LoadReport", "Skipped"]
 
@@ -25,6 +28,7 @@ class LoadReport:
     missing: tuple[str, ...]  # destination keys left at their initialisation (skipped included)
     unexpected: tuple[str, ...]  # source keys that went nowhere
     tied: tuple[tuple[str, str], ...] = ()  # destination (alias, primary): loaded with the primary
+    verification: Verification | None = None  # outputs compared after the load, when asked for
 
     @property
     def complete(self) -> bool:
@@ -44,4 +48,6 @@ class LoadReport:
             lines.append(f"  unused source tensors: {', '.join(self.unexpected)}")
         if self.tied:
             lines.append("  tied: " + ", ".join(f"{a} = {p}" for a, p in self.tied))
+        if self.verification is not None:
+            lines.append(f"  verification: {self.verification}")
         return "\n".join(lines)

@@ -22,7 +22,7 @@ from torch import nn
 from .graph import INPUT, OUTPUT, Unit, UnitGraph, build_units, chain_graph, natural_key, ordered_graph
 from .source import TensorSource
 
-__all__ = ["ExampleInputs", "harmonise_graphs", "trace_graph"]
+__all__ = ["ExampleInputs", "device_of", "harmonise_graphs", "split_inputs", "trace_graph"]
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def _trace_hooks(module: nn.Module, units: list[Unit], source: TensorSource,
             continue
         handles.append(target.register_forward_pre_hook(_recorder(order, keys)))
     training = {name: m.training for name, m in modules.items()}
-    args, kwargs = _split_inputs(inputs, _device_of(module))
+    args, kwargs = split_inputs(inputs, device_of(module))
     try:
         module.eval()
         with torch.no_grad():
@@ -231,13 +231,15 @@ def _dummy_inputs(module: nn.Module) -> Any:
     return None
 
 
-def _device_of(module: nn.Module) -> torch.device:
+def device_of(module: nn.Module) -> torch.device:
+    """The device of a module's first tensor (CPU for a module without tensors)."""
     for tensor in (*module.parameters(), *module.buffers()):
         return tensor.device
     return torch.device("cpu")
 
 
-def _split_inputs(inputs: Any, device: torch.device) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def split_inputs(inputs: Any, device: torch.device) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Positional and keyword arguments from example inputs, tensors moved to ``device``."""
     def move(value: Any) -> Any:
         return value.to(device) if isinstance(value, torch.Tensor) else value
 

@@ -8,6 +8,7 @@ Run:  bash scripts/demo.sh    (or: python examples/demo.py once set up)
 
 import timm
 import torch
+from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
 import archalign
@@ -17,6 +18,8 @@ def main() -> None:
     torch.manual_seed(0)
     src = VisionTransformer(image_size=32, patch_size=8, num_layers=4, num_heads=4,
                             hidden_dim=64, mlp_dim=128, num_classes=10).eval()
+    nn.init.normal_(src.heads.head.weight, std=0.2)  # torchvision zero-initialises the head
+    nn.init.normal_(src.heads.head.bias, std=0.2)
     torch.manual_seed(1)
     dst = timm.models.vision_transformer.VisionTransformer(
         img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0,

@@ -40,6 +40,8 @@ def _vit() -> tuple[nn.Module, nn.Module, Any]:
     torch.manual_seed(0)
     src = VisionTransformer(image_size=32, patch_size=8, num_layers=4, num_heads=4,
                             hidden_dim=64, mlp_dim=128, num_classes=10).eval()
+    nn.init.normal_(src.heads.head.weight, std=0.2)  # torchvision zero-initialises the head
+    nn.init.normal_(src.heads.head.bias, std=0.2)
     torch.manual_seed(1)
     dst = timm.models.vision_transformer.VisionTransformer(
         img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0,
@@ -77,7 +79,7 @@ def test_real_pair_reproduces_source_outputs(name: str) -> None:
     assert not torch.allclose(_outputs(src, inputs), _outputs(dst, inputs))
     report = archalign.align_and_load(src, dst, strict=True)
     assert report.complete and not report.unexpected
-    torch.testing.assert_close(_outputs(dst, inputs), _outputs(src, inputs), rtol=0, atol=1e-6)
+    torch.testing.assert_close(_outputs(dst, inputs), _outputs(src, inputs), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(PAIRS))
@@ -114,4 +116,4 @@ def test_checkpoint_file_source_is_recovered(tmp_path) -> None:  # type: ignore[
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
     report = archalign.align_and_load(path, dst, strict=True)
     assert report.complete
-    torch.testing.assert_close(_outputs(dst, inputs), _outputs(src, inputs), rtol=0, atol=1e-6)
+    torch.testing.assert_close(_outputs(dst, inputs), _outputs(src, inputs), rtol=1e-4, atol=1e-5)
