@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .errors import ApplyError, PlanError, SourceError
+from .ops import apply_ops, infer_shapes
 from .plan import Match, Plan
 from .report import LoadReport, Skipped
 from .source import TensorSource, read_source
@@ -106,9 +107,16 @@ def _check_plan(plan: Plan, source: TensorSource, target: TensorSource) -> None:
             _check_key(key, shape, target, "destination", problems)
         for key, shape in zip(match.src, match.src_shapes):
             _check_key(key, shape, source, "source", problems)
-        if len(match.src) == len(match.dst) == 1 and match.src_shapes != match.dst_shapes:
-            problems.append(f"match {match.src[0]} -> {match.dst[0]} copies shape "
-                            f"{match.src_shapes[0]} into {match.dst_shapes[0]}")
+        try:
+            produced = infer_shapes(match.src_shapes, match.ops)
+        except PlanError as exc:
+            problems.append(f"match {', '.join(match.src)} -> {', '.join(match.dst)}: {exc}")
+            continue
+        if produced != list(match.dst_shapes):
+            ops = " ".join(map(str, match.ops)) or "a plain copy"
+            problems.append(f"match {', '.join(match.src)} -> {', '.join(match.dst)}: {ops} "
+                            f"turns {list(match.src_shapes)} into {produced}, "
+                            f"not {list(match.dst_shapes)}")
     dst_keys = [d for m in plan.matches for d in m.dst]
     dups = sorted({k for k in dst_keys if dst_keys.count(k) > 1})
     if dups:
@@ -132,12 +140,14 @@ def _check_key(key: str, shape: tuple[int, ...], side: TensorSource, role: str,
 
 def _copy(matches: list[Match], source: TensorSource, dst: nn.Module,
           target: TensorSource) -> None:
+    for match in matches:
+        for dst_key in match.dst:
+            if target.get(dst_key).device.type == "meta":
+                raise ApplyError(f"destination tensor {dst_key!r} is on the meta device; "
+                                 "materialise the model (e.g. dst.to_empty(device='cpu')) first")
     with torch.no_grad():
         for match in matches:
-            for src_key, dst_key in zip(match.src, match.dst):
-                into = target.get(dst_key)
-                if into.device.type == "meta":
-                    raise ApplyError(f"destination tensor {dst_key!r} is on the meta device; "
-                                     "materialise the model (e.g. dst.to_empty(device='cpu')) first")
-                into.copy_(source.get(src_key))
+            values = apply_ops([source.get(k) for k in match.src], match.ops)
+            for dst_key, value in zip(match.dst, values):
+                target.get(dst_key).copy_(value)
     del dst

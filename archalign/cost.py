@@ -40,6 +40,8 @@ class CostWeights:
     boundary: float = 0.25  # context cost when only one of the two reads the input (or feeds the output)
     name: float = 0.2  # times 1 - Jaccard overlap of name tokens
     shape: float = 0.5  # near misses only: times the fraction of differing dimensions
+    adapt: float = 0.3  # a match that needs a reshape, or a transpose only the shapes suggest
+    fused: float = 0.3  # a fused tensor matched to a group of separate ones (concat / split)
     unmatched: float = 1.25  # cost of leaving one unit unmatched (per side)
 
 

@@ -34,11 +34,21 @@ class Unit:
     tensors: tuple[str, ...]  # state_dict keys of its tensors, in registration order
     shapes: tuple[Shape, ...]  # shapes of `tensors`, same order
     type_name: str  # owning module's class name; "Parameter" for a lone tensor; "" when unknown
+    transposed: tuple[bool, ...] = ()  # per tensor: stored (in, out) where nn.Linear stores (out, in)
+
+    def is_transposed(self, index: int) -> bool:
+        return bool(self.transposed) and self.transposed[index]
+
+    @property
+    def canonical_shapes(self) -> tuple[Shape, ...]:
+        """Shapes in the ``(out, in)`` convention: a transposed weight is counted as nn.Linear's."""
+        return tuple((s[1], s[0], *s[2:]) if self.is_transposed(i) else s
+                     for i, s in enumerate(self.shapes))
 
     @property
     def shape_key(self) -> tuple[Shape, ...]:
-        """The sorted shapes: two units can be matched exactly only when these agree."""
-        return tuple(sorted(self.shapes))
+        """The sorted canonical shapes: units match without adaptation only when these agree."""
+        return tuple(sorted(self.canonical_shapes))
 
     def local_names(self) -> tuple[str, ...]:
         """Tensor names relative to the unit (``weight``, ``running_mean``, ...)."""

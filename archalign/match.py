@@ -1,15 +1,21 @@
-"""Matching stages: exact unit matching per signature class, tensors inside units, near misses.
+"""Matching stages: exact, adapted, fused, and near misses; then tensors inside matched units.
 
-Units can only be matched exactly when their sorted shapes agree, so the problem splits into one
-independent assignment per shape class (a forbidden pair never crosses classes). What is left over
-afterwards is searched once more for *near misses*: same kind of layer, same place, other shape.
-Those are reported, never loaded by default.
+1. *Exact*: units whose sorted canonical shapes agree. A forbidden pair never crosses shape
+   classes, so the problem splits into one independent assignment per class.
+2. *Adapted*: leftovers whose tensors have equal element counts and can be turned into each other
+   by a reshape or transpose (layer scale ``(C,1,1)`` vs ``(C,)``, Linear vs 1x1 conv).
+3. *Fused*: a leftover unit whose weight is the concatenation (axis 0) of a run of consecutive
+   units on the other side (``qkv_proj`` vs ``q_proj``/``k_proj``/``v_proj``), adopted where it
+   explains the units at a lower total cost than the one-to-one matches it replaces.
+4. *Near misses*: what is still left, paired by family and place with shapes that do not fit;
+   reported, never loaded.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from math import prod
 from typing import NamedTuple
 
 import numpy as np
@@ -18,30 +24,34 @@ from scipy.optimize import linear_sum_assignment
 from .cost import CostMatrices, CostWeights, compute_costs, shape_distance
 from .features import UnitFeatures
 from .graph import Unit
+from .ops import Op, derive_ops
 from .solve import solve_assignment
 
-__all__ = ["REGRET_SCALE", "TensorPair", "UnitMatch", "confidence", "match_near_misses",
-           "match_units", "pair_tensors"]
+__all__ = ["AMBIGUOUS_INSIDE", "REGRET_SCALE", "TensorPair", "UnitMatch", "confidence",
+           "match_adapted", "match_fused", "match_near_misses", "match_units", "pair_tensors"]
 
 REGRET_SCALE = 0.25  # a regret of this size leaves ~63% of the margin factor; 4x that, ~98%
-AMBIGUOUS_INSIDE = 0.5  # confidence factor when tensors of equal shape inside a unit are paired by order
-
-
-class UnitMatch(NamedTuple):
-    """One solved pair of units with the cost terms behind it."""
-
-    src: UnitFeatures  # the source unit
-    dst: UnitFeatures  # the destination unit
-    terms: dict[str, float]  # cost terms (type, position, context, name) and the regret
-    confidence: float  # in [0, 1], before the tensor-pairing factor
+AMBIGUOUS_INSIDE = 0.5  # factor when equal-shaped tensors inside a unit are paired by order only
+ORDER_ONLY_GROUP = 0.8  # factor when equal-shaped members of a fused group are ordered by execution
 
 
 class TensorPair(NamedTuple):
-    """One tensor of a source unit paired with one of a destination unit."""
+    """Source tensor(s) that become destination tensor(s) through ``ops``."""
 
-    src: str  # source state_dict key
-    dst: str  # destination state_dict key
-    by_name: bool  # False when equal shapes had to be paired by registration order
+    src: tuple[str, ...]  # source keys (several: concatenated into one destination tensor)
+    dst: tuple[str, ...]  # destination keys (several: split from one source tensor)
+    ops: tuple[Op, ...]  # adaptations, applied in order; () for a plain copy
+    by_name: bool  # False when equal shapes had to be paired by order alone
+
+
+class UnitMatch(NamedTuple):
+    """One solved pair of units (or of a unit and a fused group) and the cost terms behind it."""
+
+    src: tuple[UnitFeatures, ...]  # the source unit, or the members of a source group
+    dst: tuple[UnitFeatures, ...]  # the destination unit, or the members of a destination group
+    terms: dict[str, float]  # cost terms (type, position, context, name, ...) and the regret
+    confidence: float  # in [0, 1], before the tensor-pairing factor
+    pairs: tuple[TensorPair, ...]  # the tensors, paired
 
 
 def confidence(structural: float, regret: float) -> float:
@@ -55,31 +65,111 @@ def confidence(structural: float, regret: float) -> float:
     return fit * margin
 
 
+# ------------------------------------------------------------------------------------ stages
+
+
 def match_units(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
                 weights: CostWeights) -> list[UnitMatch]:
-    """Match units with equal sorted shapes, one assignment per shape class.
+    """Stage 1: units with equal sorted canonical shapes, one assignment per shape class."""
+    return _by_class(src, dst, weights, key=lambda u: u.shape_key, mode="exact")
+
+
+def match_adapted(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
+                  weights: CostWeights) -> list[UnitMatch]:
+    """Stage 2: leftovers that fit after a reshape or a transpose, per element-count class."""
+    return _by_class(src, dst, weights, mode="adapt",
+                     key=lambda u: tuple(sorted(prod(s) for s in u.shapes)))
+
+
+def match_fused(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weights: CostWeights,
+                existing: Sequence[UnitMatch]) -> tuple[list[UnitMatch], list[UnitMatch]]:
+    """Stage 3: a unit whose tensors are the axis-0 concatenation of a run of units opposite.
+
+    Both directions are searched (a fused destination is a concat, a fused source a split), over
+    all units: a fused ``qkv_proj`` may well have the shape of an unrelated ``gate_proj`` and been
+    paired with it by stage 1. A candidate is adopted when it explains the units at a lower total
+    cost than the matches it breaks, counting ``unmatched`` for every unit left without partner;
+    the best adoption goes first. Its regret is that saving (or the gap to a rival candidate).
 
     Returns
     -------
-    list of UnitMatch
-        In destination execution order.
+    (list of UnitMatch, list of UnitMatch)
+        The matches of ``existing`` that survive, and the fused matches.
     """
-    classes: dict[tuple, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
-    for i, s in enumerate(src):
-        classes[s.unit.shape_key][0].append(i)
-    for j, d in enumerate(dst):
-        classes[d.unit.shape_key][1].append(j)
-    found: list[UnitMatch] = []
-    for rows, cols in classes.values():
-        if rows and cols:
-            found.extend(_solve_class([src[i] for i in rows], [dst[j] for j in cols], weights))
-    found.sort(key=lambda m: m.dst.rank)
-    return found
+    candidates = []
+    for fused_is_dst in (True, False):
+        singles, parts = (dst, src) if fused_is_dst else (src, dst)
+        groups = _candidate_groups(parts)
+        for single in singles:
+            for group in groups:
+                pairs = _fused_pairs(single.unit, [p.unit for p in group], fused_is_dst)
+                if pairs is None:
+                    continue
+                position = weights.position * np.log1p(
+                    abs(single.position - float(np.mean([p.position for p in group]))))
+                type_cost = 0.0 if single.family == group[0].family else weights.other_family
+                structural = type_cost + position + weights.fused
+                name = weights.name * (0.0 if single.tokens & group[0].tokens else 1.0)
+                src_side, dst_side = ((tuple(group), (single,)) if fused_is_dst
+                                      else ((single,), tuple(group)))
+                candidates.append((structural + name, structural, src_side, dst_side, pairs))
+    kept = list(existing)
+    fused: list[UnitMatch] = []
+    taken: set[tuple[str, str]] = set()
+    while candidates:
+        best = None
+        for cand in candidates:
+            delta = _adoption_delta(cand, kept, weights.unmatched)
+            if delta < 0 and (best is None or delta < best[0]):
+                best = (delta, cand)
+        if best is None:
+            break
+        delta, (_, structural, src_side, dst_side, pairs) = best
+        units = {("src", f.unit.key) for f in src_side} | {("dst", f.unit.key) for f in dst_side}
+        rivals = [_adoption_delta(c, kept, weights.unmatched) for c in candidates
+                  if c is not best[1] and _units_of(c) & units]
+        regret = min([-delta, *(r - delta for r in rivals)])
+        kept = [m for m in kept if not (_units_of_match(m) & units)]
+        taken |= units
+        candidates = [c for c in candidates if not (_units_of(c) & taken)]
+        shapes = [f.unit.shape_key for f in (src_side if len(src_side) > 1 else dst_side)]
+        factor = ORDER_ONLY_GROUP if len(set(shapes)) < len(shapes) else 1.0
+        fused.append(UnitMatch(
+            src=src_side, dst=dst_side,
+            terms={"position": float(structural - weights.fused), "fused": weights.fused,
+                   "regret": float(max(regret, 0.0))},
+            confidence=confidence(structural, max(regret, 0.0)) * factor, pairs=tuple(pairs)))
+    return kept, fused
+
+
+def _units_of(candidate: tuple) -> set[tuple[str, str]]:
+    _, _, src_side, dst_side, _ = candidate
+    return {("src", f.unit.key) for f in src_side} | {("dst", f.unit.key) for f in dst_side}
+
+
+def _units_of_match(match: UnitMatch) -> set[tuple[str, str]]:
+    return {("src", f.unit.key) for f in match.src} | {("dst", f.unit.key) for f in match.dst}
+
+
+def _adoption_delta(candidate: tuple, kept: Sequence[UnitMatch],
+                    unmatched: float) -> float:
+    """Change of the total cost if ``candidate`` replaced the matches it overlaps."""
+    units = _units_of(candidate)
+    delta = candidate[0]
+    covered: set[tuple[str, str]] = set()
+    for match in kept:
+        mine = _units_of_match(match)
+        if mine & units:
+            delta -= sum(v for k, v in match.terms.items() if k != "regret")
+            delta += unmatched * len(mine - units)  # partners left without a match
+            covered |= mine & units
+    delta -= unmatched * len(units - covered)  # units that were unmatched and now are not
+    return delta
 
 
 def match_near_misses(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
                       weights: CostWeights) -> list[UnitMatch]:
-    """Pair leftover units of the same family and tensor layout whose shapes differ.
+    """Stage 4: leftovers of the same family and tensor layout whose shapes differ.
 
     Only pairs cheaper than leaving both unmatched are returned; they explain what a destination
     layer would have taken, and why it did not.
@@ -87,35 +177,61 @@ def match_near_misses(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
     if not src or not dst:
         return []
     costs = compute_costs(src, dst, weights)
-    shape = np.array([[weights.shape * shape_distance(s.unit.shapes, d.unit.shapes) for d in dst]
+    shape = np.array([[weights.shape * shape_distance(s.unit.canonical_shapes,
+                                                      d.unit.canonical_shapes) for d in dst]
                       for s in src])
     allowed = np.array([[s.family == d.family and len(s.unit.shapes) == len(d.unit.shapes)
-                         and shape_distance(s.unit.shapes, d.unit.shapes) < 1.0 for d in dst]
-                        for s in src])
+                         and shape_distance(s.unit.canonical_shapes, d.unit.canonical_shapes) < 1.0
+                         for d in dst] for s in src])
     total = np.where(allowed, costs.total() + shape, np.inf)
-    return _collect(src, dst, costs, total, weights, extra=shape)
+    return _collect(src, dst, costs, total, weights, mode="near", extra=("shape", shape))
 
 
-def _solve_class(src: list[UnitFeatures], dst: list[UnitFeatures],
-                 weights: CostWeights) -> list[UnitMatch]:
-    costs = compute_costs(src, dst, weights)
-    return _collect(src, dst, costs, costs.total(), weights)
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _by_class(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weights: CostWeights,
+              key: object, mode: str) -> list[UnitMatch]:
+    classes: dict[object, tuple[list[UnitFeatures], list[UnitFeatures]]] = defaultdict(
+        lambda: ([], []))
+    for s in src:
+        classes[key(s.unit)][0].append(s)  # type: ignore[operator]
+    for d in dst:
+        classes[key(d.unit)][1].append(d)  # type: ignore[operator]
+    found: list[UnitMatch] = []
+    for rows, cols in classes.values():
+        if not (rows and cols):
+            continue
+        costs = compute_costs(rows, cols, weights)
+        if mode == "exact":
+            found.extend(_collect(rows, cols, costs, costs.total(), weights, mode=mode))
+            continue
+        adapt = np.array([[weights.adapt if pair_tensors(s.unit, d.unit, mode) is not None
+                           else np.inf for d in cols] for s in rows])
+        found.extend(_collect(rows, cols, costs, costs.total() + adapt, weights, mode=mode,
+                              extra=("adapt", np.where(np.isfinite(adapt), adapt, 0.0))))
+    found.sort(key=lambda m: m.dst[0].rank)
+    return found
 
 
 def _collect(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], costs: CostMatrices,
-             total: np.ndarray, weights: CostWeights,
-             extra: np.ndarray | None = None) -> list[UnitMatch]:
+             total: np.ndarray, weights: CostWeights, mode: str,
+             extra: tuple[str, np.ndarray] | None = None) -> list[UnitMatch]:
     solved = solve_assignment(total, weights.unmatched)
-    structural = costs.structural() if extra is None else costs.structural() + extra
+    structural = costs.structural() + (extra[1] if extra is not None else 0.0)
     out = []
     for i, j, regret in zip(solved.rows, solved.cols, solved.regret):
+        pairs = pair_tensors(src[i].unit, dst[j].unit, mode)
+        if pairs is None:
+            continue
         terms = {"type": float(costs.type[i, j]), "position": float(costs.position[i, j]),
                  "context": float(costs.context[i, j]), "name": float(costs.name[i, j])}
         if extra is not None:
-            terms["shape"] = float(extra[i, j])
+            terms[extra[0]] = float(extra[1][i, j])
         terms["regret"] = float(regret)
-        out.append(UnitMatch(src=src[i], dst=dst[j], terms=terms,
-                             confidence=confidence(float(structural[i, j]), float(regret))))
+        out.append(UnitMatch(src=(src[i],), dst=(dst[j],), terms=terms,
+                             confidence=confidence(float(structural[i, j]), float(regret)),
+                             pairs=tuple(pairs)))
     return out
 
 
@@ -124,23 +240,44 @@ _SYNONYMS = {"gamma": "weight", "beta": "bias", "scale": "weight", "g": "weight"
              "moving_var": "running_var"}
 
 
-def pair_tensors(src: Unit, dst: Unit, *, same_shape: bool = True) -> list[TensorPair]:
-    """Pair the tensors of two matched units: shapes must agree, names decide among equal shapes.
+def pair_tensors(src: Unit, dst: Unit, mode: str = "exact") -> list[TensorPair] | None:
+    """Pair the tensors of two matched units; names decide among tensors that fit alike.
 
-    With ``same_shape=False`` (near misses), tensors of equal rank may pair too, by name first.
-    Pairs follow the destination's tensor order; a tensor without a partner is not paired.
+    Parameters
+    ----------
+    mode : {"exact", "adapt", "near"}
+        "exact": canonical shapes must agree (a known layout difference is a transpose);
+        "adapt": a reshape or a transpose that the shapes suggest is allowed too;
+        "near": tensors of equal rank pair whatever their shapes (for reporting mismatches).
+
+    Returns
+    -------
+    list of TensorPair or None
+        In the destination's tensor order; None when ("exact"/"adapt") not every tensor pairs.
     """
     src_names = [_canonical(n) for n in src.local_names()]
     dst_names = [_canonical(n) for n in dst.local_names()]
     n, m = len(src.tensors), len(dst.tensors)
+    if mode != "near" and n != m:
+        return None
     cost = np.full((n, m), 1e6)
+    ops: dict[tuple[int, int], tuple[Op, ...]] = {}
     for i in range(n):
         for j in range(m):
-            penalty = 0.0
-            if src.shapes[i] != dst.shapes[j]:
-                if same_shape or len(src.shapes[i]) != len(dst.shapes[j]):
+            flip = src.is_transposed(i) != dst.is_transposed(j)
+            if mode == "near":
+                if len(src.shapes[i]) != len(dst.shapes[j]):
                     continue
-                penalty = 0.05
+                found: tuple[Op, ...] | None = ()
+                penalty = 0.0 if src.canonical_shapes[i] == dst.canonical_shapes[j] else 0.05
+            else:
+                found = derive_ops(src.shapes[i], dst.shapes[j], transpose=flip,
+                                   allow_shape_transpose=mode == "adapt")
+                if found is None or (mode == "exact" and any(o.kind != "transpose" for o in found)):
+                    continue
+                penalty = 0.05 * sum(o.kind != "transpose" or not flip for o in found)
+            assert found is not None
+            ops[i, j] = found
             if src_names[i] == dst_names[j]:
                 cost[i, j] = penalty
             elif src_names[i].endswith(dst_names[j]) or dst_names[j].endswith(src_names[i]):
@@ -152,12 +289,69 @@ def pair_tensors(src: Unit, dst: Unit, *, same_shape: bool = True) -> list[Tenso
     for i, j in zip(rows, cols):
         if cost[i, j] >= 1e6:
             continue
-        rivals = sum(s == dst.shapes[j] for s in src.shapes)
+        rivals = sum((i2, j) in ops for i2 in range(n))
         by_name = bool(cost[i, j] < 1.0 or rivals == 1)
-        pairs.append((j, TensorPair(src=src.tensors[i], dst=dst.tensors[j], by_name=by_name)))
+        pairs.append((j, TensorPair(src=(src.tensors[i],), dst=(dst.tensors[j],), ops=ops[i, j],
+                                    by_name=by_name)))
+    if mode != "near" and len(pairs) != n:
+        return None
     return [p for _, p in sorted(pairs)]
 
 
 def _canonical(name: str) -> str:
     name = name.lower()
     return _SYNONYMS.get(name, name)
+
+
+def _candidate_groups(parts: Sequence[UnitFeatures]) -> list[tuple[UnitFeatures, ...]]:
+    """Runs of 2-4 units, consecutive in execution order, that could be one fused tensor."""
+    ordered = sorted(parts, key=lambda f: f.rank)
+    groups = []
+    for start in range(len(ordered)):
+        for length in (2, 3, 4):
+            group = tuple(ordered[start:start + length])
+            if len(group) < length or group[-1].rank - group[0].rank > length + 1:
+                break
+            first = group[0].unit
+            names = sorted(_canonical(n) for n in first.local_names())
+            if any(g.family != group[0].family or g.family not in ("linear", "conv")
+                   or sorted(_canonical(n) for n in g.unit.local_names()) != names
+                   for g in group):
+                break
+            groups.append(group)
+    return groups
+
+
+def _fused_pairs(single: Unit, members: Sequence[Unit], fused_is_dst: bool
+                 ) -> list[TensorPair] | None:
+    """Tensor pairs when ``single`` holds the members' tensors concatenated along axis 0."""
+    single_names = [_canonical(n) for n in single.local_names()]
+    if len(set(single_names)) != len(single_names):
+        return None
+    pairs = []
+    for k, name in enumerate(single_names):
+        keys, sizes, flips = [], [], []
+        for member in members:
+            member_names = [_canonical(n) for n in member.local_names()]
+            if name not in member_names:
+                return None
+            idx = member_names.index(name)
+            keys.append(member.tensors[idx])
+            sizes.append(member.canonical_shapes[idx])
+            flips.append(member.is_transposed(idx))
+        whole = single.canonical_shapes[k]
+        if (len(set(flips)) != 1 or any(s[1:] != whole[1:] for s in sizes)
+                or sum(s[0] for s in sizes) != whole[0]):
+            return None
+        member_t = [Op("transpose")] if flips[0] else []
+        single_t = [Op("transpose")] if single.is_transposed(k) else []
+        counts = tuple(s[0] for s in sizes)
+        if fused_is_dst:
+            ops = (*member_t, Op("concat", sizes=counts), *single_t)
+            pairs.append(TensorPair(src=tuple(keys), dst=(single.tensors[k],), ops=ops,
+                                    by_name=True))
+        else:
+            ops = (*single_t, Op("split", sizes=counts), *member_t)
+            pairs.append(TensorPair(src=(single.tensors[k],), dst=tuple(keys), ops=ops,
+                                    by_name=True))
+    return pairs

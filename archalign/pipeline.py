@@ -10,13 +10,14 @@ from torch import nn
 
 from .cost import CostWeights
 from .errors import SourceError
-from .features import extract_features
+from .features import UnitFeatures, extract_features
 from .graph import build_units
-from .match import AMBIGUOUS_INSIDE, UnitMatch, match_near_misses, match_units, pair_tensors
+from .match import AMBIGUOUS_INSIDE, UnitMatch, match_adapted, match_fused, match_near_misses, match_units
 from .plan import Match, Mismatch, Plan
 from .report import LoadReport
 from .source import TensorSource, read_source
-from .trace import ExampleInputs, harmonise_graphs, trace_graph
+from .trace import ExampleInputs, dummy_inputs, harmonise_graphs, trace_graph
+from .verify import decide_by_activations
 from .verify import verify as run_verification
 
 __all__ = ["align", "align_and_load"]
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 
 def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
-          weights: CostWeights | None = None) -> Plan:
+          check_outputs: bool = True, weights: CostWeights | None = None) -> Plan:
     """Propose how the source's tensors load into the destination; touches no weights.
 
     Parameters
@@ -35,8 +36,13 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
     dst : nn.Module or Mapping[str, Tensor]
         The model to load into.
     example_inputs : Tensor, tuple, list or dict, optional
-        An input both models accept (a dict is passed as keyword arguments). Used only for models
-        that torch.fx cannot trace.
+        An input both models accept (a dict is passed as keyword arguments). Used to order the
+        layers of models that torch.fx cannot trace, and to check the plan by running both models.
+    check_outputs : bool
+        When both sides are modules and an input is at hand (``example_inputs``, or the source's
+        own ``dummy_inputs``), run the plan on a copy of ``dst`` and compare outputs: agreement
+        confirms every match, disagreement is reported in ``plan.verification`` and lets the
+        outputs choose among the row layouts of fused projections. ``dst`` is never written.
     weights : CostWeights, optional
         The cost model's weights; the defaults suit most ports.
 
@@ -58,13 +64,22 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
         build_units(source), build_units(target))
     src_features, dst_features = extract_features(src_graph, dst_graph)
 
-    exact = match_units(src_features, dst_features, weights)
-    taken_src = {m.src.unit.key for m in exact}
-    taken_dst = {m.dst.unit.key for m in exact}
-    near = match_near_misses([f for f in src_features if f.unit.key not in taken_src],
-                             [f for f in dst_features if f.unit.key not in taken_dst], weights)
+    found = match_units(src_features, dst_features, weights)
+    found, fused = match_fused(src_features, dst_features, weights, found)
+    found += fused
+    for stage in (match_units, match_adapted):  # units displaced by fused matches, then leftovers
+        found += stage(_left(src_features, found, "src"), _left(dst_features, found, "dst"),
+                       weights)
+    near = match_near_misses(_left(src_features, found, "src"), _left(dst_features, found, "dst"),
+                             weights)
 
-    plan = _build_plan(exact, near, source, target, src_graph.tracer, dst_graph.tracer)
+    plan = _build_plan(found, near, source, target, src_graph.tracer, dst_graph.tracer)
+    inputs = example_inputs
+    if inputs is None and source.module is not None:
+        inputs = dummy_inputs(source.module)
+    if check_outputs and inputs is not None and source.module is not None and isinstance(
+            dst, nn.Module):
+        plan = decide_by_activations(plan, source.module, dst, inputs)
     logger.info("aligned %s -> %s: %d matches, %d mismatches, %d destination keys unmatched",
                 source.description, target.description, len(plan.matches),
                 len(plan.mismatches), len(plan.unmatched_dst))
@@ -98,32 +113,40 @@ def align_and_load(src: Any, dst: nn.Module, *, example_inputs: ExampleInputs = 
     return dataclasses.replace(report, verification=check)
 
 
-def _build_plan(exact: list[UnitMatch], near: list[UnitMatch], source: TensorSource,
+def _left(features: list[UnitFeatures], found: list[UnitMatch], side: str) -> list[UnitFeatures]:
+    """The units of one side that no match has taken yet."""
+    taken = {f.unit.key for m in found for f in (m.src if side == "src" else m.dst)}
+    return [f for f in features if f.unit.key not in taken]
+
+
+def _build_plan(found: list[UnitMatch], near: list[UnitMatch], source: TensorSource,
                 target: TensorSource, src_tracer: str, dst_tracer: str) -> Plan:
     matches: list[Match] = []
-    for um in exact:
-        src_unit, dst_unit = um.src.unit, um.dst.unit
-        for pair in pair_tensors(src_unit, dst_unit):
+    for um in found:
+        src_unit = "+".join(f.unit.key for f in um.src)
+        dst_unit = "+".join(f.unit.key for f in um.dst)
+        for pair in um.pairs:
             conf = um.confidence * (1.0 if pair.by_name else AMBIGUOUS_INSIDE)
             matches.append(Match(
-                src=(pair.src,), dst=(pair.dst,),
-                src_shapes=(source.specs[pair.src].shape,),
-                dst_shapes=(target.specs[pair.dst].shape,),
+                src=pair.src, dst=pair.dst,
+                src_shapes=tuple(source.specs[k].shape for k in pair.src),
+                dst_shapes=tuple(target.specs[k].shape for k in pair.dst),
                 confidence=round(conf, 6),
                 costs=tuple((k, round(v, 6)) for k, v in um.terms.items()),
-                src_unit=src_unit.key, dst_unit=dst_unit.key))
+                src_unit=src_unit, dst_unit=dst_unit, ops=pair.ops))
     mismatches: list[Mismatch] = []
     for um in near:
-        pairs = pair_tensors(um.src.unit, um.dst.unit, same_shape=False)
-        for pair in pairs:
-            s_shape, d_shape = source.specs[pair.src].shape, target.specs[pair.dst].shape
+        for pair in um.pairs:
+            s_shape, d_shape = source.specs[pair.src[0]].shape, target.specs[pair.dst[0]].shape
             if s_shape == d_shape:
-                reason = (f"its layer {um.dst.unit.key} does not fit source layer "
-                          f"{um.src.unit.key} as a whole")
+                reason = (f"its layer {um.dst[0].unit.key} does not fit source layer "
+                          f"{um.src[0].unit.key} as a whole")
             else:
                 reason = f"shape mismatch: source {s_shape} vs destination {d_shape}"
-            mismatches.append(Mismatch(src=(pair.src,), dst=(pair.dst,), src_shapes=(s_shape,),
+            mismatches.append(Mismatch(src=pair.src, dst=pair.dst, src_shapes=(s_shape,),
                                        dst_shapes=(d_shape,), reason=reason))
+    order = {k: i for i, k in enumerate(target.specs)}
+    matches.sort(key=lambda m: min(order[k] for k in m.dst))
     used_src = {k for m in matches for k in m.src}
     used_dst = {k for m in matches for k in m.dst}
     return Plan(

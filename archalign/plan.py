@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import PlanError
+from .ops import Op, invert_ops
 
 if TYPE_CHECKING:
     from torch import nn
@@ -40,8 +41,13 @@ class Match:
     dst_shapes: tuple[Shape, ...]  # shapes of `dst`, same order
     confidence: float  # in [0, 1]; low when the structure disagrees or a runner-up is as good
     costs: tuple[tuple[str, float], ...]  # the cost terms behind it, and "regret" (the margin)
-    src_unit: str  # the source layer (unit) this tensor moves with
-    dst_unit: str  # the destination layer (unit) this tensor moves with
+    src_unit: str  # the source layer (unit) this tensor moves with ("a+b" for a fused group)
+    dst_unit: str  # the destination layer (unit) this tensor moves with ("a+b" for a fused group)
+    ops: tuple[Op, ...] = ()  # adaptations applied on the way (transpose, reshape, concat, ...)
+
+    @property
+    def adapted(self) -> bool:
+        return bool(self.ops)
 
     @property
     def cost_terms(self) -> dict[str, float]:
@@ -73,6 +79,8 @@ class Plan:
         Keys that take part in no match (mismatched keys included).
     tied_src, tied_dst : tuple of (alias, primary)
         Tied tensors: the alias is the primary and is loaded through it.
+    verification : str
+        What running both models on one input showed while aligning ("" when it was not run).
     src_tracer, dst_tracer : str
         How each side's structure was obtained: "fx", "hooks", "registration", "state_dict" or
         "sorted" (a file whose key order means nothing, compared in natural key order).
@@ -86,6 +94,7 @@ class Plan:
     tied_dst: tuple[tuple[str, str], ...] = ()
     src_tracer: str = ""
     dst_tracer: str = ""
+    verification: str = ""  # what running both models on an input showed ("" when not run)
     source: TensorSource | None = field(default=None, compare=False, repr=False, hash=False)
 
     # ---------------------------------------------------------------- applying
@@ -107,6 +116,27 @@ class Plan:
     def __str__(self) -> str:
         return format_plan(self)
 
+    def inverse(self) -> Plan:
+        """The plan that converts back: destination tensors into the source's layout.
+
+        Every adaptation is inverted (split <-> concat, transposes, reshapes, regroups), so
+        applying a plan and then its inverse returns the original tensors bit for bit.
+        """
+        return Plan(
+            matches=tuple(
+                Match(src=m.dst, dst=m.src, src_shapes=m.dst_shapes, dst_shapes=m.src_shapes,
+                      confidence=m.confidence, costs=m.costs, src_unit=m.dst_unit,
+                      dst_unit=m.src_unit, ops=invert_ops(m.ops, m.src_shapes))
+                for m in self.matches),
+            mismatches=tuple(
+                Mismatch(src=mm.dst, dst=mm.src, src_shapes=mm.dst_shapes,
+                         dst_shapes=mm.src_shapes, reason=mm.reason)
+                for mm in self.mismatches),
+            unmatched_src=self.unmatched_dst, unmatched_dst=self.unmatched_src,
+            tied_src=self.tied_dst, tied_dst=self.tied_src,
+            src_tracer=self.dst_tracer, dst_tracer=self.src_tracer,
+        )
+
     # ---------------------------------------------------------------- saving
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the plan file schema, version `PLAN_VERSION`)."""
@@ -114,13 +144,15 @@ class Plan:
             "archalign_plan": PLAN_VERSION,
             "src_tracer": self.src_tracer,
             "dst_tracer": self.dst_tracer,
+            "verification": self.verification,
             "matches": [
                 {"src": list(m.src), "dst": list(m.dst),
                  "src_shapes": [list(s) for s in m.src_shapes],
                  "dst_shapes": [list(s) for s in m.dst_shapes],
                  "confidence": _round(m.confidence),
                  "costs": {k: _round(v) for k, v in m.costs},
-                 "src_unit": m.src_unit, "dst_unit": m.dst_unit}
+                 "src_unit": m.src_unit, "dst_unit": m.dst_unit,
+                 **({"ops": [op.to_dict() for op in m.ops]} if m.ops else {})}
                 for m in self.matches
             ],
             "mismatches": [
@@ -163,7 +195,8 @@ class Plan:
                       src_shapes=_shapes(m["src_shapes"]), dst_shapes=_shapes(m["dst_shapes"]),
                       confidence=float(m["confidence"]),
                       costs=tuple((str(k), float(v)) for k, v in m["costs"].items()),
-                      src_unit=str(m["src_unit"]), dst_unit=str(m["dst_unit"]))
+                      src_unit=str(m["src_unit"]), dst_unit=str(m["dst_unit"]),
+                      ops=tuple(Op.from_dict(op) for op in m.get("ops", ())))
                 for m in data["matches"])
             mismatches = tuple(
                 Mismatch(src=_keys(m["src"]), dst=_keys(m["dst"]),
@@ -178,6 +211,7 @@ class Plan:
                 tied_dst=tuple((str(a), str(b)) for a, b in data.get("tied_dst", ())),
                 src_tracer=str(data.get("src_tracer", "")),
                 dst_tracer=str(data.get("dst_tracer", "")),
+                verification=str(data.get("verification", "")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise PlanError(f"malformed plan: {type(exc).__name__}: {exc}") from exc
@@ -207,13 +241,18 @@ def format_plan(plan: Plan, *, limit: int | None = None) -> str:
     rows = sorted(plan.matches, key=lambda m: (m.confidence, m.dst))
     if limit is not None:
         rows = rows[:limit]
-    header = ("conf", "destination", "source", "shape")
+    header = ("conf", "destination", "source", "shape", "adaptation")
     body = [(f"{m.confidence:.2f}", ", ".join(m.dst), ", ".join(m.src),
-             " ".join(_fmt_shape(s) for s in m.dst_shapes)) for m in rows]
-    widths = [max(len(r[k]) for r in [header, *body]) for k in range(4)]
-    lines = [f"Plan: {len(plan.matches)} matches, {len(plan.mismatches)} shape mismatches, "
+             " ".join(_fmt_shape(s) for s in m.dst_shapes), " ".join(map(str, m.ops)))
+            for m in rows]
+    widths = [max(len(r[k]) for r in [header, *body]) for k in range(len(header))]
+    adapted = sum(m.adapted for m in plan.matches)
+    lines = [f"Plan: {len(plan.matches)} matches ({adapted} adapted), "
+             f"{len(plan.mismatches)} shape mismatches, "
              f"{len(plan.unmatched_dst)} destination keys unmatched "
              f"(tracers: source {plan.src_tracer}, destination {plan.dst_tracer})"]
+    if plan.verification:
+        lines.append(f"verification: {plan.verification}")
     lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
     lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in body)
     if limit is not None and len(plan.matches) > limit:

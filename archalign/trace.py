@@ -9,9 +9,10 @@ graph says so in its ``tracer`` field.
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from itertools import pairwise
 from typing import Any
 
 import networkx as nx
@@ -22,7 +23,8 @@ from torch import nn
 from .graph import INPUT, OUTPUT, Unit, UnitGraph, build_units, chain_graph, natural_key, ordered_graph
 from .source import TensorSource
 
-__all__ = ["ExampleInputs", "device_of", "harmonise_graphs", "split_inputs", "trace_graph"]
+__all__ = ["ExampleInputs", "device_of", "dummy_inputs", "harmonise_graphs", "probe_layouts", "split_inputs",
+           "trace_graph"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ def trace_graph(source: TensorSource, example_inputs: ExampleInputs = None) -> U
     """
     units = build_units(source)
     module = source.module
+    if module is not None:
+        units = probe_layouts(module, units)
     if module is None:
         return chain_graph(units, "state_dict" if source.ordered else "sorted")
     try:
@@ -56,7 +60,7 @@ def trace_graph(source: TensorSource, example_inputs: ExampleInputs = None) -> U
     except Exception as exc:  # fx raises many kinds of errors on untraceable code
         logger.info("torch.fx cannot trace %s (%s: %s); trying forward hooks",
                     type(module).__name__, type(exc).__name__, str(exc).splitlines()[0][:200])
-    inputs = example_inputs if example_inputs is not None else _dummy_inputs(module)
+    inputs = example_inputs if example_inputs is not None else dummy_inputs(module)
     if inputs is not None:
         try:
             return _trace_hooks(module, units, source, inputs)
@@ -101,6 +105,66 @@ def harmonise_graphs(src: UnitGraph, dst: UnitGraph, src_units: Sequence[Unit],
             chain_graph(list(dst.units.values()), dst.tracer))
 
 
+# classes known to store their weight as (in, out), for when probing cannot tell (meta, square)
+_TRANSPOSED_TYPES = frozenset({"Conv1D"})
+
+
+def probe_layouts(module: nn.Module, units: Sequence[Unit]) -> list[Unit]:
+    """Mark weights stored ``(in, out)`` (Hugging Face ``Conv1D``) by calling their layer once.
+
+    A square matrix has the same shape either way; only how the layer uses it tells. Each custom
+    layer class with a 2-d ``weight`` is run on a small random input and compared with
+    ``F.linear``; on the meta device (no values), shapes decide, then the class name.
+    """
+    modules = dict(module.named_modules())
+    cache: dict[tuple[str, tuple[int, ...]], bool] = {}
+    out = []
+    for unit in units:
+        layer = modules.get(unit.key) if unit.type_name not in ("", "Parameter") else None
+        names = unit.local_names()
+        if layer is None or "weight" not in names or type(layer).__module__.startswith("torch."):
+            out.append(unit)
+            continue
+        index = names.index("weight")
+        shape = unit.shapes[index]
+        if len(shape) != 2:
+            out.append(unit)
+            continue
+        key = (unit.type_name, shape)
+        if key not in cache:
+            cache[key] = _stores_in_out(layer, unit.type_name)
+        flags = tuple(i == index and cache[key] for i in range(len(unit.tensors)))
+        out.append(dataclasses.replace(unit, transposed=flags) if any(flags) else unit)
+    return out
+
+
+def _stores_in_out(layer: nn.Module, type_name: str) -> bool:
+    weight = layer.weight
+    bias = getattr(layer, "bias", None)
+    if not isinstance(weight, torch.Tensor):
+        return False
+    rows, cols = weight.shape
+    try:
+        with torch.no_grad():
+            if weight.device.type == "meta" or rows == cols:
+                if weight.device.type == "meta" and rows != cols:
+                    x = torch.zeros(2, rows, device="meta", dtype=weight.dtype)
+                    return tuple(layer(x).shape) == (2, cols)
+                if weight.device.type == "meta":
+                    return type_name in _TRANSPOSED_TYPES
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            x = torch.randn(2, rows, generator=gen).to(weight)
+            y = layer(x)
+            if not isinstance(y, torch.Tensor) or tuple(y.shape) != (2, cols):
+                return False
+            expected = x @ weight + (bias if isinstance(bias, torch.Tensor) else 0)
+            return bool(torch.allclose(y, expected, rtol=1e-3, atol=1e-4)) and not (
+                rows == cols and torch.allclose(y, torch.nn.functional.linear(x, weight, bias),
+                                                rtol=1e-3, atol=1e-4))
+    except Exception:  # a layer that does not take one (batch, features) tensor
+        return type_name in _TRANSPOSED_TYPES
+
+
 class _UnitTracer(fx.Tracer):
     """Treat every layer (and every module without tensors) as a leaf; trace containers."""
 
@@ -127,26 +191,35 @@ def _trace_fx(module: nn.Module, units: list[Unit], source: TensorSource) -> Uni
     edges: list[tuple[str, str]] = []
     # frontier[n]: the units whose outputs reach fx node n through parameter-free operations
     frontier: dict[fx.Node, frozenset[str]] = {}
+    # a free tensor (get_attr) takes its place where it first meets the data flow, not where
+    # Python happened to read the attribute (`self.scale * self.block(x)` reads it first)
+    pending: dict[str, None] = {}
     for node in graph.nodes:
         feeding: frozenset[str] = frozenset().union(
             *(frontier.get(arg, frozenset()) for arg in node.all_input_nodes))
+        if (pending and len(feeding) > 1) or node.op in ("call_module", "output"):
+            for key in [k for k in pending if k in feeding]:
+                order.append(key)
+                del pending[key]
         if node.op == "placeholder":
             frontier[node] = frozenset({INPUT})
         elif _is_metadata(node):
             frontier[node] = frozenset()  # x.shape, x.size(): no data flows through
         elif node.op == "get_attr" and str(node.target) in unit_of_tensor:
             key = unit_of_tensor[str(node.target)]
-            order.append(key)
+            if key not in order:
+                pending.setdefault(key)
             frontier[node] = frozenset({key})
         elif node.op == "call_module" and (inside := _units_inside(str(node.target), units)):
             edges.extend((a, inside[0]) for a in feeding)
-            edges.extend(itertools.pairwise(inside))
+            edges.extend(pairwise(inside))
             order.extend(inside)
             frontier[node] = frozenset({inside[-1]})
         elif node.op == "output":
             edges.extend((a, OUTPUT) for a in feeding)
         else:
             frontier[node] = feeding
+    order.extend(pending)
     used = set(order)
     unused = [u.key for u in units if u.key not in used]
     if unused:
@@ -223,7 +296,7 @@ def _recorder(order: list[str], keys: list[str]) -> Callable[[nn.Module, Any], N
     return hook
 
 
-def _dummy_inputs(module: nn.Module) -> Any:
+def dummy_inputs(module: nn.Module) -> Any:
     """Hugging Face models carry ``dummy_inputs``; use them when the user gave none."""
     dummy = getattr(module, "dummy_inputs", None)
     if isinstance(dummy, Mapping) and all(isinstance(v, torch.Tensor) for v in dummy.values()):
