@@ -7,6 +7,7 @@ plan leaves the destination exactly as it was.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -14,8 +15,9 @@ from torch import nn
 
 from .errors import ApplyError, PlanError, SourceError
 from .ops import apply_ops, infer_shapes
-from .plan import Match, Plan
-from .report import LoadReport, Skipped
+from .plan import Match, Mismatch, Plan
+from .policies import choose_policy, resize
+from .report import Adapted, LoadReport, Skipped
 from .source import TensorSource, read_source
 
 __all__ = ["apply_plan"]
@@ -24,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 
 def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: float = 0.5,
-               strict: bool = False) -> LoadReport:
+               strict: bool = False, shape_policy: str | Mapping[str, str] | None = None,
+               atomic: bool = True) -> LoadReport:
     """Copy the planned source tensors into ``dst`` (parameters and buffers, in place).
 
     Dtype and device follow ``dst``; ties in ``dst`` are kept (a tied tensor is written once).
@@ -41,6 +44,14 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
         Matches below this confidence are skipped and reported.
     strict : bool
         Refuse (and write nothing) unless every destination tensor would be loaded.
+    shape_policy : str or dict, optional
+        Load the plan's shape mismatches anyway: a policy name for all of them ("slice",
+        "input_channels", "resample", "auto"; see `archalign.policies`), or a dict of destination
+        key glob patterns to policy names. By default mismatches stay untouched.
+    atomic : bool
+        Keep a copy of every tensor written until all writes succeeded, and restore them if one
+        fails, so that ``dst`` is either fully loaded or exactly as before (costs the memory of
+        the written tensors while applying).
 
     Returns
     -------
@@ -74,10 +85,15 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
             skipped.extend(Skipped(d, ", ".join(match.src), reason) for d in match.dst)
         else:
             to_load.append(match)
+    by_policy: list[tuple[Mismatch, str]] = []
     for mm in plan.mismatches:
-        skipped.extend(Skipped(d, ", ".join(mm.src), mm.reason) for d in mm.dst)
+        policy = choose_policy(shape_policy, mm.dst[0])
+        if policy is None:
+            skipped.extend(Skipped(d, ", ".join(mm.src), mm.reason) for d in mm.dst)
+        else:
+            by_policy.append((mm, policy))
 
-    loaded_keys = [d for m in to_load for d in m.dst]
+    loaded_keys = [d for m in to_load for d in m.dst] + [mm.dst[0] for mm, _ in by_policy]
     loaded_set = set(loaded_keys)
     missing = tuple(k for k in target.specs if k not in loaded_set)
     if strict and missing:
@@ -87,17 +103,60 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
         raise ApplyError(f"strict: {len(missing)} destination tensors would stay unloaded: "
                          f"{shown}{more}. Lower min_confidence, fix the plan, or pass strict=False")
 
-    _copy(to_load, source, dst, target)
-    used = {s for m in to_load for s in m.src}
+    writes = _compute_writes(to_load, by_policy, source, target)
+    _write(writes, target, atomic=atomic)
+    used = {s for m in to_load for s in m.src} | {mm.src[0] for mm, _ in by_policy}
+    adapted = [Adapted(d, ", ".join(m.src), " ".join(map(str, m.ops)))
+               for m in to_load if m.ops for d in m.dst]
+    adapted += [Adapted(mm.dst[0], mm.src[0],
+                        f"policy {policy}: {mm.src_shapes[0]} -> {mm.dst_shapes[0]}")
+                for mm, policy in by_policy]
     report = LoadReport(
         loaded=tuple(loaded_keys),
         skipped=tuple(skipped),
         missing=missing,
         unexpected=tuple(k for k in source.specs if k not in used),
         tied=tuple(sorted(target.aliases.items())),
+        adapted=tuple(adapted),
     )
     logger.info("%s", str(report).splitlines()[0])
     return report
+
+
+def _compute_writes(matches: list[Match], by_policy: list[tuple[Mismatch, str]],
+                    source: TensorSource, target: TensorSource) -> list[tuple[str, torch.Tensor]]:
+    """Every (destination key, value) to write, computed before the first write."""
+    for match in matches:
+        for dst_key in match.dst:
+            if target.get(dst_key).device.type == "meta":
+                raise ApplyError(f"destination tensor {dst_key!r} is on the meta device; "
+                                 "materialise the model (e.g. dst.to_empty(device='cpu')) first")
+    writes: list[tuple[str, torch.Tensor]] = []
+    with torch.no_grad():
+        for match in matches:
+            values = apply_ops([source.get(k) for k in match.src], match.ops)
+            writes.extend(zip(match.dst, values))
+        for mm, policy in by_policy:
+            writes.append((mm.dst[0], resize(source.get(mm.src[0]), target.get(mm.dst[0]),
+                                             policy)))
+    return writes
+
+
+def _write(writes: list[tuple[str, torch.Tensor]], target: TensorSource, *, atomic: bool) -> None:
+    """Copy every value into its destination tensor; on failure restore what was written."""
+    backups: list[tuple[torch.Tensor, torch.Tensor]] = []
+    with torch.no_grad():
+        try:
+            for key, value in writes:
+                into = target.get(key)
+                if atomic:
+                    backups.append((into, into.detach().clone()))
+                into.copy_(value)
+        except Exception as exc:
+            for into, before in reversed(backups):
+                into.copy_(before)
+            restored = "; the destination was restored" if atomic else ""
+            raise ApplyError(f"writing {key!r} failed: {exc}{restored}") from exc
 
 
 def _check_plan(plan: Plan, source: TensorSource, target: TensorSource) -> None:
@@ -136,18 +195,3 @@ def _check_key(key: str, shape: tuple[int, ...], side: TensorSource, role: str,
         problems.append(f"{role} has no tensor {key!r}")
     elif spec.shape != tuple(shape):
         problems.append(f"{role} tensor {key!r} has shape {spec.shape}, the plan says {tuple(shape)}")
-
-
-def _copy(matches: list[Match], source: TensorSource, dst: nn.Module,
-          target: TensorSource) -> None:
-    for match in matches:
-        for dst_key in match.dst:
-            if target.get(dst_key).device.type == "meta":
-                raise ApplyError(f"destination tensor {dst_key!r} is on the meta device; "
-                                 "materialise the model (e.g. dst.to_empty(device='cpu')) first")
-    with torch.no_grad():
-        for match in matches:
-            values = apply_ops([source.get(k) for k in match.src], match.ops)
-            for dst_key, value in zip(match.dst, values):
-                target.get(dst_key).copy_(value)
-    del dst

@@ -1,16 +1,14 @@
 """Per-unit features: layer family, execution position (warped onto the other model), context, names.
 
-Positions are compared after *warping*: units whose signature occurs exactly once in each model are
-certain anchors, and the ranks between two anchors are mapped piecewise linearly from one model onto
-the other. A deeper model's extra blocks then spread over the shallower model's instead of shifting
-every later layer.
+Positions are compared after *warping*: an optimal monotone alignment of the two models' signature
+sequences (a dynamic program, like a sequence alignment with gaps) gives anchors, and the ranks
+between anchors are mapped piecewise linearly from one model onto the other. A deeper model's
+extra blocks then become gaps instead of shifting every later layer.
 """
 
 from __future__ import annotations
 
 import re
-from bisect import bisect_left
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -145,15 +143,14 @@ def name_tokens(key: str) -> frozenset[str]:
 
 def _warp(src_units: list[Unit], dst_units: list[Unit], src_sig: dict[str, Signature],
           dst_sig: dict[str, Signature]) -> Callable[[int], float]:
-    """A monotone piecewise-linear map from source ranks to destination ranks, through anchors."""
-    src_count = Counter(src_sig.values())
-    dst_count = Counter(dst_sig.values())
-    dst_rank = {dst_sig[u.key]: i for i, u in enumerate(dst_units) if dst_count[dst_sig[u.key]] == 1}
-    pairs = [(i, dst_rank[src_sig[u.key]]) for i, u in enumerate(src_units)
-             if src_count[src_sig[u.key]] == 1 and src_sig[u.key] in dst_rank]
-    anchors = _longest_increasing(pairs)
-    xs = np.array([-1.0, *(a for a, _ in anchors), float(len(src_units))])
-    ys = np.array([-1.0, *(b for _, b in anchors), float(len(dst_units))])
+    """A monotone piecewise-linear map from source ranks to destination ranks.
+
+    Its anchors are the pairs of an optimal monotone alignment of the two signature sequences
+    (`align_sequences`); ranks between anchors are interpolated.
+    """
+    pairs = align_sequences([src_sig[u.key] for u in src_units], [dst_sig[u.key] for u in dst_units])
+    xs = np.array([-1.0, *(a for a, _ in pairs), float(len(src_units))])
+    ys = np.array([-1.0, *(b for _, b in pairs), float(len(dst_units))])
 
     def warp(rank: int) -> float:
         return float(np.interp(rank, xs, ys))
@@ -161,23 +158,56 @@ def _warp(src_units: list[Unit], dst_units: list[Unit], src_sig: dict[str, Signa
     return warp
 
 
-def _longest_increasing(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The longest subsequence of ``pairs`` (sorted by first item) whose second items increase."""
-    tails: list[int] = []  # tails[k]: smallest second item ending an increasing run of length k+1
-    tail_index: list[int] = []
-    parent: list[int] = [-1] * len(pairs)
-    for i, (_, b) in enumerate(pairs):
-        k = bisect_left(tails, b)
-        if k == len(tails):
-            tails.append(b)
-            tail_index.append(i)
+GAP = 1.0  # cost of skipping one unit in the sequence alignment
+_MOVE_DIAG, _MOVE_UP, _MOVE_LEFT = 0, 1, 2
+
+
+def align_sequences(a: Sequence[Signature], b: Sequence[Signature]) -> list[tuple[int, int]]:
+    """Pairs ``(i, j)`` of an optimal monotone alignment of two signature sequences.
+
+    Equal signatures align for free, signatures of one family (other shapes) for ``1.5 * GAP``
+    (cheaper than skipping both), anything else never; skipping a unit costs ``GAP``. Among equal
+    alignments the skipped units go last, so a deeper model's extra blocks at the end of a stage
+    are the ones left out ("first N blocks"). Only the free pairs are returned. The dynamic
+    program runs row by row with numpy: O(len(a) * len(b)) time, one byte per cell of memory.
+    """
+    n, m = len(a), len(b)
+    if n == 0 or m == 0:
+        return []
+    ids: dict[Signature, int] = {}
+    a_id = np.array([ids.setdefault(s, len(ids)) for s in a])
+    b_id = np.array([ids.setdefault(s, len(ids)) for s in b])
+    a_fam, b_fam = np.array([s[0] for s in a]), np.array([s[0] for s in b])
+    moves = np.zeros((n + 1, m + 1), dtype=np.int8)
+    moves[0, 1:] = _MOVE_LEFT
+    moves[1:, 0] = _MOVE_UP
+    cols = np.arange(m + 1, dtype=float)
+    prev = GAP * cols
+    for i in range(1, n + 1):
+        sub = np.where(b_id == a_id[i - 1], 0.0,
+                       np.where(b_fam == a_fam[i - 1], 1.5 * GAP, np.inf))
+        diag = np.full(m + 1, np.inf)
+        diag[1:] = prev[:-1] + sub
+        up = prev + GAP
+        best = np.minimum(diag, up)
+        best[0] = GAP * i
+        # a run of left moves ending at j: left[j] = min_{k < j} (best[k] + GAP * (j - k))
+        left = np.full(m + 1, np.inf)
+        left[1:] = np.minimum.accumulate(best - GAP * cols)[:-1] + GAP * cols[1:]
+        row = np.minimum(best, left)
+        moves[i] = np.where(row == up, _MOVE_UP, np.where(row == left, _MOVE_LEFT, _MOVE_DIAG))
+        moves[i, 0] = _MOVE_UP
+        prev = row
+    pairs: list[tuple[int, int]] = []
+    i, j = n, m
+    while i > 0 and j > 0:
+        move = moves[i, j]
+        if move == _MOVE_DIAG:
+            if a_id[i - 1] == b_id[j - 1]:
+                pairs.append((i - 1, j - 1))
+            i, j = i - 1, j - 1
+        elif move == _MOVE_UP:
+            i -= 1
         else:
-            tails[k] = b
-            tail_index[k] = i
-        parent[i] = tail_index[k - 1] if k else -1
-    out: list[tuple[int, int]] = []
-    i = tail_index[-1] if tail_index else -1
-    while i >= 0:
-        out.append(pairs[i])
-        i = parent[i]
-    return out[::-1]
+            j -= 1
+    return pairs[::-1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
@@ -88,12 +89,15 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
 
 def align_and_load(src: Any, dst: nn.Module, *, example_inputs: ExampleInputs = None,
                    min_confidence: float = 0.5, strict: bool = False,
+                   shape_policy: str | Mapping[str, str] | None = None,
                    verify: ExampleInputs = None,
                    weights: CostWeights | None = None) -> LoadReport:
     """`align` then `Plan.apply` in one call; returns the load report.
 
     Parameters
     ----------
+    shape_policy : str or dict, optional
+        Load shape mismatches anyway, by policy (see `Plan.apply`).
     verify : Tensor, tuple, list or dict, optional
         When given (and ``src`` is a module), both models are run on it after the load and the
         report's ``verification`` says whether the outputs agree, and where they first diverge.
@@ -104,7 +108,8 @@ def align_and_load(src: Any, dst: nn.Module, *, example_inputs: ExampleInputs = 
         As `align` and `archalign.apply.apply_plan` do.
     """
     plan = align(src, dst, example_inputs=example_inputs, weights=weights)
-    report = plan.apply(dst, min_confidence=min_confidence, strict=strict)
+    report = plan.apply(dst, min_confidence=min_confidence, strict=strict,
+                        shape_policy=shape_policy)
     if verify is None:
         return report
     if not isinstance(src, nn.Module):

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, NamedTuple
 if TYPE_CHECKING:
     from .verify import Verification
 
-__all__ = ["LoadReport", "Skipped"]
+__all__ = ["Adapted", "LoadReport", "Skipped"]
 
 
 class Skipped(NamedTuple):
@@ -17,6 +17,14 @@ class Skipped(NamedTuple):
     dst: str  # destination key, left as it was
     src: str  # the candidate source key(s), comma-separated
     reason: str  # e.g. "confidence 0.31 < min_confidence 0.50", "shape mismatch: (8,10) vs (5,10)"
+
+
+class Adapted(NamedTuple):
+    """A destination tensor written through an adaptation or a shape policy."""
+
+    dst: str  # destination key
+    src: str  # source key(s), comma-separated
+    how: str  # the operations ("transpose regroup3x12") or the policy ("policy slice: ...")
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,7 @@ class LoadReport:
     unexpected: tuple[str, ...]  # source keys that went nowhere
     tied: tuple[tuple[str, str], ...] = ()  # destination (alias, primary): loaded with the primary
     verification: Verification | None = None  # outputs compared after the load, when asked for
+    adapted: tuple[Adapted, ...] = ()  # loaded keys that went through an adaptation or a policy
 
     @property
     def complete(self) -> bool:
@@ -36,9 +45,11 @@ class LoadReport:
         return not self.missing
 
     def __str__(self) -> str:
-        lines = [f"loaded {len(self.loaded)} tensors, skipped {len(self.skipped)}, "
+        lines = [f"loaded {len(self.loaded)} tensors ({len(self.adapted)} adapted), "
+                 f"skipped {len(self.skipped)}, "
                  f"{len(self.missing)} destination tensors left untouched, "
                  f"{len(self.unexpected)} source tensors unused"]
+        lines.extend(f"  adapted {a.dst} <- {a.src}: {a.how}" for a in self.adapted)
         lines.extend(f"  skipped {s.dst} <- {s.src}: {s.reason}" for s in self.skipped)
         skipped = {s.dst for s in self.skipped}
         untouched = [k for k in self.missing if k not in skipped]

@@ -242,12 +242,14 @@ def _owner(key: str) -> str:
 
 
 def _is_layer(module: nn.Module) -> bool:
-    """A layer's direct tensors move together: a module from torch.nn, or one without children."""
+    """A layer's direct tensors move together: a module from torch.nn, or one whose children hold
+    no tensors (timm's BatchNormAct2d keeps its activation as a child)."""
     if not (module._parameters or module._buffers):
         return False
     if type(module).__module__.startswith(("torch.nn", "torch.ao.nn")):
         return True
-    return not any(True for _ in module.children())
+    return not any(True for child in module.children()
+                   for _ in (*child.parameters(), *child.buffers()))
 
 
 _LAYER_TENSOR_NAMES = frozenset({"running_mean", "running_var", "num_batches_tracked"})

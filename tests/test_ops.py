@@ -1,0 +1,88 @@
+"""Adaptation operations: shapes, values, and exact inverses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from archalign.errors import PlanError
+from archalign.ops import Op, apply_ops, derive_ops, infer_shapes, invert_ops, squeeze_shape
+
+T = Op("transpose")
+
+CASES = [
+    # (source shapes, ops, expected destination shapes)
+    ([(4, 6)], (T,), [(6, 4)]),
+    ([(6, 4)], (Op("reshape", shape=(6, 4, 1, 1), from_shape=(6, 4)),), [(6, 4, 1, 1)]),
+    ([(8, 1, 1)], (Op("reshape", shape=(8,), from_shape=(8, 1, 1)),), [(8,)]),
+    ([(2, 4), (4, 4)], (Op("concat", sizes=(2, 4)),), [(6, 4)]),
+    ([(6, 4)], (Op("split", sizes=(2, 4)),), [(2, 4), (4, 4)]),
+    ([(12, 4)], (Op("regroup", groups=(3, 2)),), [(12, 4)]),
+    ([(4, 12)], (T, Op("regroup", groups=(3, 2))), [(12, 4)]),
+    ([(4, 2), (4, 4)], (T, Op("concat", sizes=(2, 4)), T), [(4, 6)]),
+]
+
+
+@pytest.mark.parametrize(("shapes", "ops", "expected"), CASES)
+def test_shapes_inferred_without_data_match_the_real_result(shapes, ops, expected) -> None:  # type: ignore[no-untyped-def]
+    tensors = [torch.randn(s) for s in shapes]
+    produced = apply_ops(tensors, ops)
+    assert [tuple(t.shape) for t in produced] == expected
+    assert infer_shapes(shapes, ops) == expected
+
+
+@pytest.mark.parametrize(("shapes", "ops", "expected"), CASES)
+def test_inverse_restores_the_tensors_bit_for_bit(shapes, ops, expected) -> None:  # type: ignore[no-untyped-def]
+    tensors = [torch.randn(s) for s in shapes]
+    back = apply_ops(apply_ops(tensors, ops), invert_ops(ops, shapes))
+    assert len(back) == len(tensors)
+    for a, b in zip(back, tensors):
+        assert torch.equal(a, b)
+
+
+def test_regroup_moves_rows_from_kind_major_to_head_major() -> None:
+    # rows (q0 q1 | k0 k1 | v0 v1) with 2 heads of 1 row each -> (q0 k0 v0 | q1 k1 v1)
+    t = torch.tensor([[0.0], [1.0], [10.0], [11.0], [20.0], [21.0]])
+    out = apply_ops([t], (Op("regroup", groups=(3, 2)),))[0]
+    assert out.flatten().tolist() == [0.0, 10.0, 20.0, 1.0, 11.0, 21.0]
+
+
+@pytest.mark.parametrize(("src", "dst", "kwargs", "expected"), [
+    ((96, 1, 1), (96,), {}, "reshape(96,)"),
+    ((10, 512), (10, 32, 4, 4), {}, "reshape(10, 32, 4, 4)"),
+    ((64, 192), (192, 64), {"transpose": True}, "transpose"),
+    ((64, 64), (64, 64), {"transpose": True}, "transpose"),
+    ((4, 6), (6, 4), {}, None),  # a transpose only the shapes suggest needs allow_shape_transpose
+    ((4, 6), (6, 4), {"allow_shape_transpose": True}, "transpose"),
+    ((4, 6), (5, 5), {}, None),
+    ((3, 3), (3, 3), {}, ""),
+])
+def test_derive_ops(src, dst, kwargs, expected) -> None:  # type: ignore[no-untyped-def]
+    ops = derive_ops(src, dst, **kwargs)
+    assert (None if ops is None else " ".join(map(str, ops))) == expected
+
+
+def test_squeeze_shape() -> None:
+    assert squeeze_shape((1, 197, 1, 768)) == (197, 768)
+
+
+@pytest.mark.parametrize(("shapes", "op"), [
+    ([(4,)], T),
+    ([(6, 4)], Op("reshape", shape=(5, 5))),
+    ([(2, 4), (4, 3)], Op("concat", sizes=(2, 4))),
+    ([(6, 4)], Op("split", sizes=(2, 2))),
+    ([(7, 4)], Op("regroup", groups=(3, 2))),
+])
+def test_an_op_that_does_not_fit_names_the_shapes(shapes, op) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(PlanError, match=r"\(\d"):
+        infer_shapes(shapes, [op])
+
+
+def test_ops_round_trip_through_dicts_and_reject_unknowns() -> None:
+    for _, ops, _ in CASES:
+        for op in ops:
+            assert Op.from_dict(op.to_dict()) == op
+    with pytest.raises(PlanError, match="unknown adaptation 'rotate'"):
+        Op("rotate")
+    with pytest.raises(PlanError, match="unknown fields"):
+        Op.from_dict({"op": "transpose", "angle": [90]})
