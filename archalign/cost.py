@@ -7,7 +7,9 @@ Every term is >= 0 and 0 for a perfect fit. Shapes are not a term: units whose s
   more for different families.
 - ``position``: ``log1p`` of how many units apart the two are in execution order, after warping.
 - ``context``: how much the signatures of the nearest producers and consumers disagree.
-- ``name``: token overlap of the two keys; a tie-breaker only, and never part of a confidence.
+- ``name``: token overlap of the two keys and whether their indices agree (``blocks.2`` vs
+  ``layers.2``); a tie-breaker only: it enters a confidence only through the margin it opens
+  between otherwise tied candidates, at most ``2 * name``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import numpy as np
 from .features import TYPE_ALIASES, UnitFeatures
 from .graph import INPUT, OUTPUT
 
-__all__ = ["COST_TERMS", "CostMatrices", "CostWeights", "compute_costs", "shape_distance"]
+__all__ = ["COST_TERMS", "INCOMPATIBLE", "CostMatrices", "CostWeights", "compute_costs",
+           "shape_distance"]
 
 COST_TERMS = ("type", "position", "context", "name")
 
@@ -38,7 +41,7 @@ class CostWeights:
     position: float = 0.5  # times log1p(units apart)
     context: float = 0.5  # times the fraction of neighbour signatures that disagree
     boundary: float = 0.25  # context cost when only one of the two reads the input (or feeds the output)
-    name: float = 0.2  # times 1 - Jaccard overlap of name tokens
+    name: float = 0.2  # times 1 - (Jaccard overlap of name tokens + equal indices) / 2
     shape: float = 0.5  # near misses only: times the fraction of differing dimensions
     adapt: float = 0.3  # a match that needs a reshape, or a transpose only the shapes suggest
     fused: float = 0.3  # a fused tensor matched to a group of separate ones (concat / split)
@@ -84,7 +87,8 @@ def compute_costs(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
             # the model's first and last layers are special: reading the input is a strong cue
             context[i, j] += weights.boundary * (
                 ((INPUT in s.preds) != (INPUT in d.preds)) + ((OUTPUT in s.succs) != (OUTPUT in d.succs)))
-            name[i, j] = weights.name * (1.0 - _jaccard(s.tokens, d.tokens))
+            name[i, j] = weights.name * (
+                1.0 - 0.5 * _jaccard(s.tokens, d.tokens) - 0.5 * (s.indices == d.indices))
     src_pos = np.array([s.position for s in src])
     dst_pos = np.array([d.position for d in dst])
     position = weights.position * np.log1p(np.abs(src_pos[:, None] - dst_pos[None, :]))
@@ -102,20 +106,23 @@ _CAMEL = re.compile(r"[A-Z]+[0-9]*(?![a-z])|[A-Z][a-z0-9]*|[a-z0-9]+")
 
 
 def shape_distance(a: Sequence[tuple[int, ...]], b: Sequence[tuple[int, ...]]) -> float:
-    """Fraction of dimensions that differ between two units' main (largest) tensors.
+    """Fraction of dimensions that differ between two units' main (largest) tensors, in [0, 1].
 
-    The main tensor decides (a bias follows its weight). Returns 1.0 when the units have different
-    numbers of tensors or their tensors have different ranks.
+    The main tensor decides (a bias follows its weight). Returns ``INCOMPATIBLE`` (> 1) when the
+    units have different numbers of tensors or their tensors have different ranks.
     """
     if len(a) != len(b) or not a:
-        return 1.0
+        return INCOMPATIBLE
     pairs = list(zip(sorted(a, key=_size_rank), sorted(b, key=_size_rank)))
     if any(len(sa) != len(sb) for sa, sb in pairs):
-        return 1.0
+        return INCOMPATIBLE
     sa, sb = pairs[0]
     if not sa:
         return 0.0
     return sum(x != y for x, y in zip(sa, sb)) / len(sa)
+
+
+INCOMPATIBLE = 2.0  # shape_distance of units whose tensors cannot correspond at all
 
 
 def _size_rank(shape: tuple[int, ...]) -> tuple[int, int]:

@@ -33,6 +33,7 @@ class UnitFeatures:
     preds: tuple[str, ...]  # signatures of the nearest producers (sorted; sentinels by name)
     succs: tuple[str, ...]  # signatures of the nearest consumers (sorted; sentinels by name)
     tokens: frozenset[str]  # lower-case name tokens without indices ("blocks.0.qkv" -> blocks, qkv)
+    indices: tuple[int, ...]  # the numbers in the key, in order ("layer1.2.conv1" -> 1, 2, 1)
 
     @property
     def signature(self) -> Signature:
@@ -127,6 +128,7 @@ def _features(unit: Unit, rank: int, position: float, graph: UnitGraph,
         preds=describe(graph.predecessors(unit.key)),
         succs=describe(graph.successors(unit.key)),
         tokens=name_tokens(unit.key),
+        indices=tuple(int(n) for n in re.findall(r"\d+", unit.key)),
     )
 
 
@@ -165,11 +167,13 @@ _MOVE_DIAG, _MOVE_UP, _MOVE_LEFT = 0, 1, 2
 def align_sequences(a: Sequence[Signature], b: Sequence[Signature]) -> list[tuple[int, int]]:
     """Pairs ``(i, j)`` of an optimal monotone alignment of two signature sequences.
 
-    Equal signatures align for free, signatures of one family (other shapes) for ``1.5 * GAP``
-    (cheaper than skipping both), anything else never; skipping a unit costs ``GAP``. Among equal
-    alignments the skipped units go last, so a deeper model's extra blocks at the end of a stage
-    are the ones left out ("first N blocks"). Only the free pairs are returned. The dynamic
-    program runs row by row with numpy: O(len(a) * len(b)) time, one byte per cell of memory.
+    Equal signatures align for free; signatures of one family whose main tensors have the same
+    rank align for ``GAP * (1 + d / 2)``, ``d`` the fraction of differing dimensions (cheaper than
+    skipping both, and the closer shape wins); anything else never; skipping a unit costs ``GAP``.
+    Among equal alignments the skipped units go last, so a deeper model's extra blocks at the end
+    of a stage are the ones left out ("first N blocks"). Every aligned pair is returned (equal
+    signatures and substitutions: both are positional correspondents). The dynamic program runs
+    row by row with numpy: O(len(a) * len(b)) time, one byte per cell of memory.
     """
     n, m = len(a), len(b)
     if n == 0 or m == 0:
@@ -178,14 +182,18 @@ def align_sequences(a: Sequence[Signature], b: Sequence[Signature]) -> list[tupl
     a_id = np.array([ids.setdefault(s, len(ids)) for s in a])
     b_id = np.array([ids.setdefault(s, len(ids)) for s in b])
     a_fam, b_fam = np.array([s[0] for s in a]), np.array([s[0] for s in b])
+    a_main, a_rank = _main_shapes(a)
+    b_main, b_rank = _main_shapes(b)
     moves = np.zeros((n + 1, m + 1), dtype=np.int8)
     moves[0, 1:] = _MOVE_LEFT
     moves[1:, 0] = _MOVE_UP
     cols = np.arange(m + 1, dtype=float)
     prev = GAP * cols
     for i in range(1, n + 1):
+        differing = (b_main != a_main[i - 1]).sum(axis=1) / np.maximum(b_rank, 1)
+        similar = (b_fam == a_fam[i - 1]) & (b_rank == a_rank[i - 1])
         sub = np.where(b_id == a_id[i - 1], 0.0,
-                       np.where(b_fam == a_fam[i - 1], 1.5 * GAP, np.inf))
+                       np.where(similar, GAP * (1.0 + 0.5 * differing), np.inf))
         diag = np.full(m + 1, np.inf)
         diag[1:] = prev[:-1] + sub
         up = prev + GAP
@@ -203,11 +211,26 @@ def align_sequences(a: Sequence[Signature], b: Sequence[Signature]) -> list[tupl
     while i > 0 and j > 0:
         move = moves[i, j]
         if move == _MOVE_DIAG:
-            if a_id[i - 1] == b_id[j - 1]:
-                pairs.append((i - 1, j - 1))
+            pairs.append((i - 1, j - 1))
             i, j = i - 1, j - 1
         elif move == _MOVE_UP:
             i -= 1
         else:
             j -= 1
     return pairs[::-1]
+
+
+_MAX_RANK = 8
+
+
+def _main_shapes(sigs: Sequence[Signature]) -> tuple[np.ndarray, np.ndarray]:
+    """Each signature's largest tensor shape, padded to `_MAX_RANK` with -1, and its rank."""
+    main = np.full((len(sigs), _MAX_RANK), -1, dtype=np.int64)
+    rank = np.zeros(len(sigs), dtype=np.int64)
+    for k, (_, shapes) in enumerate(sigs):
+        if not shapes:
+            continue
+        shape = max(shapes, key=lambda sh: (len(sh), int(np.prod(sh)) if sh else 0))[:_MAX_RANK]
+        main[k, :len(shape)] = shape
+        rank[k] = len(shape)
+    return main, rank

@@ -181,7 +181,8 @@ def match_near_misses(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
                                                       d.unit.canonical_shapes) for d in dst]
                       for s in src])
     allowed = np.array([[s.family == d.family and len(s.unit.shapes) == len(d.unit.shapes)
-                         and shape_distance(s.unit.canonical_shapes, d.unit.canonical_shapes) < 1.0
+                         and shape_distance(s.unit.canonical_shapes, d.unit.canonical_shapes)
+                         <= 1.0
                          for d in dst] for s in src])
     total = np.where(allowed, costs.total() + shape, np.inf)
     return _collect(src, dst, costs, total, weights, mode="near", extra=("shape", shape))
