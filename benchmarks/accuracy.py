@@ -29,7 +29,7 @@ if os.environ.get("PYTHONHASHSEED") != "0":  # lit-wsl breaks ties in set order:
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import itertools
+import itertools  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
