@@ -276,6 +276,18 @@ def _timm_resnet50() -> nn.Module:
     return timm.create_model("resnet50", pretrained=False)
 
 
+def _tv_resnet18() -> nn.Module:
+    from torchvision.models import resnet18
+
+    return resnet18(weights=None)
+
+
+def _timm_resnet18() -> nn.Module:
+    import timm
+
+    return timm.create_model("resnet18", pretrained=False)
+
+
 # --------------------------------------------------------------------------- 2. MobileNetV2
 
 def _tv_mobilenet_v2() -> nn.Module:
@@ -552,12 +564,6 @@ def _tv_resnet34() -> nn.Module:
     return resnet34(weights=None)
 
 
-def _tv_resnet18() -> nn.Module:
-    from torchvision.models import resnet18
-
-    return resnet18(weights=None)
-
-
 def _deeper_resnet_truth(src_keys: Sequence[str], dst_keys: Sequence[str]) -> Truth:
     """Stem, fc and, in each stage, block j <- block j of the deeper model (its first N blocks).
 
@@ -570,12 +576,6 @@ def _deeper_resnet_truth(src_keys: Sequence[str], dst_keys: Sequence[str]) -> Tr
 # --------------------------------------------------------------------------- 9. width change
 
 NARROW_CHANNELS = (48, 96, 192, 384)  # 3/4 of resnet18's (64, 128, 256, 512)
-
-
-def _timm_resnet18() -> nn.Module:
-    import timm
-
-    return timm.create_model("resnet18", pretrained=False)
 
 
 def _timm_resnet18_narrow() -> nn.Module:
@@ -656,6 +656,10 @@ def _pair(name: str, src: Callable[[], nn.Module], dst: Callable[[], nn.Module],
 _BN_CALIBRATION = _image(8, 3, 64, 64, seed=CALIBRATION_SEED)
 
 PAIRS: list[Pair] = [
+    _pair("tv_resnet18->timm_resnet18", _tv_resnet18, _timm_resnet18,
+          _image(2, 3, 64, 64), _identity_truth, exact=True, calibration=_BN_CALIBRATION,
+          note="""The small sibling of the ResNet-50 pair (122 keys, same names): fast enough
+          for the test suite."""),
     _pair("tv_resnet50->timm_resnet50", _tv_resnet50, _timm_resnet50, _image(2, 3, 64, 64),
           _identity_truth, exact=True, calibration=_BN_CALIBRATION, note="""
           Same state_dict key names (320 keys, BatchNorm buffers included), different module
