@@ -3,6 +3,7 @@
 from .apply import apply_plan
 from .cost import CostWeights
 from .errors import AlignError, ApplyError, ArchalignError, PlanError, SourceError
+from .hints import Hints
 from .pipeline import align, align_and_load
 from .plan import Match, Mismatch, Plan, load_plan
 from .report import LoadReport, Skipped
@@ -14,6 +15,7 @@ __all__ = [
     "ArchalignError",
     "CostWeights",
     "Divergence",
+    "Hints",
     "LoadReport",
     "Match",
     "Mismatch",

@@ -69,9 +69,15 @@ def layer_family(type_name: str) -> str:
 
 
 def extract_features(
-    src: UnitGraph, dst: UnitGraph
+    src: UnitGraph, dst: UnitGraph, anchors: Sequence[tuple[str, str]] = ()
 ) -> tuple[list[UnitFeatures], list[UnitFeatures]]:
     """Compute features of both models' units, source positions warped onto the destination.
+
+    Parameters
+    ----------
+    anchors : sequence of (source unit key, destination unit key)
+        Pairs known to correspond (pinned by a reviewer): the warp passes through them, and
+        alignment pairs that cross them are dropped.
 
     Returns
     -------
@@ -81,7 +87,10 @@ def extract_features(
     src_units, dst_units = list(src.units.values()), list(dst.units.values())
     src_sig = {u.key: _signature(u) for u in src_units}
     dst_sig = {u.key: _signature(u) for u in dst_units}
-    warp = _warp(src_units, dst_units, src_sig, dst_sig)
+    src_rank = {u.key: i for i, u in enumerate(src_units)}
+    dst_rank = {u.key: i for i, u in enumerate(dst_units)}
+    pinned = [(src_rank[a], dst_rank[b]) for a, b in anchors]
+    warp = _warp(src_units, dst_units, src_sig, dst_sig, pinned)
     return (
         [_features(u, i, warp(i), src, src_sig) for i, u in enumerate(src_units)],
         [_features(u, i, float(i), dst, dst_sig) for i, u in enumerate(dst_units)],
@@ -144,13 +153,18 @@ def name_tokens(key: str) -> frozenset[str]:
 
 
 def _warp(src_units: list[Unit], dst_units: list[Unit], src_sig: dict[str, Signature],
-          dst_sig: dict[str, Signature]) -> Callable[[int], float]:
+          dst_sig: dict[str, Signature], pinned: Sequence[tuple[int, int]] = ()
+          ) -> Callable[[int], float]:
     """A monotone piecewise-linear map from source ranks to destination ranks.
 
     Its anchors are the pairs of an optimal monotone alignment of the two signature sequences
-    (`align_sequences`); ranks between anchors are interpolated.
+    (`align_sequences`) and the ``pinned`` rank pairs; ranks between anchors are interpolated.
     """
     pairs = align_sequences([src_sig[u.key] for u in src_units], [dst_sig[u.key] for u in dst_units])
+    if pinned:
+        pairs = [(i, j) for i, j in pairs
+                 if all((i - a) * (j - b) > 0 for a, b in pinned)]  # drop pairs crossing a pin
+        pairs = sorted({*pairs, *pinned})
     xs = np.array([-1.0, *(a for a, _ in pairs), float(len(src_units))])
     ys = np.array([-1.0, *(b for _, b in pairs), float(len(dst_units))])
 

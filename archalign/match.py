@@ -28,10 +28,13 @@ from .ops import Op, derive_ops
 from .solve import solve_assignment
 
 __all__ = ["AMBIGUOUS_INSIDE", "REGRET_SCALE", "TensorPair", "UnitMatch", "confidence",
-           "match_adapted", "match_fused", "match_near_misses", "match_units", "pair_tensors"]
+           "match_adapted", "match_fused", "match_near_misses", "match_pinned", "match_units",
+           "pair_tensors"]
 
 REGRET_SCALE = 0.25  # a regret of this size leaves ~63% of the margin factor; 4x that, ~98%
 AMBIGUOUS_INSIDE = 0.5  # factor when equal-shaped tensors inside a unit are paired by order only
+Forbidden = frozenset[tuple[str, str]]  # (source unit key, destination unit key) pairs
+
 ORDER_ONLY_GROUP = 0.8  # factor when equal-shaped members of a fused group are ordered by execution
 
 
@@ -68,21 +71,27 @@ def confidence(structural: float, regret: float) -> float:
 # ------------------------------------------------------------------------------------ stages
 
 
-def match_units(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
-                weights: CostWeights) -> list[UnitMatch]:
-    """Stage 1: units with equal sorted canonical shapes, one assignment per shape class."""
-    return _by_class(src, dst, weights, key=lambda u: u.shape_key, mode="exact")
+def match_units(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weights: CostWeights,
+                forbidden: Forbidden = frozenset()) -> list[UnitMatch]:
+    """Stage 1: units with equal sorted canonical shapes, one assignment per shape class.
+
+    ``forbidden`` holds (source unit, destination unit) pairs that must not be matched (in every
+    stage).
+    """
+    return _by_class(src, dst, weights, key=lambda u: u.shape_key, mode="exact",
+                     forbidden=forbidden)
 
 
-def match_adapted(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
-                  weights: CostWeights) -> list[UnitMatch]:
+def match_adapted(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weights: CostWeights,
+                  forbidden: Forbidden = frozenset()) -> list[UnitMatch]:
     """Stage 2: leftovers that fit after a reshape or a transpose, per element-count class."""
-    return _by_class(src, dst, weights, mode="adapt",
+    return _by_class(src, dst, weights, mode="adapt", forbidden=forbidden,
                      key=lambda u: tuple(sorted(prod(s) for s in u.shapes)))
 
 
 def match_fused(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weights: CostWeights,
-                existing: Sequence[UnitMatch]) -> tuple[list[UnitMatch], list[UnitMatch]]:
+                existing: Sequence[UnitMatch], forbidden: Forbidden = frozenset()
+                ) -> tuple[list[UnitMatch], list[UnitMatch]]:
     """Stage 3: a unit whose tensors are the axis-0 concatenation of a run of units opposite.
 
     Both directions are searched (a fused destination is a concat, a fused source a split), over
@@ -102,6 +111,9 @@ def match_fused(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weight
         groups = _candidate_groups(parts)
         for single in singles:
             for group in groups:
+                if any(((p.unit.key, single.unit.key) if fused_is_dst
+                        else (single.unit.key, p.unit.key)) in forbidden for p in group):
+                    continue
                 pairs = _fused_pairs(single.unit, [p.unit for p in group], fused_is_dst)
                 if pairs is None:
                     continue
@@ -167,8 +179,34 @@ def _adoption_delta(candidate: tuple, kept: Sequence[UnitMatch],
     return delta
 
 
+def match_pinned(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
+                 pins: Sequence[tuple[str, str]]) -> tuple[list[UnitMatch], list[UnitMatch]]:
+    """Pairs a reviewer pinned: matched whatever the cost (confidence 1), loaded when the tensors
+    fit (exactly or after an adaptation), reported as near misses when they do not.
+
+    Returns
+    -------
+    (list of UnitMatch, list of UnitMatch)
+        Loadable pinned matches, and pinned pairs whose shapes do not fit.
+    """
+    by_src = {f.unit.key: f for f in src}
+    by_dst = {f.unit.key: f for f in dst}
+    loadable, misfits = [], []
+    for s_key, d_key in pins:
+        s, d = by_src[s_key], by_dst[d_key]
+        pairs = pair_tensors(s.unit, d.unit, "exact") or pair_tensors(s.unit, d.unit, "adapt")
+        terms = {"pinned": 1.0, "regret": 0.0}
+        if pairs is not None:
+            loadable.append(UnitMatch(src=(s,), dst=(d,), terms=terms, confidence=1.0,
+                                      pairs=tuple(pairs)))
+        else:
+            misfits.append(UnitMatch(src=(s,), dst=(d,), terms=terms, confidence=1.0,
+                                     pairs=tuple(pair_tensors(s.unit, d.unit, "near") or ())))
+    return loadable, misfits
+
+
 def match_near_misses(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
-                      weights: CostWeights) -> list[UnitMatch]:
+                      weights: CostWeights, forbidden: Forbidden = frozenset()) -> list[UnitMatch]:
     """Stage 4: leftovers of the same family and tensor layout whose shapes differ.
 
     Only pairs cheaper than leaving both unmatched are returned; they explain what a destination
@@ -184,15 +222,26 @@ def match_near_misses(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
                          and shape_distance(s.unit.canonical_shapes, d.unit.canonical_shapes)
                          <= 1.0
                          for d in dst] for s in src])
-    total = np.where(allowed, costs.total() + shape, np.inf)
+    total = _forbid(np.where(allowed, costs.total() + shape, np.inf), src, dst, forbidden)
     return _collect(src, dst, costs, total, weights, mode="near", extra=("shape", shape))
 
 
 # ------------------------------------------------------------------------------------ helpers
 
 
+def _forbid(total: np.ndarray, src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
+            forbidden: Forbidden) -> np.ndarray:
+    """``total`` with the forbidden pairs set to ``inf``."""
+    if forbidden:
+        for i, s in enumerate(src):
+            for j, d in enumerate(dst):
+                if (s.unit.key, d.unit.key) in forbidden:
+                    total[i, j] = np.inf
+    return total
+
+
 def _by_class(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weights: CostWeights,
-              key: object, mode: str) -> list[UnitMatch]:
+              key: object, mode: str, forbidden: Forbidden) -> list[UnitMatch]:
     classes: dict[object, tuple[list[UnitFeatures], list[UnitFeatures]]] = defaultdict(
         lambda: ([], []))
     for s in src:
@@ -205,11 +254,13 @@ def _by_class(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weights:
             continue
         costs = compute_costs(rows, cols, weights)
         if mode == "exact":
-            found.extend(_collect(rows, cols, costs, costs.total(), weights, mode=mode))
+            total = _forbid(costs.total(), rows, cols, forbidden)
+            found.extend(_collect(rows, cols, costs, total, weights, mode=mode))
             continue
         adapt = np.array([[weights.adapt if pair_tensors(s.unit, d.unit, mode) is not None
                            else np.inf for d in cols] for s in rows])
-        found.extend(_collect(rows, cols, costs, costs.total() + adapt, weights, mode=mode,
+        total = _forbid(costs.total() + adapt, rows, cols, forbidden)
+        found.extend(_collect(rows, cols, costs, total, weights, mode=mode,
                               extra=("adapt", np.where(np.isfinite(adapt), adapt, 0.0))))
     found.sort(key=lambda m: m.dst[0].rank)
     return found

@@ -13,7 +13,16 @@ from .cost import CostWeights
 from .errors import SourceError
 from .features import UnitFeatures, extract_features
 from .graph import build_units
-from .match import AMBIGUOUS_INSIDE, UnitMatch, match_adapted, match_fused, match_near_misses, match_units
+from .hints import Hints, resolve_hints
+from .match import (
+    AMBIGUOUS_INSIDE,
+    UnitMatch,
+    match_adapted,
+    match_fused,
+    match_near_misses,
+    match_pinned,
+    match_units,
+)
 from .plan import Match, Mismatch, Plan
 from .report import LoadReport
 from .source import TensorSource, read_source
@@ -27,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 
 def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
-          check_outputs: bool = True, weights: CostWeights | None = None) -> Plan:
+          hints: Hints | None = None, check_outputs: bool = True,
+          weights: CostWeights | None = None) -> Plan:
     """Propose how the source's tensors load into the destination; touches no weights.
 
     Parameters
@@ -39,6 +49,10 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
     example_inputs : Tensor, tuple, list or dict, optional
         An input both models accept (a dict is passed as keyword arguments). Used to order the
         layers of models that torch.fx cannot trace, and to check the plan by running both models.
+    hints : Hints, optional
+        A reviewer's constraints (usually ``plan.hints`` after `Plan.pin`, `Plan.forbid`,
+        `Plan.drop`): pinned pairs are matched and anchor the positions of their neighbours,
+        forbidden pairs are never matched, dropped destination layers are left untouched.
     check_outputs : bool
         When both sides are modules and an input is at hand (``example_inputs``, or the source's
         own ``dummy_inputs``), run the plan on a copy of ``dst`` and compare outputs: agreement
@@ -55,6 +69,8 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
     ------
     SourceError
         If ``src`` or ``dst`` cannot be read (wrong type, empty, non-tensor values, bad file).
+    AlignError
+        If a hint's pattern matches nothing, or a pin pairs different numbers of layers.
     """
     weights = weights or CostWeights()
     source = read_source(src, role="source")
@@ -63,18 +79,24 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
     src_graph, dst_graph = harmonise_graphs(
         trace_graph(source, example_inputs), trace_graph(target, example_inputs),
         build_units(source), build_units(target))
-    src_features, dst_features = extract_features(src_graph, dst_graph)
+    rules = resolve_hints(hints, list(src_graph.units.values()), list(dst_graph.units.values()))
+    src_features, dst_features = extract_features(src_graph, dst_graph, anchors=rules.pins)
 
-    found = match_units(src_features, dst_features, weights)
-    found, fused = match_fused(src_features, dst_features, weights, found)
-    found += fused
+    found, near = match_pinned(src_features, dst_features, rules.pins)
+    src_left = _left(src_features, found + near, "src")
+    dst_left = [f for f in _left(dst_features, found + near, "dst")
+                if f.unit.key not in rules.dropped]
+    no = rules.forbidden
+    exact = match_units(src_left, dst_left, weights, no)
+    exact, fused = match_fused(src_left, dst_left, weights, exact, no)
+    found += exact + fused
     for stage in (match_units, match_adapted):  # units displaced by fused matches, then leftovers
-        found += stage(_left(src_features, found, "src"), _left(dst_features, found, "dst"),
-                       weights)
-    near = match_near_misses(_left(src_features, found, "src"), _left(dst_features, found, "dst"),
-                             weights)
+        found += stage(_left(src_left, found, "src"), _left(dst_left, found, "dst"), weights, no)
+    near += match_near_misses(_left(src_left, found, "src"), _left(dst_left, found + near, "dst"),
+                              weights, no)
 
     plan = _build_plan(found, near, source, target, src_graph.tracer, dst_graph.tracer)
+    plan = dataclasses.replace(plan, hints=hints or Hints())
     inputs = example_inputs
     if inputs is None and source.module is not None:
         inputs = dummy_inputs(source.module)
@@ -141,9 +163,12 @@ def _build_plan(found: list[UnitMatch], near: list[UnitMatch], source: TensorSou
                 src_unit=src_unit, dst_unit=dst_unit, ops=pair.ops))
     mismatches: list[Mismatch] = []
     for um in near:
+        pinned = "pinned" in um.terms
         for pair in um.pairs:
             s_shape, d_shape = source.specs[pair.src[0]].shape, target.specs[pair.dst[0]].shape
-            if s_shape == d_shape:
+            if pinned and s_shape != d_shape:
+                reason = f"pinned, but the shapes differ: source {s_shape} vs destination {d_shape}"
+            elif s_shape == d_shape:
                 reason = (f"its layer {um.dst[0].unit.key} does not fit source layer "
                           f"{um.src[0].unit.key} as a whole")
             else:

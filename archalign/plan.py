@@ -7,15 +7,18 @@ A `Plan` is produced by `archalign.align` and touches no weights. It prints as a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import PlanError
+from .hints import Hints
 from .ops import Op, invert_ops
 
 if TYPE_CHECKING:
@@ -95,6 +98,7 @@ class Plan:
     src_tracer: str = ""
     dst_tracer: str = ""
     verification: str = ""  # what running both models on an input showed ("" when not run)
+    hints: Hints = field(default_factory=Hints)  # the reviewer's pins, forbids and drops
     source: TensorSource | None = field(default=None, compare=False, repr=False, hash=False)
 
     # ---------------------------------------------------------------- applying
@@ -106,6 +110,35 @@ class Plan:
 
         return apply_plan(self, dst, src, min_confidence=min_confidence, strict=strict,
                           shape_policy=shape_policy, atomic=atomic)
+
+    # ---------------------------------------------------------------- reviewing
+    def pin(self, src: str, dst: str) -> Plan:
+        """A copy of the plan with the hint "``src`` goes to ``dst``" (keys or glob patterns).
+
+        The assignment itself changes only when re-solved: ``archalign.align(src_model,
+        dst_model, hints=plan.hints)``; a pinned pair then also re-anchors its neighbours.
+        """
+        return dataclasses.replace(self, hints=dataclasses.replace(
+            self.hints, pin=(*self.hints.pin, (src, dst))))
+
+    def forbid(self, src: str, dst: str) -> Plan:
+        """A copy of the plan with the hint "never match ``src`` with ``dst``" (see `pin`)."""
+        return dataclasses.replace(self, hints=dataclasses.replace(
+            self.hints, forbid=(*self.hints.forbid, (src, dst))))
+
+    def drop(self, dst: str) -> Plan:
+        """A copy of the plan with the hint "leave ``dst`` untouched" (see `pin`).
+
+        Also removes the matches of ``dst`` from this plan right away, so that applying it
+        without re-solving already leaves those tensors alone.
+        """
+        keep = tuple(m for m in self.matches
+                     if not any(fnmatchcase(k, dst) or fnmatchcase(m.dst_unit, dst)
+                                or fnmatchcase(k, dst + ".*") for k in m.dst))
+        dropped = tuple(k for m in self.matches if m not in keep for k in m.dst)
+        return dataclasses.replace(
+            self, matches=keep, unmatched_dst=(*self.unmatched_dst, *dropped),
+            hints=dataclasses.replace(self.hints, drop=(*self.hints.drop, dst)))
 
     # ---------------------------------------------------------------- reading
     def __len__(self) -> int:
@@ -147,6 +180,7 @@ class Plan:
             "src_tracer": self.src_tracer,
             "dst_tracer": self.dst_tracer,
             "verification": self.verification,
+            "hints": self.hints.to_dict(),
             "matches": [
                 {"src": list(m.src), "dst": list(m.dst),
                  "src_shapes": [list(s) for s in m.src_shapes],
@@ -214,6 +248,7 @@ class Plan:
                 src_tracer=str(data.get("src_tracer", "")),
                 dst_tracer=str(data.get("dst_tracer", "")),
                 verification=str(data.get("verification", "")),
+                hints=Hints.from_dict(data.get("hints", {})),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise PlanError(f"malformed plan: {type(exc).__name__}: {exc}") from exc
