@@ -8,6 +8,7 @@ A `Plan` is produced by `archalign.align` and touches no weights. It prints as a
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import math
 import os
@@ -172,6 +173,46 @@ class Plan:
             src_tracer=self.dst_tracer, dst_tracer=self.src_tracer,
         )
 
+    # ---------------------------------------------------------------- exporting
+    def to_key_mapping(self, *, min_confidence: float = 0.0) -> dict[str, str]:
+        """A transformers ``key_mapping``; see `archalign.exports.to_key_mapping`."""
+        from .exports import to_key_mapping
+
+        return to_key_mapping(self, min_confidence=min_confidence)
+
+    def to_python(self, *, min_confidence: float = 0.0) -> str:
+        """A standalone converter's source; see `archalign.exports.to_python`."""
+        from .exports import to_python
+
+        return to_python(self, min_confidence=min_confidence)
+
+    def to_html(self, path: str | os.PathLike[str], *, title: str = "archalign plan") -> None:
+        """Write the visual review report; see `archalign.html.save_html`."""
+        from .html import save_html
+
+        save_html(self, path, title=title)
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """One flat dict per match (for ``pandas.DataFrame(plan.to_records())``)."""
+        return [{"dst": ", ".join(m.dst), "src": ", ".join(m.src),
+                 "dst_shape": " ".join(map(str, m.dst_shapes)),
+                 "src_shape": " ".join(map(str, m.src_shapes)),
+                 "confidence": m.confidence, "ops": " ".join(map(str, m.ops)),
+                 "dst_unit": m.dst_unit, "src_unit": m.src_unit, **dict(m.costs)}
+                for m in self.matches]
+
+    def _repr_html_(self) -> str:
+        """The review table as HTML, lowest confidence first (Jupyter shows it)."""
+        rows = sorted(self.matches, key=lambda m: (m.confidence, m.dst))
+        cells = "".join(
+            f"<tr style='background:{_colour(m.confidence)}'><td>{m.confidence:.2f}</td>"
+            f"<td>{html.escape(', '.join(m.dst))}</td><td>{html.escape(', '.join(m.src))}</td>"
+            f"<td>{html.escape(' '.join(map(str, m.dst_shapes)))}</td>"
+            f"<td>{html.escape(' '.join(map(str, m.ops)))}</td></tr>" for m in rows)
+        head = html.escape(format_plan(self, limit=0).splitlines()[0])
+        return (f"<p>{head}</p><table><tr><th>conf</th><th>destination</th><th>source</th>"
+                f"<th>shape</th><th>adaptation</th></tr>{cells}</table>")
+
     # ---------------------------------------------------------------- saving
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the plan file schema, version `PLAN_VERSION`)."""
@@ -305,6 +346,10 @@ def format_plan(plan: Plan, *, limit: int | None = None) -> str:
     if spare:
         lines.append(f"unused source keys ({len(spare)}): {', '.join(spare)}")
     return "\n".join(lines)
+
+
+def _colour(confidence: float) -> str:
+    return "#fdd" if confidence < 0.5 else "#ffc" if confidence < 0.9 else "#efe"
 
 
 def _fmt_shape(shape: Shape) -> str:

@@ -1,0 +1,7 @@
+"""``python -m archalign``: the command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
