@@ -94,7 +94,7 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
             by_policy.append((mm, policy))
 
     loaded_keys = [d for m in to_load for d in m.dst] + [mm.dst[0] for mm, _ in by_policy]
-    loaded_set = set(loaded_keys)
+    loaded_set = {target.aliases.get(k, k) for k in loaded_keys}
     missing = tuple(k for k in target.specs if k not in loaded_set)
     if strict and missing:
         why = {s.dst: s.reason for s in skipped}
@@ -104,8 +104,13 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
                          f"{shown}{more}. Lower min_confidence, fix the plan, or pass strict=False")
 
     writes = _compute_writes(to_load, by_policy, source, target)
+    nonfinite = _nonfinite(writes)
+    if nonfinite:
+        logger.warning("the source holds NaN or Inf in the tensors loaded into: %s",
+                       ", ".join(nonfinite))
     _write(writes, target, atomic=atomic)
-    used = {s for m in to_load for s in m.src} | {mm.src[0] for mm, _ in by_policy}
+    used = {source.aliases.get(s, s) for m in to_load for s in m.src} | {
+        source.aliases.get(mm.src[0], mm.src[0]) for mm, _ in by_policy}
     adapted = [Adapted(d, ", ".join(m.src), " ".join(map(str, m.ops)))
                for m in to_load if m.ops for d in m.dst]
     adapted += [Adapted(mm.dst[0], mm.src[0],
@@ -118,6 +123,7 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
         unexpected=tuple(k for k in source.specs if k not in used),
         tied=tuple(sorted(target.aliases.items())),
         adapted=tuple(adapted),
+        nonfinite=tuple(nonfinite),
     )
     logger.info("%s", str(report).splitlines()[0])
     return report
@@ -131,6 +137,26 @@ def _compute_writes(matches: list[Match], by_policy: list[tuple[Mismatch, str]],
             if target.get(dst_key).device.type == "meta":
                 raise ApplyError(f"destination tensor {dst_key!r} is on the meta device; "
                                  "materialise the model (e.g. dst.to_empty(device='cpu')) first")
+    problems: list[str] = []
+    for key in {k for m in matches for k in m.src} | {mm.src[0] for mm, _ in by_policy}:
+        tensor = source.get(key)
+        if tensor.device.type == "meta":
+            problems.append(f"source tensor {key!r} is on the meta device (it has no values)")
+        elif tensor.is_quantized:
+            problems.append(f"source tensor {key!r} is quantized ({tensor.dtype}); dequantize "
+                            "the checkpoint first")
+    for key in [k for m in matches for k in m.dst] + [mm.dst[0] for mm, _ in by_policy]:
+        into = target.get(key)
+        if into.is_quantized:
+            problems.append(f"destination tensor {key!r} is quantized ({into.dtype})")
+    for match in matches:
+        for src_key, dst_key in zip(match.src, match.dst):
+            value, into = source.get(src_key), target.get(dst_key)
+            if value.is_floating_point() and not (into.is_floating_point() or into.is_complex()):
+                problems.append(f"{src_key!r} ({value.dtype}) would be truncated into "
+                                f"{dst_key!r} ({into.dtype})")
+    if problems:
+        raise ApplyError("refused before writing anything: " + "; ".join(sorted(problems)[:10]))
     writes: list[tuple[str, torch.Tensor]] = []
     with torch.no_grad():
         for match in matches:
@@ -140,6 +166,13 @@ def _compute_writes(matches: list[Match], by_policy: list[tuple[Mismatch, str]],
             writes.append((mm.dst[0], resize(source.get(mm.src[0]), target.get(mm.dst[0]),
                                              policy)))
     return writes
+
+
+def _nonfinite(writes: list[tuple[str, torch.Tensor]]) -> list[str]:
+    """Destination keys whose new values hold NaN or Inf."""
+    return [key for key, value in writes
+            if (value.is_floating_point() or value.is_complex()) and value.numel()
+            and not bool(torch.isfinite(value).all())]
 
 
 def _write(writes: list[tuple[str, torch.Tensor]], target: TensorSource, *, atomic: bool) -> None:
@@ -162,6 +195,11 @@ def _write(writes: list[tuple[str, torch.Tensor]], target: TensorSource, *, atom
 def _check_plan(plan: Plan, source: TensorSource, target: TensorSource) -> None:
     problems: list[str] = []
     for match in plan.matches:
+        if len(match.src) != len(match.src_shapes) or len(match.dst) != len(match.dst_shapes):
+            problems.append(f"match {', '.join(match.src)} -> {', '.join(match.dst)} lists "
+                            f"{len(match.src_shapes)} source and {len(match.dst_shapes)} "
+                            "destination shapes for its keys")
+            continue
         for key, shape in zip(match.dst, match.dst_shapes):
             _check_key(key, shape, target, "destination", problems)
         for key, shape in zip(match.src, match.src_shapes):
@@ -176,7 +214,7 @@ def _check_plan(plan: Plan, source: TensorSource, target: TensorSource) -> None:
             problems.append(f"match {', '.join(match.src)} -> {', '.join(match.dst)}: {ops} "
                             f"turns {list(match.src_shapes)} into {produced}, "
                             f"not {list(match.dst_shapes)}")
-    dst_keys = [d for m in plan.matches for d in m.dst]
+    dst_keys = [target.aliases.get(d, d) for m in plan.matches for d in m.dst]
     dups = sorted({k for k in dst_keys if dst_keys.count(k) > 1})
     if dups:
         problems.append(f"destination keys written twice: {', '.join(dups)}")

@@ -34,6 +34,7 @@ class UnitFeatures:
     succs: tuple[str, ...]  # signatures of the nearest consumers (sorted; sentinels by name)
     tokens: frozenset[str]  # lower-case name tokens without indices ("blocks.0.qkv" -> blocks, qkv)
     indices: tuple[int, ...]  # the numbers in the key, in order ("layer1.2.conv1" -> 1, 2, 1)
+    spread: float = 0.0  # how far `position` moves when the alignment's gaps go first, not last
 
     @property
     def signature(self) -> Signature:
@@ -91,8 +92,12 @@ def extract_features(
     dst_rank = {u.key: i for i, u in enumerate(dst_units)}
     pinned = [(src_rank[a], dst_rank[b]) for a, b in anchors]
     warp = _warp(src_units, dst_units, src_sig, dst_sig, pinned)
+    # the same alignment with the gaps placed first: where the two disagree, structure cannot
+    # tell which units were added or removed (a run of identical layers lost one)
+    other = _warp(src_units, dst_units, src_sig, dst_sig, pinned, gaps_last=False)
     return (
-        [_features(u, i, warp(i), src, src_sig) for i, u in enumerate(src_units)],
+        [_features(u, i, warp(i), src, src_sig, spread=abs(warp(i) - other(i)))
+         for i, u in enumerate(src_units)],
         [_features(u, i, float(i), dst, dst_sig) for i, u in enumerate(dst_units)],
     )
 
@@ -124,7 +129,7 @@ def _sig_text(sig: Signature) -> str:
 
 
 def _features(unit: Unit, rank: int, position: float, graph: UnitGraph,
-              sigs: dict[str, Signature]) -> UnitFeatures:
+              sigs: dict[str, Signature], spread: float = 0.0) -> UnitFeatures:
     def describe(keys: Sequence[str]) -> tuple[str, ...]:
         return tuple(sorted(k if k in (INPUT, OUTPUT) else _sig_text(sigs[k]) for k in keys))
 
@@ -134,6 +139,7 @@ def _features(unit: Unit, rank: int, position: float, graph: UnitGraph,
         known_type=bool(unit.type_name),
         rank=rank,
         position=position,
+        spread=spread,
         preds=describe(graph.predecessors(unit.key)),
         succs=describe(graph.successors(unit.key)),
         tokens=name_tokens(unit.key),
@@ -153,14 +159,20 @@ def name_tokens(key: str) -> frozenset[str]:
 
 
 def _warp(src_units: list[Unit], dst_units: list[Unit], src_sig: dict[str, Signature],
-          dst_sig: dict[str, Signature], pinned: Sequence[tuple[int, int]] = ()
-          ) -> Callable[[int], float]:
+          dst_sig: dict[str, Signature], pinned: Sequence[tuple[int, int]] = (),
+          gaps_last: bool = True) -> Callable[[int], float]:
     """A monotone piecewise-linear map from source ranks to destination ranks.
 
     Its anchors are the pairs of an optimal monotone alignment of the two signature sequences
     (`align_sequences`) and the ``pinned`` rank pairs; ranks between anchors are interpolated.
     """
-    pairs = align_sequences([src_sig[u.key] for u in src_units], [dst_sig[u.key] for u in dst_units])
+    a = [src_sig[u.key] for u in src_units]
+    b = [dst_sig[u.key] for u in dst_units]
+    if gaps_last:
+        pairs = align_sequences(a, b)
+    else:  # align the reversed sequences: their last gaps are the originals' first
+        n, m = len(a), len(b)
+        pairs = [(n - 1 - i, m - 1 - j) for i, j in reversed(align_sequences(a[::-1], b[::-1]))]
     if pinned:
         pairs = [(i, j) for i, j in pairs
                  if all((i - a) * (j - b) > 0 for a, b in pinned)]  # drop pairs crossing a pin

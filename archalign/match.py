@@ -150,7 +150,8 @@ def match_fused(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weight
             src=src_side, dst=dst_side,
             terms={"position": float(structural - weights.fused), "fused": weights.fused,
                    "regret": float(max(regret, 0.0))},
-            confidence=confidence(structural, max(regret, 0.0)) * factor, pairs=tuple(pairs)))
+            confidence=confidence(structural, max(regret, 0.0)) * factor
+            * float(np.exp(-max(f.spread for f in src_side))), pairs=tuple(pairs)))
     return kept, fused
 
 
@@ -281,8 +282,12 @@ def _collect(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], costs: Co
         if extra is not None:
             terms[extra[0]] = float(extra[1][i, j])
         terms["regret"] = float(regret)
+        spread = src[i].spread
+        if spread:
+            terms["spread"] = float(spread)
         out.append(UnitMatch(src=(src[i],), dst=(dst[j],), terms=terms,
-                             confidence=confidence(float(structural[i, j]), float(regret)),
+                             confidence=confidence(float(structural[i, j]), float(regret))
+                             * float(np.exp(-spread)),
                              pairs=tuple(pairs)))
     return out
 

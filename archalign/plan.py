@@ -262,11 +262,18 @@ class Plan:
         """
         if not isinstance(data, Mapping):
             raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}")
+        unknown = set(data) - _PLAN_FIELDS
+        if unknown:
+            raise PlanError(f"unknown plan fields {sorted(unknown)}; known: {sorted(_PLAN_FIELDS)}")
         version = data.get("archalign_plan")
         if version != PLAN_VERSION:
             raise PlanError(f"plan schema version {version!r} is not supported; this archalign "
                             f"reads version {PLAN_VERSION}: re-run `align` to make a new plan")
         try:
+            for m in data["matches"]:
+                if not isinstance(m, Mapping) or set(m) - _MATCH_FIELDS:
+                    extra = sorted(set(m) - _MATCH_FIELDS) if isinstance(m, Mapping) else m
+                    raise PlanError(f"malformed plan: match entry with unknown fields {extra!r}")
             matches = tuple(
                 Match(src=_keys(m["src"]), dst=_keys(m["dst"]),
                       src_shapes=_shapes(m["src_shapes"]), dst_shapes=_shapes(m["dst_shapes"]),
@@ -280,7 +287,7 @@ class Plan:
                          src_shapes=_shapes(m["src_shapes"]), dst_shapes=_shapes(m["dst_shapes"]),
                          reason=str(m["reason"]))
                 for m in data.get("mismatches", ()))
-            return cls(
+            plan = cls(
                 matches=matches, mismatches=mismatches,
                 unmatched_src=_keys(data.get("unmatched_src", ())),
                 unmatched_dst=_keys(data.get("unmatched_dst", ())),
@@ -291,8 +298,20 @@ class Plan:
                 verification=str(data.get("verification", "")),
                 hints=Hints.from_dict(data.get("hints", {})),
             )
+        except PlanError:
+            raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise PlanError(f"malformed plan: {type(exc).__name__}: {exc}") from exc
+        written = [k for m in plan.matches for k in m.dst]
+        twice = sorted({k for k in written if written.count(k) > 1})
+        if twice:
+            raise PlanError(f"the plan writes these destination keys twice: {', '.join(twice)}")
+        for m in plan.matches:
+            if len(m.src_shapes) != len(m.src) or len(m.dst_shapes) != len(m.dst) or not (
+                    0.0 <= m.confidence <= 1.0):
+                raise PlanError(f"malformed match {m.dst}: shapes must pair with keys and "
+                                f"confidence lie in [0, 1]")
+        return plan
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
@@ -301,6 +320,13 @@ class Plan:
         except json.JSONDecodeError as exc:
             raise PlanError(f"a plan file must be JSON: {exc}") from exc
         return cls.from_dict(data)
+
+
+_PLAN_FIELDS = frozenset({"archalign_plan", "src_tracer", "dst_tracer", "verification", "hints",
+                          "matches", "mismatches", "unmatched_src", "unmatched_dst", "tied_src",
+                          "tied_dst"})
+_MATCH_FIELDS = frozenset({"src", "dst", "src_shapes", "dst_shapes", "confidence", "costs",
+                           "src_unit", "dst_unit", "ops"})
 
 
 def load_plan(path: str | os.PathLike[str]) -> Plan:

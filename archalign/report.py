@@ -38,6 +38,7 @@ class LoadReport:
     tied: tuple[tuple[str, str], ...] = ()  # destination (alias, primary): loaded with the primary
     verification: Verification | None = None  # outputs compared after the load, when asked for
     adapted: tuple[Adapted, ...] = ()  # loaded keys that went through an adaptation or a policy
+    nonfinite: tuple[str, ...] = ()  # loaded keys whose values hold NaN or Inf (loaded, and warned)
 
     @property
     def complete(self) -> bool:
@@ -59,6 +60,8 @@ class LoadReport:
             lines.append(f"  unused source tensors: {', '.join(self.unexpected)}")
         if self.tied:
             lines.append("  tied: " + ", ".join(f"{a} = {p}" for a, p in self.tied))
+        if self.nonfinite:
+            lines.append(f"  WARNING: NaN/Inf loaded into: {', '.join(self.nonfinite)}")
         if self.verification is not None:
             lines.append(f"  verification: {self.verification}")
         return "\n".join(lines)

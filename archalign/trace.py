@@ -9,6 +9,7 @@ graph says so in its ``tracer`` field.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -132,7 +133,9 @@ def probe_layouts(module: nn.Module, units: Sequence[Unit]) -> list[Unit]:
             continue
         key = (unit.type_name, shape)
         if key not in cache:
-            cache[key] = _stores_in_out(layer, unit.type_name)
+            # a copy in eval mode: a probe must not update buffers, and dropout must not decide
+            probe = copy.deepcopy(layer).eval()
+            cache[key] = _stores_in_out(probe, unit.type_name)
         flags = tuple(i == index and cache[key] for i in range(len(unit.tensors)))
         out.append(dataclasses.replace(unit, transposed=flags) if any(flags) else unit)
     return out

@@ -48,7 +48,7 @@ def _models(name: str) -> tuple[nn.Module, nn.Module]:
 
 def test_pairs_are_named_uniquely_and_found_by_name() -> None:
     names = [p.name for p in corpus.PAIRS]
-    assert len(names) == len(set(names)) == 12
+    assert len(names) == len(set(names)) == 13
     for name in names:
         assert corpus.get_pair(name).name == name
     with pytest.raises(KeyError, match="known pairs"):

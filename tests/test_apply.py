@@ -1,0 +1,503 @@
+"""Tests for archalign.apply: loading a plan, refusing it, and leaving the destination untouched."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from archalign.apply import apply_plan
+from archalign.errors import ApplyError, PlanError, SourceError
+from archalign.ops import Op
+from archalign.plan import Match, Mismatch, Plan
+from archalign.report import Adapted, LoadReport, Skipped
+from archalign.source import read_source
+
+# --------------------------------------------------------------------------- models & helpers
+
+
+class Src(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        self.bn = nn.BatchNorm1d(2)
+
+
+class Dst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, 4)
+        self.fc2 = nn.Linear(4, 2)
+        self.norm = nn.BatchNorm1d(2)
+
+
+PAIRS = [
+    ("enc.0.weight", "fc1.weight"), ("enc.0.bias", "fc1.bias"),
+    ("enc.2.weight", "fc2.weight"), ("enc.2.bias", "fc2.bias"),
+    ("bn.weight", "norm.weight"), ("bn.bias", "norm.bias"),
+    ("bn.running_mean", "norm.running_mean"), ("bn.running_var", "norm.running_var"),
+    ("bn.num_batches_tracked", "norm.num_batches_tracked"),
+]
+DST_KEYS = tuple(d for _, d in PAIRS)
+SRC_KEYS = tuple(s for s, _ in PAIRS)
+
+
+def models(seed: int = 0) -> tuple[Src, Dst]:
+    torch.manual_seed(seed)
+    src = Src()
+    # make the norm distinguishable from a fresh BatchNorm
+    with torch.no_grad():
+        src.bn.weight.uniform_(0.5, 1.5)
+        src.bn.bias.uniform_(-0.5, 0.5)
+    src.bn.running_mean.uniform_()
+    src.bn.running_var.uniform_(1, 2)
+    src.bn.num_batches_tracked.fill_(7)
+    return src, Dst()
+
+
+def match(src: nn.Module, dst: nn.Module, s: str, d: str, confidence: float = 1.0) -> Match:
+    return Match(src=(s,), dst=(d,), src_shapes=(tuple(src.state_dict()[s].shape),),
+                 dst_shapes=(tuple(dst.state_dict()[d].shape),), confidence=confidence,
+                 costs=(("regret", 1.0),), src_unit=s.rpartition(".")[0],
+                 dst_unit=d.rpartition(".")[0])
+
+
+def make_plan(src: nn.Module, dst: nn.Module, pairs=PAIRS, confidence=None, *, carry=True,
+              **extra) -> Plan:
+    confidence = confidence or {}
+    matches = tuple(match(src, dst, s, d, confidence.get(d, 1.0)) for s, d in pairs)
+    return Plan(matches=matches, source=read_source(src) if carry else None, **extra)
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def unchanged(module: nn.Module, before: dict[str, torch.Tensor]) -> list[str]:
+    """Keys whose value changed since ``before`` (an empty list: nothing was written)."""
+    now = module.state_dict()
+    assert list(now) == list(before)
+    return [k for k in before
+            if before[k].device.type != "meta" and not torch.equal(now[k], before[k])]
+
+
+def loaded_correctly(src: nn.Module, dst: nn.Module, pairs=PAIRS) -> bool:
+    s, d = src.state_dict(), dst.state_dict()
+    return all(torch.equal(d[dk].to(s[sk].dtype), s[sk]) for sk, dk in pairs)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_apply_loads_every_tensor_and_reports():
+    src, dst = models()
+    before = snapshot(dst)
+    report = apply_plan(make_plan(src, dst), dst)
+    assert isinstance(report, LoadReport)
+    assert report == LoadReport(loaded=DST_KEYS, skipped=(), missing=(), unexpected=(), tied=())
+    assert report.complete
+    assert loaded_correctly(src, dst)
+    assert sorted(unchanged(dst, before)) == sorted(DST_KEYS)  # every tensor was written
+    assert dst.norm.num_batches_tracked.item() == 7
+
+
+def test_apply_writes_in_place():
+    src, dst = models()
+    weight = dst.fc1.weight
+    apply_plan(make_plan(src, dst), dst)
+    assert dst.fc1.weight is weight
+    assert isinstance(dst.fc1.weight, nn.Parameter)
+    assert dst.fc1.weight.requires_grad
+    assert dst.fc1.weight.grad_fn is None
+    assert dst.fc1.weight.data_ptr() != src.enc[0].weight.data_ptr()  # a copy, not shared
+
+
+def test_apply_partial_plan_reports_missing_and_unexpected():
+    src, dst = models()
+    before = snapshot(dst)
+    report = apply_plan(make_plan(src, dst, PAIRS[:2]), dst)
+    assert report.loaded == ("fc1.weight", "fc1.bias")
+    assert report.missing == DST_KEYS[2:]
+    assert report.unexpected == SRC_KEYS[2:]
+    assert report.skipped == ()
+    assert not report.complete
+    assert unchanged(dst, before) == ["fc1.weight", "fc1.bias"]
+
+
+def test_min_confidence_skips_with_a_reason():
+    src, dst = models()
+    before = snapshot(dst)
+    plan = make_plan(src, dst, confidence={"fc2.weight": 0.3, "fc2.bias": 0.3})
+    report = apply_plan(plan, dst)
+    assert report.skipped == (
+        Skipped("fc2.weight", "enc.2.weight", "confidence 0.30 < min_confidence 0.50"),
+        Skipped("fc2.bias", "enc.2.bias", "confidence 0.30 < min_confidence 0.50"),
+    )
+    assert report.missing == ("fc2.weight", "fc2.bias")
+    assert report.unexpected == ("enc.2.weight", "enc.2.bias")
+    assert "fc2.weight" not in report.loaded
+    assert sorted(unchanged(dst, before)) == sorted(set(DST_KEYS) - {"fc2.weight", "fc2.bias"})
+
+
+@pytest.mark.parametrize(
+    ("confidence", "min_confidence", "loaded"),
+    [(0.5, 0.5, True), (0.49, 0.5, False), (0.0, 0.0, True), (1.0, 1.0, True), (0.99, 1.0, False)],
+)
+def test_min_confidence_boundary(confidence, min_confidence, loaded):
+    src, dst = models()
+    plan = make_plan(src, dst, PAIRS[:1], {"fc1.weight": confidence})
+    report = apply_plan(plan, dst, min_confidence=min_confidence)
+    assert (report.loaded == ("fc1.weight",)) is loaded
+    assert torch.equal(dst.fc1.weight, src.enc[0].weight) is loaded
+
+
+def test_mismatches_are_skipped_with_their_reason():
+    src, dst = models()
+    mm = Mismatch(src=("enc.2.weight",), dst=("fc2.weight",), src_shapes=((2, 4),),
+                  dst_shapes=((2, 4),), reason="its layer fc2 does not fit")
+    pairs = [p for p in PAIRS if p[1] != "fc2.weight"]
+    report = apply_plan(make_plan(src, dst, pairs, mismatches=(mm,)), dst)
+    assert report.skipped == (Skipped("fc2.weight", "enc.2.weight", "its layer fc2 does not fit"),)
+    assert report.missing == ("fc2.weight",)
+    assert not torch.equal(dst.fc2.weight, src.enc[2].weight)
+
+
+# --------------------------------------------------------------------------- strict
+
+
+def test_strict_refuses_and_writes_nothing():
+    src, dst = models()
+    before = snapshot(dst)
+    plan = make_plan(src, dst, confidence={"fc2.weight": 0.2})
+    with pytest.raises(ApplyError) as info:
+        apply_plan(plan, dst, strict=True)
+    message = str(info.value)
+    assert "strict: 1 destination tensors would stay unloaded" in message
+    assert "fc2.weight (confidence 0.20 < min_confidence 0.50)" in message
+    assert unchanged(dst, before) == []
+
+
+def test_strict_names_keys_without_a_counterpart():
+    src, dst = models()
+    before = snapshot(dst)
+    with pytest.raises(ApplyError, match=r"norm\.running_var \(no counterpart\)"):
+        apply_plan(make_plan(src, dst, PAIRS[:7]), dst, strict=True)
+    assert unchanged(dst, before) == []
+
+
+def test_strict_lists_at_most_ten_keys():
+    class Wide(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(6))
+
+    src, dst = Wide(), Wide()
+    plan = make_plan(src, dst, [("layers.0.weight", "layers.0.weight")])
+    with pytest.raises(ApplyError, match=r"11 destination tensors would stay unloaded.*and 1 more"):
+        apply_plan(plan, dst, strict=True)
+
+
+def test_strict_passes_when_everything_loads():
+    src, dst = models()
+    report = apply_plan(make_plan(src, dst), dst, strict=True)
+    assert report.complete
+    assert loaded_correctly(src, dst)
+
+
+# --------------------------------------------------------------------------- plans that do not agree
+
+
+def _rename_dst(plan: Plan, key: str) -> Plan:
+    m = plan.matches[0]
+    return Plan(matches=(Match(m.src, (key,), m.src_shapes, m.dst_shapes, m.confidence, m.costs,
+                               m.src_unit, m.dst_unit), *plan.matches[1:]), source=plan.source)
+
+
+def _rename_src(plan: Plan, key: str) -> Plan:
+    m = plan.matches[0]
+    return Plan(matches=(Match((key,), m.dst, m.src_shapes, m.dst_shapes, m.confidence, m.costs,
+                               m.src_unit, m.dst_unit), *plan.matches[1:]), source=plan.source)
+
+
+def _reshape(plan: Plan, src_shape, dst_shape) -> Plan:
+    m = plan.matches[0]
+    return Plan(matches=(Match(m.src, m.dst, (src_shape,), (dst_shape,), m.confidence, m.costs,
+                               m.src_unit, m.dst_unit), *plan.matches[1:]), source=plan.source)
+
+
+def _duplicate(plan: Plan, key: str) -> Plan:
+    m = plan.matches[1]
+    return Plan(matches=(*plan.matches, Match(m.src, (key,), m.src_shapes, m.dst_shapes,
+                                              m.confidence, m.costs, m.src_unit, m.dst_unit)),
+                source=plan.source)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda p: _rename_dst(p, "fc9.weight"), "destination has no tensor 'fc9.weight'"),
+        (lambda p: _rename_src(p, "enc.9.weight"), "source has no tensor 'enc.9.weight'"),
+        (lambda p: _reshape(p, (4, 3), (3, 4)),
+         "destination tensor 'fc1.weight' has shape (4, 3), the plan says (3, 4)"),
+        (lambda p: _reshape(p, (3, 4), (4, 3)),
+         "source tensor 'enc.0.weight' has shape (4, 3), the plan says (3, 4)"),
+        (lambda p: _duplicate(p, "fc2.bias"), "destination keys written twice: fc2.bias"),
+    ],
+    ids=["dst-key", "src-key", "dst-shape", "src-shape", "written-twice"],
+)
+def test_plan_that_does_not_agree_raises_and_writes_nothing(edit, message):
+    src, dst = models()
+    before = snapshot(dst)
+    with pytest.raises(PlanError) as info:
+        apply_plan(edit(make_plan(src, dst)), dst)
+    assert message in str(info.value)
+    assert "Re-run align" in str(info.value)
+    assert unchanged(dst, before) == []
+
+
+def test_plan_whose_shapes_changed_since_align():
+    src, dst = models()
+    plan = make_plan(src, dst)
+    dst.fc2 = nn.Linear(4, 3)  # the destination was edited after aligning
+    before = snapshot(dst)
+    with pytest.raises(PlanError, match=re.escape("'fc2.weight' has shape (3, 4), the plan says (2, 4)")):
+        apply_plan(plan, dst)
+    assert unchanged(dst, before) == []
+
+
+def test_single_match_copying_between_shapes_is_refused():
+    src, dst = models()
+    before = snapshot(dst)
+    # claims enc.0.bias (4,) goes into fc2.bias (2,); both shapes agree with their models
+    plan = make_plan(src, dst, [("enc.0.bias", "fc2.bias")])
+    with pytest.raises(PlanError, match=r"match enc\.0\.bias -> fc2\.bias: .*\(2,\)"):
+        apply_plan(plan, dst)
+    assert unchanged(dst, before) == []
+
+
+def test_plan_error_comes_before_strict():
+    src, dst = models()
+    plan = _rename_dst(make_plan(src, dst, PAIRS[:1]), "nope.weight")
+    with pytest.raises(PlanError):
+        apply_plan(plan, dst, strict=True)
+
+
+# --------------------------------------------------------------------------- dtype, ties, sources
+
+
+def test_dtype_follows_the_destination():
+    src, dst = models()
+    dst = dst.to(torch.float64)
+    report = apply_plan(make_plan(src, dst), dst)
+    assert report.complete
+    assert dst.fc1.weight.dtype == torch.float64
+    assert dst.norm.num_batches_tracked.dtype == torch.int64
+    assert torch.equal(dst.fc1.weight, src.enc[0].weight.double())
+    assert torch.equal(dst.norm.running_var, src.bn.running_var.double())
+
+
+def test_half_destination_from_float_source():
+    src, dst = models()
+    dst = dst.half()
+    apply_plan(make_plan(src, dst), dst)
+    assert dst.fc2.bias.dtype == torch.float16
+    assert torch.equal(dst.fc2.bias, src.enc[2].bias.half())
+
+
+class TiedDst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+
+class UntiedSrc(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+
+
+def test_tied_destination_tensors_stay_tied():
+    torch.manual_seed(0)
+    src, dst = UntiedSrc(), TiedDst()
+    report = apply_plan(make_plan(src, dst, [("embed.weight", "emb.weight")]), dst, strict=True)
+    assert dst.head.weight is dst.emb.weight
+    assert torch.equal(dst.head.weight, src.embed.weight)
+    assert report.loaded == ("emb.weight",)
+    assert report.missing == ()
+    assert report.tied == (("head.weight", "emb.weight"),)
+
+
+def test_plan_loaded_from_file_needs_the_source(tmp_path):
+    src, dst = models()
+    path = tmp_path / "plan.json"
+    make_plan(src, dst).save(path)
+    plan = Plan.from_json(path.read_text(encoding="utf-8"))
+    assert plan.source is None
+    before = snapshot(dst)
+    with pytest.raises(PlanError, match="does not carry its source"):
+        apply_plan(plan, dst)
+    assert unchanged(dst, before) == []
+    report = apply_plan(plan, dst, src)
+    assert report.complete
+    assert loaded_correctly(src, dst)
+
+
+@pytest.mark.parametrize("kind", ["module", "state_dict", "safetensors", "pt"])
+def test_explicit_source_kinds(tmp_path, kind):
+    src, dst = models()
+    if kind == "module":
+        given = src
+    elif kind == "state_dict":
+        given = src.state_dict()
+    elif kind == "safetensors":
+        given = tmp_path / "w.safetensors"
+        save_file(dict(src.state_dict()), str(given))
+    else:
+        given = tmp_path / "w.pt"
+        torch.save(src.state_dict(), given)
+    report = apply_plan(make_plan(src, dst, carry=False), dst, given)
+    assert report.complete
+    assert loaded_correctly(src, dst)
+
+
+def test_explicit_source_wins_over_the_carried_one():
+    src, dst = models(0)
+    other, _ = models(1)
+    apply_plan(make_plan(src, dst), dst, other)
+    assert loaded_correctly(other, dst)
+    assert not torch.equal(dst.fc1.weight, src.enc[0].weight)
+
+
+def test_plan_apply_forwards_to_apply_plan():
+    src, dst = models()
+    plan = make_plan(src, dst, confidence={"fc1.bias": 0.6})
+    report = plan.apply(dst, min_confidence=0.7)
+    assert [s.dst for s in report.skipped] == ["fc1.bias"]
+    with pytest.raises(ApplyError):
+        plan.apply(dst, min_confidence=0.7, strict=True)
+
+
+@pytest.mark.parametrize("bad_dst", [{"fc1.weight": torch.zeros(4, 3)}, "model.pt", None])
+def test_destination_must_be_a_module(bad_dst):
+    src, dst = models()
+    with pytest.raises(SourceError, match=r"the destination must be an nn\.Module"):
+        apply_plan(make_plan(src, dst), bad_dst)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
+def test_min_confidence_must_lie_in_unit_interval(value):
+    src, dst = models()
+    before = snapshot(dst)
+    with pytest.raises(ValueError, match="min_confidence must lie in"):
+        apply_plan(make_plan(src, dst), dst, min_confidence=value)
+    assert unchanged(dst, before) == []
+
+
+def test_unreadable_source_raises_source_error(tmp_path):
+    src, dst = models()
+    with pytest.raises(SourceError, match="does not exist"):
+        apply_plan(make_plan(src, dst), dst, tmp_path / "missing.safetensors")
+
+
+# --------------------------------------------------------------------------- multi-tensor matches
+
+
+def test_fused_match_concatenates_into_one_destination_tensor():
+    src, _ = models()
+    dst6 = nn.Linear(3, 6)  # its bias takes enc.0.bias (4,) and enc.2.bias (2,) end to end
+    fused = Match(src=("enc.0.bias", "enc.2.bias"), dst=("bias",), src_shapes=((4,), (2,)),
+                  dst_shapes=((6,),), confidence=1.0, costs=(), src_unit="enc", dst_unit="",
+                  ops=(Op("concat", sizes=(4, 2)),))
+    report = apply_plan(Plan(matches=(fused,), source=read_source(src)), dst6)
+    assert report.loaded == ("bias",)
+    assert report.adapted == (Adapted("bias", "enc.0.bias, enc.2.bias", "concat[4, 2]"),)
+    assert torch.equal(dst6.bias, torch.cat([src.enc[0].bias, src.enc[2].bias]))
+    assert report.unexpected == tuple(k for k in read_source(src).specs
+                                      if k not in ("enc.0.bias", "enc.2.bias"))
+
+
+def test_transposed_match():
+    src, dst = models()
+    t = Match(src=("enc.0.weight",), dst=("fc2.weight",), src_shapes=((4, 3),), dst_shapes=((2, 4),),
+              confidence=1.0, costs=(), src_unit="enc.0", dst_unit="fc2", ops=(Op("transpose"),))
+    before = snapshot(dst)
+    with pytest.raises(PlanError, match=r"turns \[\(4, 3\)\] into \[\(3, 4\)\], not \[\(2, 4\)\]"):
+        apply_plan(Plan(matches=(t,), source=read_source(src)), dst)
+    assert unchanged(dst, before) == []
+    dst34 = nn.Linear(4, 3)
+    ok = Match(src=("enc.0.weight",), dst=("weight",), src_shapes=((4, 3),), dst_shapes=((3, 4),),
+               confidence=1.0, costs=(), src_unit="enc.0", dst_unit="", ops=(Op("transpose"),))
+    report = apply_plan(Plan(matches=(ok,), source=read_source(src)), dst34)
+    assert report.adapted == (Adapted("weight", "enc.0.weight", "transpose"),)
+    assert torch.equal(dst34.weight, src.enc[0].weight.T)
+
+
+def test_multi_tensor_match_with_mismatched_shapes_writes_nothing():
+    """Each tensor of a multi-tensor match is checked before anything is written."""
+    src, dst = models()
+    before = snapshot(dst)
+    # both keys and shapes agree with the models, but enc.2.bias (2,) cannot go into fc1.bias (4,)
+    bad = Match(src=("enc.0.weight", "enc.2.bias"), dst=("fc1.weight", "fc1.bias"),
+                src_shapes=((4, 3), (2,)), dst_shapes=((4, 3), (4,)), confidence=1.0, costs=(),
+                src_unit="enc", dst_unit="fc1")
+    with pytest.raises(PlanError):
+        apply_plan(Plan(matches=(bad,), source=read_source(src)), dst)
+    assert unchanged(dst, before) == []
+
+
+def test_match_with_unequal_key_counts_is_refused():
+    src, dst = models()
+    before = snapshot(dst)
+    bad = Match(src=("enc.0.weight",), dst=("fc1.weight", "fc1.bias"), src_shapes=((4, 3),),
+                dst_shapes=((4, 3), (4,)), confidence=1.0, costs=(), src_unit="enc.0",
+                dst_unit="fc1")
+    with pytest.raises(PlanError):
+        apply_plan(Plan(matches=(bad,), source=read_source(src)), dst)
+    assert unchanged(dst, before) == []
+
+
+def test_meta_destination_is_refused_before_any_write():
+    src, dst = models()
+    dst.fc2 = nn.Linear(4, 2, device="meta")  # fc1 comes first in the plan and is materialised
+    before = snapshot(dst)
+    with pytest.raises(ApplyError, match=r"'fc2\.weight' is on the meta device"):
+        apply_plan(make_plan(src, dst), dst)
+    assert unchanged(dst, before) == []
+    assert not torch.equal(dst.fc1.weight, src.enc[0].weight)
+
+
+# --------------------------------------------------------------------------- bugs
+
+
+def test_writing_through_a_destination_alias_counts_as_loaded():
+    torch.manual_seed(0)
+    src, dst = UntiedSrc(), TiedDst()
+    plan = make_plan(src, dst, [("embed.weight", "head.weight")])
+    report = apply_plan(plan, dst)
+    assert torch.equal(dst.emb.weight, src.embed.weight)  # it was written...
+    assert report.missing == ()  # ...so nothing is missing
+    apply_plan(plan, dst, strict=True)
+
+
+def test_writing_a_tied_tensor_twice_is_refused():
+    torch.manual_seed(0)
+    src, dst = UntiedSrc(), TiedDst()
+    plan = make_plan(src, dst, [("embed.weight", "emb.weight"), ("embed.weight", "head.weight")])
+    with pytest.raises(PlanError, match="written twice"):
+        apply_plan(plan, dst)
+
+
+def test_match_with_more_keys_than_shapes_is_refused():
+    src, dst = models()
+    before = snapshot(dst)
+    # two source keys, one declared shape: the plan file was edited by hand
+    bad = Match(src=("enc.0.bias", "enc.2.bias"), dst=("fc1.bias",), src_shapes=((4,),),
+                dst_shapes=((4,),), confidence=1.0, costs=(), src_unit="enc", dst_unit="fc1")
+    with pytest.raises(PlanError):
+        apply_plan(Plan(matches=(bad,), source=read_source(src)), dst)
+    assert unchanged(dst, before) == []

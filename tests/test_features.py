@@ -1,0 +1,238 @@
+"""Tests for archalign.features: families, name tokens, rank warping through anchors."""
+
+from __future__ import annotations
+
+import pytest
+
+from archalign.features import (
+    UnitFeatures,
+    _signature,
+    _warp,
+    align_sequences,
+    extract_features,
+    infer_family,
+    layer_family,
+    name_tokens,
+)
+from archalign.graph import INPUT, OUTPUT, Unit, chain_graph, ordered_graph
+
+
+def linear(key: str, out: int, inp: int, type_name: str = "Linear") -> Unit:
+    return Unit(key, (f"{key}.weight", f"{key}.bias"), ((out, inp), (out,)), type_name)
+
+
+def warp_values(src: list[Unit], dst: list[Unit]) -> list[float]:
+    warp = _warp(src, dst, {u.key: _signature(u) for u in src}, {u.key: _signature(u) for u in dst})
+    return [warp(i) for i in range(len(src))]
+
+
+# --------------------------------------------------------------------------- families
+
+
+@pytest.mark.parametrize(
+    ("type_name", "family"),
+    [
+        ("Linear", "linear"),
+        ("NonDynamicallyQuantizableLinear", "linear"),
+        ("LazyLinear", "linear"),
+        ("Conv1D", "linear"),  # GPT-2's transposed linear layer
+        ("MultiheadAttention", "linear"),
+        ("QuantLinear", "linear"),
+        ("Parameter", "param"),
+        ("", "unknown"),
+        ("BatchNorm2d", "norm"),
+        ("LayerNorm", "norm"),
+        ("GroupNorm", "norm"),
+        ("LlamaRMSNorm", "norm"),
+        ("Conv1d", "conv"),
+        ("Conv2d", "conv"),
+        ("ConvTranspose2d", "conv"),
+        ("Embedding", "embedding"),
+        ("EmbeddingBag", "embedding"),
+        ("LSTM", "LSTM"),  # anything else is its own family
+        ("PReLU", "PReLU"),
+    ],
+)
+def test_layer_family(type_name, family):
+    assert layer_family(type_name) == family
+
+
+@pytest.mark.parametrize(
+    ("names", "shapes", "family"),
+    [
+        (("weight", "bias", "running_mean", "running_var", "num_batches_tracked"),
+         ((4,), (4,), (4,), (4,), ()), "norm"),
+        (("running_mean", "running_var"), ((4,), (4,)), "norm"),
+        (("weight", "bias"), ((8, 3, 3, 3), (8,)), "conv"),
+        (("weight",), ((8, 3, 3),), "conv"),
+        (("weight", "bias"), ((8, 4), (8,)), "linear"),
+        (("in_proj_weight", "in_proj_bias"), ((12, 4), (12,)), "linear"),
+        (("weight", "bias"), ((4,), (4,)), "norm"),  # 1-d weight: a norm's scale
+        (("bias",), ((4,),), "param"),
+        (("cls_token",), ((1, 4),), "param"),
+    ],
+)
+def test_infer_family(names, shapes, family):
+    unit = Unit("m", tuple(f"m.{n}" for n in names), shapes, "")
+    assert infer_family(unit) == family
+
+
+# --------------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize(
+    ("key", "tokens"),
+    [
+        ("layers.0.ln_1", {"layers", "ln"}),
+        ("blocks.0.qkv", {"blocks", "qkv"}),
+        ("h.0.attn.c_attn", {"h", "attn", "c"}),
+        ("conv1", {"conv"}),
+        ("layer1.0.downsample.1", {"layer", "downsample"}),
+        ("inProj", {"in", "proj"}),
+        ("model/encoder-layer_12", {"model", "encoder", "layer"}),
+        ("FC", {"fc"}),
+        ("0.1", set()),
+        ("", set()),
+    ],
+)
+def test_name_tokens(key, tokens):
+    assert name_tokens(key) == frozenset(tokens)
+
+
+# --------------------------------------------------------------------------- sequence alignment
+
+
+def L(width: int) -> tuple[str, tuple[tuple[int, ...], ...]]:
+    return ("linear", ((width,),))
+
+
+def N(width: int) -> tuple[str, tuple[tuple[int, ...], ...]]:
+    return ("norm", ((width,),))
+
+
+A, B, C, D = L(1), L(2), L(3), L(4)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        ([], [A], []),
+        ([A], [], []),
+        ([A, B, C], [A, B, C], [(0, 0), (1, 1), (2, 2)]),
+        # a deeper destination: the extra blocks at the end of the run are the ones skipped
+        ([A, B, B, C], [A, B, B, B, B, C], [(0, 0), (1, 1), (2, 2), (3, 5)]),
+        ([A, B, B, B, B, C], [A, B, B, C], [(0, 0), (1, 1), (2, 2), (5, 3)]),
+        ([A, B, B, C, D, D], [A, B, B, B, C, D, D, D],
+         [(0, 0), (1, 1), (2, 2), (3, 4), (4, 5), (5, 6)]),
+        ([A, C], [A, B, C], [(0, 0), (1, 2)]),
+        # crossing: only one of the two can be kept
+        ([A, B], [B, A], [(0, 1)]),
+        # same family, other shape: aligned (1.5 is cheaper than two skips of 1)
+        ([A, B, C], [A, D, C], [(0, 0), (1, 1), (2, 2)]),
+        ([A], [B], [(0, 0)]),
+        # other family: never aligned
+        ([A, N(2), C], [A, B, C], [(0, 0), (2, 2)]),
+        ([A], [N(1)], []),
+    ],
+)
+def test_align_sequences(a, b, expected):
+    assert align_sequences(a, b) == expected
+
+
+def test_align_sequences_is_monotone():
+    a = [A, B, C, A, B, C, D]
+    b = [C, A, B, D, A, B, C]
+    pairs = align_sequences(a, b)
+    assert [i for i, _ in pairs] == sorted({i for i, _ in pairs})
+    assert [j for _, j in pairs] == sorted({j for _, j in pairs})
+    # skip a's trailing D and b's leading C; C against D is a same-family substitution
+    assert pairs == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)]
+
+
+def test_warp_identity_for_identical_models():
+    units = [linear("a", 4, 3), linear("b", 4, 4), linear("c", 4, 4), linear("d", 2, 4)]
+    assert warp_values(units, units) == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_warp_of_a_shallow_model_onto_a_deep_one():
+    # two middle blocks against four: they align with the first two, the last block anchors at 5
+    src = [linear("s0", 8, 4), linear("s1", 8, 8), linear("s2", 8, 8), linear("s3", 2, 8)]
+    dst = [linear("d0", 8, 4), *(linear(f"d{i}", 8, 8) for i in range(1, 5)), linear("d5", 2, 8)]
+    assert warp_values(src, dst) == pytest.approx([0.0, 1.0, 2.0, 5.0])
+
+
+def test_warp_interpolates_between_anchors():
+    # s1 has no counterpart (other family): it sits halfway between the anchors 0 -> 0 and 2 -> 4
+    src = [linear("s0", 8, 4), Unit("s1", ("s1.weight",), ((8,),), "LayerNorm"), linear("s2", 2, 8)]
+    dst = [linear("d0", 8, 4), *(linear(f"d{i}", 8, 8) for i in range(1, 4)), linear("d4", 2, 8)]
+    assert warp_values(src, dst) == pytest.approx([0.0, 2.0, 4.0])
+
+
+def test_warp_without_anchors_scales_linearly():
+    # nothing aligns: the map runs from (-1, -1) to (len(src), len(dst))
+    src = [Unit(f"s{i}", (f"s{i}.weight",), ((3,),), "LayerNorm") for i in range(3)]
+    dst = [linear(f"d{i}", 4, 4) for i in range(5)]
+    assert warp_values(src, dst) == pytest.approx([0.5, 2.0, 3.5])
+
+
+def test_warp_keeps_only_one_of_two_crossing_anchors():
+    src = [linear("a", 8, 4), linear("b", 2, 8)]
+    dst = [linear("B", 2, 8), linear("A", 8, 4)]
+    # a -> A (0 -> 1) is kept; b lies between it and the end point (2, 2)
+    assert warp_values(src, dst) == pytest.approx([1.0, 1.5])
+
+
+def test_warp_family_is_part_of_the_signature():
+    # same shapes, different families: a conv never anchors onto a linear
+    src = [Unit("c", ("c.weight",), ((4, 4),), "Conv1d"), linear("x", 2, 4)]
+    dst = [Unit("l", ("l.weight",), ((4, 4),), "Linear"), linear("y", 2, 4)]
+    assert warp_values(src, dst) == pytest.approx([0.0, 1.0])
+    assert _signature(src[0]) == ("conv", ((4, 4),))
+    assert _signature(dst[0]) == ("linear", ((4, 4),))
+
+
+# --------------------------------------------------------------------------- extract_features
+
+
+def test_extract_features_exact():
+    src = [linear("enc.fc1", 8, 4), linear("enc.fc2", 2, 8)]
+    dst = [linear("fc_in", 8, 4), linear("fc_mid", 8, 8), linear("fc_out", 2, 8)]
+    fs, fd = extract_features(chain_graph(src, "fx"), chain_graph(dst, "fx"))
+    assert fs == [
+        UnitFeatures(unit=src[0], family="linear", known_type=True, rank=0, position=0.0,
+                     preds=(INPUT,), succs=("linear[(2,), (2, 8)]",),
+                     tokens=frozenset({"enc", "fc"}), indices=(1,)),
+        UnitFeatures(unit=src[1], family="linear", known_type=True, rank=1, position=2.0,
+                     preds=("linear[(8,), (8, 4)]",), succs=(OUTPUT,),
+                     tokens=frozenset({"enc", "fc"}), indices=(2,)),
+    ]
+    assert [f.position for f in fd] == [0.0, 1.0, 2.0]
+    assert fd[1].preds == ("linear[(8,), (8, 4)]",)
+    assert fd[1].succs == ("linear[(2,), (2, 8)]",)
+    assert fd[1].tokens == frozenset({"fc", "mid"})
+    assert fd[1].signature == ("linear", ((8,), (8, 8)))
+
+
+def test_extract_features_neighbours_are_sorted_signatures():
+    units = [linear("a", 4, 3), linear("b", 4, 4), Unit("p", ("p",), ((4,),), "Parameter"),
+             linear("c", 2, 4)]
+    g = ordered_graph(units, ["a", "b", "p", "c"],
+                      [(INPUT, "a"), ("a", "b"), ("b", "c"), ("p", "c"), (INPUT, "c"),
+                       ("c", OUTPUT)], "fx")
+    _, fd = extract_features(g, g)
+    c = fd[3]
+    assert c.preds == tuple(sorted([INPUT, "linear[(4,), (4, 4)]", "param[(4,)]"]))
+    assert c.succs == (OUTPUT,)
+    assert fd[2].preds == ()
+    assert fd[2].family == "param"
+
+
+def test_extract_features_of_state_dict_units_guess_the_family():
+    units = [Unit("bn", ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"),
+                  ((4,), (4,), (4,), (4,)), ""),
+             Unit("fc", ("fc.weight",), ((2, 4),), ""),
+             Unit("tok", ("tok",), ((1, 4),), "Parameter")]
+    fs, _ = extract_features(chain_graph(units, "state_dict"), chain_graph(units, "state_dict"))
+    assert [(f.family, f.known_type) for f in fs] == [("norm", False), ("linear", False),
+                                                      ("param", True)]
+    assert fs[1].preds == ("norm[(4,), (4,), (4,), (4,)]",)

@@ -1,0 +1,342 @@
+"""Tests for archalign.match: unit matching per shape class, near misses, tensor pairing, confidence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from archalign.cost import CostWeights
+from archalign.features import extract_features
+from archalign.graph import Unit, chain_graph
+from archalign.match import (
+    REGRET_SCALE,
+    TensorPair,
+    UnitMatch,
+    confidence,
+    match_adapted,
+    match_near_misses,
+    match_units,
+    pair_tensors,
+)
+from archalign.ops import Op
+
+W = CostWeights()
+
+
+def linear(key: str, out: int, inp: int, type_name: str = "Linear") -> Unit:
+    return Unit(key, (f"{key}.weight", f"{key}.bias"), ((out, inp), (out,)), type_name)
+
+
+def unit(key: str, names: list[str], shapes: list[tuple[int, ...]], type_name: str = "") -> Unit:
+    return Unit(key, tuple(f"{key}.{n}" for n in names), tuple(shapes), type_name)
+
+
+def features(src: list[Unit], dst: list[Unit], tracer: str = "fx"):
+    return extract_features(chain_graph(src, tracer), chain_graph(dst, tracer))
+
+
+def mapping(matches: list[UnitMatch]) -> list[tuple[str, str]]:
+    out = []
+    for m in matches:
+        assert len(m.src) == len(m.dst) == 1
+        out.append((m.src[0].unit.key, m.dst[0].unit.key))
+    return out
+
+
+# --------------------------------------------------------------------------- confidence
+
+
+@pytest.mark.parametrize(
+    ("structural", "regret", "expected"),
+    [
+        (0.0, 0.0, 0.0),  # a tie: no confidence however good the fit
+        (5.0, 0.0, 0.0),
+        (0.0, math.inf, 1.0),
+        (0.0, REGRET_SCALE, 1 - math.exp(-1)),
+        (0.0, 4 * REGRET_SCALE, 1 - math.exp(-4)),
+        (1.0, math.inf, math.exp(-1)),
+        (0.5, 0.5, math.exp(-0.5) * (1 - math.exp(-2))),
+        (-1.0, math.inf, 1.0),  # negative costs are clamped to 0
+        (0.0, -1.0, 0.0),
+    ],
+)
+def test_confidence_values(structural, regret, expected):
+    assert confidence(structural, regret) == pytest.approx(expected)
+
+
+finite = st.floats(0, 50, allow_nan=False)
+
+
+@given(s1=finite, s2=finite, r1=finite, r2=finite)
+def test_confidence_is_monotone_and_bounded(s1, s2, r1, r2):
+    c = confidence(s1, r1)
+    assert 0.0 <= c <= 1.0
+    lo_s, hi_s = sorted((s1, s2))
+    lo_r, hi_r = sorted((r1, r2))
+    # worse fit, less confidence; bigger margin, more confidence
+    assert confidence(hi_s, r1) <= confidence(lo_s, r1)
+    assert confidence(s1, lo_r) <= confidence(s1, hi_r)
+
+
+def test_confidence_strictly_decreasing_in_structural_cost():
+    values = [confidence(s, 1.0) for s in (0.0, 0.1, 0.5, 1.0, 3.0)]
+    assert values == sorted(values, reverse=True)
+    assert len(set(values)) == len(values)
+
+
+# --------------------------------------------------------------------------- pair_tensors
+
+
+BN_NAMES = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+BN_SHAPES = [(4,), (4,), (4,), (4,), ()]
+
+
+def tp(src: str, dst: str, by_name: bool = True, ops: tuple[Op, ...] = ()) -> TensorPair:
+    return TensorPair(src=(src,), dst=(dst,), ops=ops, by_name=by_name)
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "expected"),
+    [
+        pytest.param(
+            unit("bn", BN_NAMES, BN_SHAPES, "BatchNorm2d"),
+            unit("norm", BN_NAMES, BN_SHAPES, "BatchNorm2d"),
+            [tp(f"bn.{n}", f"norm.{n}") for n in BN_NAMES],
+            id="batchnorm"),
+        pytest.param(
+            unit("bn", BN_NAMES, BN_SHAPES, "BatchNorm2d"),
+            unit("norm", ["gamma", "beta", "moving_mean", "moving_variance", "num_batches_tracked"],
+                 BN_SHAPES),
+            [tp("bn.weight", "norm.gamma"), tp("bn.bias", "norm.beta"),
+             tp("bn.running_mean", "norm.moving_mean"), tp("bn.running_var", "norm.moving_variance"),
+             tp("bn.num_batches_tracked", "norm.num_batches_tracked")],
+            id="batchnorm-synonyms"),
+        pytest.param(
+            unit("bn", BN_NAMES, BN_SHAPES, "BatchNorm2d"),
+            unit("norm", ["running_var", "num_batches_tracked", "bias", "running_mean", "weight"],
+                 [(4,), (), (4,), (4,), (4,)]),
+            [tp("bn.running_var", "norm.running_var"),
+             tp("bn.num_batches_tracked", "norm.num_batches_tracked"),
+             tp("bn.bias", "norm.bias"), tp("bn.running_mean", "norm.running_mean"),
+             tp("bn.weight", "norm.weight")],
+            id="batchnorm-reordered"),
+        pytest.param(
+            unit("attn", ["in_proj_weight", "in_proj_bias"], [(12, 4), (12,)], "MultiheadAttention"),
+            linear("qkv", 12, 4),
+            [tp("attn.in_proj_weight", "qkv.weight"), tp("attn.in_proj_bias", "qkv.bias")],
+            id="mha-in-proj-vs-linear"),
+        pytest.param(
+            unit("ln", ["weight", "bias"], [(4,), (4,)], "LayerNorm"),
+            unit("norm", ["bias", "weight"], [(4,), (4,)], "LayerNorm"),
+            [tp("ln.bias", "norm.bias"), tp("ln.weight", "norm.weight")],
+            id="equal-shapes-by-name"),
+        pytest.param(
+            unit("ln", ["weight", "bias"], [(4,), (4,)], "LayerNorm"),
+            unit("norm", ["g", "b"], [(4,), (4,)]),
+            [tp("ln.weight", "norm.g"), tp("ln.bias", "norm.b")],
+            id="short-synonyms"),
+        pytest.param(
+            unit("x", ["alpha", "delta"], [(4,), (4,)]),
+            unit("y", ["foo", "bar"], [(4,), (4,)]),
+            [tp("x.alpha", "y.foo", False), tp("x.delta", "y.bar", False)],
+            id="equal-shapes-unrelated-names"),
+        pytest.param(
+            unit("x", ["alpha", "delta"], [(4, 2), (4,)]),
+            unit("y", ["foo", "bar"], [(4, 2), (4,)]),
+            [tp("x.alpha", "y.foo"), tp("x.delta", "y.bar")],
+            id="unique-shapes-unrelated-names"),
+        pytest.param(
+            Unit("c", ("c.weight", "c.bias"), ((4, 8), (8,)), "Conv1D", (True, False)),
+            linear("l", 8, 4),
+            [tp("c.weight", "l.weight", ops=(Op("transpose"),)), tp("c.bias", "l.bias")],
+            id="transposed-layout"),
+        pytest.param(
+            unit("x", ["weight"], [(4, 2)]),
+            unit("y", ["weight", "bias"], [(4, 2), (4,)]),
+            None,
+            id="extra-destination-tensor"),
+        pytest.param(
+            unit("x", ["weight", "bias"], [(4, 2), (4,)]),
+            unit("y", ["weight", "bias"], [(5, 2), (5,)]),
+            None,
+            id="no-shape-agrees"),
+        pytest.param(
+            unit("ls", ["gamma"], [(4, 1, 1)]),
+            unit("ls", ["weight"], [(4,)]),
+            None,
+            id="reshape-is-not-exact"),
+    ],
+)
+def test_pair_tensors_exact(src, dst, expected):
+    assert pair_tensors(src, dst) == expected
+
+
+def test_pair_tensors_follow_destination_order():
+    src = unit("s", ["a", "b", "c"], [(1,), (2,), (3,)])
+    dst = unit("d", ["z", "y", "x"], [(3,), (1,), (2,)])
+    assert [(p.src, p.dst) for p in pair_tensors(src, dst)] == [
+        (("s.c",), ("d.z",)), (("s.a",), ("d.y",)), (("s.b",), ("d.x",))]
+
+
+def test_pair_tensors_adapt_allows_a_reshape():
+    src, dst = unit("ls", ["gamma"], [(4, 1, 1)]), unit("ls", ["weight"], [(4,)])
+    assert pair_tensors(src, dst, "adapt") == [
+        tp("ls.gamma", "ls.weight", ops=(Op("reshape", shape=(4,), from_shape=(4, 1, 1)),))]
+
+
+def test_pair_tensors_near_pairs_by_name_across_shapes():
+    src = linear("s", 10, 4)
+    dst = unit("d", ["bias", "weight"], [(5,), (5, 4)], "Linear")
+    assert pair_tensors(src, dst) is None
+    assert pair_tensors(src, dst, "near") == [tp("s.bias", "d.bias"), tp("s.weight", "d.weight")]
+
+
+def test_pair_tensors_near_leaves_extra_tensors_unpaired():
+    src, dst = unit("x", ["weight"], [(4, 2)]), unit("y", ["weight", "bias"], [(4, 2), (4,)])
+    assert pair_tensors(src, dst, "near") == [tp("x.weight", "y.weight")]
+
+
+def test_pair_tensors_near_needs_equal_ranks():
+    src = unit("s", ["weight"], [(4, 4, 1)])
+    dst = unit("d", ["weight"], [(4, 4)])
+    assert pair_tensors(src, dst, "near") == []
+
+
+# --------------------------------------------------------------------------- match_units
+
+
+def test_match_units_identical_chains():
+    src = [linear("a", 8, 4), linear("b", 8, 8), linear("c", 8, 8), linear("d", 2, 8)]
+    fs, fd = features(src, src)
+    matches = match_units(fs, fd, W)
+    assert mapping(matches) == [("a", "a"), ("b", "b"), ("c", "c"), ("d", "d")]
+    assert matches[0].pairs == (tp("a.weight", "a.weight"), tp("a.bias", "a.bias"))
+    for m in matches:
+        assert m.terms["type"] == 0.0
+        assert m.terms["position"] == 0.0
+        assert m.terms["context"] == 0.0
+        assert m.terms["name"] == 0.0
+
+
+def test_match_units_maps_a_shallow_model_onto_the_first_blocks_of_a_deep_one():
+    src = [linear("s0", 8, 4), linear("s1", 8, 8), linear("s2", 8, 8), linear("s3", 2, 8)]
+    dst = [linear("d0", 8, 4), *(linear(f"d{i}", 8, 8) for i in range(1, 5)), linear("d5", 2, 8)]
+    fs, fd = features(src, dst)
+    assert [f.position for f in fs] == [0.0, 1.0, 2.0, 5.0]
+    matches = match_units(fs, fd, W)
+    assert mapping(matches) == [("s0", "d0"), ("s1", "d1"), ("s2", "d2"), ("s3", "d5")]
+
+    # tokens {s} vs {d} never overlap; the indices agree: half the name weight
+    name = W.name * 0.5
+    first = matches[0]
+    assert first.terms == pytest.approx(
+        {"type": 0.0, "position": 0.0, "context": 0.0, "name": name,
+         "regret": 2 * W.unmatched - name})  # alone in its shape class
+    assert first.confidence == pytest.approx(confidence(0.0, 2 * W.unmatched - name))
+
+    second = matches[1]
+    # the runner-up: s1 moves to the free d3, two ranks away, whose producer is not s1's and
+    # whose index differs
+    runner_up = W.position * math.log1p(2) + W.context * 0.5 + W.name
+    # with the gaps placed first instead of last, s1 would sit at d3: structure cannot tell
+    # which two of the four blocks the shallow model kept, and the confidence says so
+    assert second.terms == pytest.approx(
+        {"type": 0.0, "position": 0.0, "context": 0.0, "name": name, "regret": runner_up - name,
+         "spread": 2.0})
+    assert second.confidence == pytest.approx(confidence(0.0, runner_up - name) * math.exp(-2))
+
+
+def test_match_units_never_crosses_shape_classes():
+    fs, fd = features([linear("a", 4, 4)], [linear("b", 4, 3)])
+    assert match_units(fs, fd, W) == []
+
+
+def test_match_units_returns_destination_execution_order():
+    src = [linear("x", 2, 8), linear("y", 8, 4)]
+    dst = [linear("p", 8, 4), linear("q", 2, 8)]
+    fs, fd = features(src, dst)
+    assert mapping(match_units(fs, fd, W)) == [("y", "p"), ("x", "q")]
+
+
+def test_match_units_leaves_pairs_dearer_than_unmatched():
+    fs, fd = features([linear("a", 4, 4)], [linear("b", 4, 4)])
+    # the only cost is the name term (0.1: no common token, equal indices) > 2 * 0.04
+    assert match_units(fs, fd, CostWeights(unmatched=0.04)) == []
+    assert mapping(match_units(fs, fd, CostWeights(unmatched=0.2))) == [("a", "b")]
+
+
+def test_match_units_empty():
+    fs, _ = features([linear("a", 4, 4)], [linear("a", 4, 4)])
+    assert match_units(fs, [], W) == []
+    assert match_units([], fs, W) == []
+
+
+# --------------------------------------------------------------------------- adapted
+
+
+def test_adapted_linear_into_a_1x1_conv():
+    fs, fd = features([linear("fc", 8, 4)],
+                      [Unit("conv", ("conv.weight", "conv.bias"), ((8, 4, 1, 1), (8,)), "Conv2d")])
+    assert match_units(fs, fd, W) == []
+    adapted = match_adapted(fs, fd, W)
+    assert mapping(adapted) == [("fc", "conv")]
+    m = adapted[0]
+    assert m.pairs == (tp("fc.weight", "conv.weight",
+                          ops=(Op("reshape", shape=(8, 4, 1, 1), from_shape=(8, 4)),)),
+                       tp("fc.bias", "conv.bias"))
+    # a linear is not a conv: other_family, plus the price of adapting; the names differ
+    assert m.terms["type"] == pytest.approx(W.other_family)
+    assert m.terms["adapt"] == pytest.approx(W.adapt)
+    total = W.other_family + W.adapt + W.name * 0.5  # "fc" vs "conv": equal (no) indices
+    assert m.terms["regret"] == pytest.approx(2 * W.unmatched - total)
+    assert m.confidence == pytest.approx(confidence(W.other_family + W.adapt, 2 * W.unmatched - total))
+
+
+def test_adapted_needs_equal_element_counts():
+    fs, fd = features([linear("fc", 8, 4)],
+                      [Unit("conv", ("conv.weight", "conv.bias"), ((8, 4, 3, 3), (8,)), "Conv2d")])
+    assert match_adapted(fs, fd, W) == []
+
+
+# --------------------------------------------------------------------------- near misses
+
+
+def test_near_miss_same_family_other_shape():
+    fs, fd = features([linear("fc", 10, 4)], [linear("fc", 5, 4)])
+    assert match_units(fs, fd, W) == []
+    near = match_near_misses(fs, fd, W)
+    assert mapping(near) == [("fc", "fc")]
+    shape = W.shape * 0.5  # one of two dimensions differs
+    assert near[0].terms == pytest.approx({"type": 0.0, "position": 0.0, "context": 0.0, "name": 0.0,
+                                           "shape": shape, "regret": 2 * W.unmatched - shape})
+    assert near[0].confidence == pytest.approx(confidence(shape, 2 * W.unmatched - shape))
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [
+        ([linear("fc", 10, 4)], [Unit("fc", ("fc.weight", "fc.bias"), ((5, 4), (5,)), "Embedding")]),
+        ([linear("fc", 10, 4)], [Unit("fc", ("fc.weight",), ((5, 4),), "Linear")]),
+        ([linear("fc", 10, 4)], [Unit("fc", ("fc.weight", "fc.bias"), ((5, 4, 1), (5,)), "Linear")]),
+    ],
+    ids=["other-family", "other-tensor-count", "other-rank"],
+)
+def test_no_near_miss(src, dst):
+    fs, fd = features(src, dst)
+    assert match_near_misses(fs, fd, W) == []
+
+
+def test_near_miss_with_every_dimension_different():
+    fs, fd = features([linear("fc", 10, 4)], [linear("fc", 5, 3)])
+    near = match_near_misses(fs, fd, W)
+    assert mapping(near) == [("fc", "fc")]
+    assert near[0].terms["shape"] == pytest.approx(W.shape * 1.0)
+
+
+def test_near_miss_empty_sides():
+    fs, fd = features([linear("fc", 10, 4)], [linear("fc", 5, 4)])
+    assert match_near_misses([], fd, W) == []
+    assert match_near_misses(fs, [], W) == []

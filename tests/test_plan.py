@@ -1,0 +1,311 @@
+"""Tests for archalign.plan: value equality, JSON round trips, plan files, the review table."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from archalign.errors import ArchalignError, PlanError
+from archalign.ops import Op
+from archalign.plan import PLAN_VERSION, Match, Mismatch, Plan, format_plan, load_plan
+from archalign.source import read_source
+
+COSTS = (("type", 0.0), ("position", 0.125), ("context", 0.0), ("name", 0.2), ("regret", 2.3))
+
+
+def make_plan(**changes) -> Plan:
+    m1 = Match(src=("enc.0.weight",), dst=("fc1.weight",), src_shapes=((4, 3),),
+               dst_shapes=((4, 3),), confidence=0.9, costs=COSTS, src_unit="enc.0", dst_unit="fc1")
+    m2 = Match(src=("enc.0.bias",), dst=("fc1.bias",), src_shapes=((4,),), dst_shapes=((4,),),
+               confidence=0.45, costs=(("type", 0.0), ("regret", 0.1)), src_unit="enc.0",
+               dst_unit="fc1")
+    mm = Mismatch(src=("enc.2.weight",), dst=("fc2.weight",), src_shapes=((5, 4),),
+                  dst_shapes=((2, 4),), reason="shape mismatch: source (5, 4) vs destination (2, 4)")
+    fields = {
+        "matches": (m1, m2),
+        "mismatches": (mm,),
+        "unmatched_src": ("enc.2.weight", "enc.2.bias"),
+        "unmatched_dst": ("fc2.weight", "fc2.bias"),
+        "tied_src": (("head.weight", "emb.weight"),),
+        "tied_dst": (),
+        "src_tracer": "fx",
+        "dst_tracer": "hooks",
+    }
+    fields.update(changes)
+    return Plan(**fields)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def test_len_and_mapping():
+    plan = make_plan()
+    assert len(plan) == 2
+    assert plan.mapping() == {"fc1.weight": "enc.0.weight", "fc1.bias": "enc.0.bias"}
+    assert plan.matches[0].cost_terms == dict(COSTS)
+
+
+def test_mapping_skips_many_to_one_matches():
+    fused = Match(src=("q", "k"), dst=("qkv",), src_shapes=((2,), (2,)), dst_shapes=((4,),),
+                  confidence=1.0, costs=(), src_unit="attn", dst_unit="attn")
+    plan = make_plan(matches=(make_plan().matches[0], fused))
+    assert plan.mapping() == {"fc1.weight": "enc.0.weight"}
+
+
+def test_equality_is_by_value_and_ignores_the_source():
+    a = make_plan()
+    b = make_plan(source=read_source({"w.weight": torch.zeros(1)}))
+    assert a == b
+    assert hash(a) == hash(b)
+    assert a != make_plan(dst_tracer="fx")
+    assert a != make_plan(unmatched_dst=("fc2.weight",))
+
+
+def test_inverse_swaps_the_sides():
+    plan = make_plan()
+    inv = plan.inverse()
+    assert inv.mapping() == {"enc.0.weight": "fc1.weight", "enc.0.bias": "fc1.bias"}
+    assert inv.matches[0].src_shapes == ((4, 3),) and inv.matches[0].src_unit == "fc1"
+    assert inv.mismatches[0].dst == ("enc.2.weight",)
+    assert (inv.unmatched_src, inv.unmatched_dst) == (plan.unmatched_dst, plan.unmatched_src)
+    assert (inv.tied_src, inv.tied_dst) == (plan.tied_dst, plan.tied_src)
+    assert (inv.src_tracer, inv.dst_tracer) == ("hooks", "fx")
+    assert inv.inverse() == plan
+
+
+def test_inverse_inverts_adaptations():
+    fused = Match(src=("q", "k"), dst=("qkv",), src_shapes=((2, 3), (2, 3)), dst_shapes=((3, 4),),
+                  confidence=0.5, costs=(), src_unit="q+k", dst_unit="qkv",
+                  ops=(Op("concat", sizes=(2, 2)), Op("transpose")))
+    inv = Plan(matches=(fused,)).inverse().matches[0]
+    assert inv.src == ("qkv",) and inv.dst == ("q", "k")
+    assert inv.ops == (Op("transpose"), Op("split", sizes=(2, 2)))
+    assert Plan(matches=(fused,)).inverse().inverse() == Plan(matches=(fused,))
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def test_to_dict_schema():
+    data = make_plan().to_dict()
+    # the schema grows (new optional fields); these are the ones every reader relies on
+    required = ["archalign_plan", "src_tracer", "dst_tracer", "matches", "mismatches",
+                "unmatched_src", "unmatched_dst", "tied_src", "tied_dst"]
+    assert [k for k in data if k in required] == required
+    assert (data["src_tracer"], data["dst_tracer"]) == ("fx", "hooks")
+    assert data["unmatched_src"] == ["enc.2.weight", "enc.2.bias"]
+    assert data["unmatched_dst"] == ["fc2.weight", "fc2.bias"]
+    assert data["archalign_plan"] == PLAN_VERSION == 1
+    assert data["matches"][0] == {
+        "src": ["enc.0.weight"], "dst": ["fc1.weight"], "src_shapes": [[4, 3]],
+        "dst_shapes": [[4, 3]], "confidence": 0.9, "costs": dict(COSTS),
+        "src_unit": "enc.0", "dst_unit": "fc1"}
+    assert data["mismatches"] == [{
+        "src": ["enc.2.weight"], "dst": ["fc2.weight"], "src_shapes": [[5, 4]],
+        "dst_shapes": [[2, 4]], "reason": "shape mismatch: source (5, 4) vs destination (2, 4)"}]
+    assert data["tied_src"] == [["head.weight", "emb.weight"]]
+    assert data["tied_dst"] == []
+    json.dumps(data, allow_nan=False)  # plain JSON
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        make_plan(),
+        Plan(matches=()),
+        make_plan(mismatches=(), tied_src=(), unmatched_src=()),
+        make_plan(matches=(dataclasses.replace(make_plan().matches[0],
+                                               costs=(("regret", math.inf),)),)),
+        make_plan(matches=(Match(src=("s",), dst=("d",), src_shapes=((),), dst_shapes=((),),
+                                 confidence=1.0, costs=(), src_unit="s", dst_unit="d"),)),
+        make_plan(matches=(Match(src=("q", "k"), dst=("qkv",), src_shapes=((2, 3), (2, 3)),
+                                 dst_shapes=((3, 4),), confidence=0.5, costs=(("fused", 0.3),),
+                                 src_unit="q+k", dst_unit="qkv",
+                                 ops=(Op("concat", sizes=(2, 2)), Op("transpose"))),)),
+        make_plan(verification="outputs agree (max abs diff 0)"),
+    ],
+    ids=["full", "empty", "no-extras", "infinite-regret", "scalar", "ops", "verification"],
+)
+def test_json_round_trip(plan):
+    text = plan.to_json()
+    assert text.endswith("\n")
+    again = Plan.from_json(text)
+    assert again == plan
+    assert again.to_json() == text
+    assert Plan.from_dict(plan.to_dict()) == plan
+
+
+def test_round_trip_types_are_tuples():
+    again = Plan.from_json(make_plan().to_json())
+    m = again.matches[0]
+    assert m.src_shapes == ((4, 3),) and isinstance(m.src_shapes[0], tuple)
+    assert isinstance(m.costs, tuple) and m.costs == COSTS
+    assert again.tied_src == (("head.weight", "emb.weight"),)
+    assert again.source is None
+
+
+def test_values_are_stored_to_six_decimals():
+    match = dataclasses.replace(make_plan().matches[0], confidence=1 / 3, costs=(("name", 2 / 3),))
+    data = make_plan(matches=(match,)).to_dict()
+    assert data["matches"][0]["confidence"] == 0.333333
+    assert data["matches"][0]["costs"] == {"name": 0.666667}
+
+
+def test_save_and_load(tmp_path):
+    plan = make_plan()
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    assert load_plan(path) == plan
+    assert load_plan(str(path)) == plan
+    assert path.read_text(encoding="utf-8") == plan.to_json()
+
+
+def test_same_plan_same_bytes(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    make_plan().save(a)
+    copy.deepcopy(make_plan()).save(b)
+    assert a.read_bytes() == b.read_bytes()
+    Plan.from_json(a.read_text()).save(b)
+    assert a.read_bytes() == b.read_bytes()
+
+
+def _valid() -> dict:
+    return make_plan().to_dict()
+
+
+def _with(**changes) -> dict:
+    data = _valid()
+    data.update(changes)
+    return data
+
+
+def _match_with(**changes) -> dict:
+    data = _valid()
+    data["matches"][0].update(changes)
+    return data
+
+
+def _without(key: str) -> dict:
+    data = _valid()
+    del data[key]
+    return data
+
+
+def _match_without(key: str) -> dict:
+    data = _valid()
+    del data["matches"][0][key]
+    return data
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (_with(archalign_plan=2), "schema version 2 is not supported"),
+        (_with(archalign_plan="1"), "schema version '1' is not supported"),
+        (_without("archalign_plan"), "schema version None"),
+        ([], "must be a JSON object, got list"),
+        ("plan", "must be a JSON object, got str"),
+        (_without("matches"), "malformed plan: KeyError"),
+        (_with(matches=None), "malformed plan"),
+        (_with(matches=[1]), "malformed plan"),
+        (_match_without("confidence"), "malformed plan: KeyError"),
+        (_match_without("src_unit"), "malformed plan: KeyError"),
+        (_match_with(src="enc.0.weight"), "expected a list of keys"),
+        (_match_with(dst=[1]), "expected a list of keys"),
+        (_match_with(src_shapes=[["four", 3]]), "malformed plan: ValueError"),
+        (_match_with(src_shapes=[4]), "malformed plan: TypeError"),
+        (_match_with(costs=[["type", 0.0]]), "malformed plan: AttributeError"),
+        (_match_with(confidence="high"), "malformed plan: ValueError"),
+        (_with(mismatches=[{"src": ["a"]}]), "malformed plan: KeyError"),
+        (_with(unmatched_dst="fc2.weight"), "expected a list of keys"),
+        (_with(unmatched_src=None), "malformed plan"),
+        (_with(tied_src=[["a"]]), "malformed plan: ValueError"),
+        (_match_with(ops=[{"op": "rotate"}]), "unknown adaptation 'rotate'"),
+        (_match_with(ops=[{"op": "reshape", "shape": [4], "colour": 1}]), "unknown fields ['colour']"),
+        (_match_with(ops=[{"shape": [4]}]), "malformed plan: KeyError"),
+    ],
+)
+def test_malformed_plans_raise_plan_error(data, message):
+    with pytest.raises(PlanError) as info:
+        Plan.from_dict(data)
+    assert message in str(info.value)
+    if isinstance(data, dict):
+        with pytest.raises(PlanError):
+            Plan.from_json(json.dumps(data))
+
+
+@pytest.mark.parametrize("text", ["", "{", "not json", "[1, 2"])
+def test_from_json_rejects_non_json(text):
+    with pytest.raises(PlanError, match="must be JSON"):
+        Plan.from_json(text)
+
+
+def test_load_plan_rejects_a_wrong_version_file(tmp_path):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(_with(archalign_plan=0)), encoding="utf-8")
+    with pytest.raises(PlanError, match="version 0"):
+        load_plan(path)
+
+
+def test_plan_error_hierarchy():
+    assert issubclass(PlanError, ArchalignError)
+    assert issubclass(PlanError, ValueError)
+
+
+def test_optional_fields_default():
+    data = {"archalign_plan": 1, "matches": []}
+    assert Plan.from_dict(data) == Plan(matches=())
+
+
+# --------------------------------------------------------------------------- the review table
+
+
+EXPECTED_TABLE = """\
+Plan: 2 matches (0 adapted), 1 shape mismatches, 2 destination keys unmatched (tracers: source fx, \
+destination hooks)
+conf  destination  source        shape  adaptation
+0.45  fc1.bias     enc.0.bias    (4)
+0.90  fc1.weight   enc.0.weight  (4,3)
+not loaded: fc2.weight <- enc.2.weight: shape mismatch: source (5, 4) vs destination (2, 4)
+unmatched destination keys (1): fc2.bias
+unused source keys (1): enc.2.bias"""
+
+
+def test_str_is_the_review_table_lowest_confidence_first():
+    assert str(make_plan()) == EXPECTED_TABLE
+
+
+def test_str_sorts_by_confidence_then_destination():
+    base = make_plan().matches[0]
+    matches = tuple(dataclasses.replace(base, dst=(d,), confidence=c)
+                    for d, c in [("b", 0.7), ("z", 0.1), ("a", 0.7), ("m", 1.0)])
+    lines = str(make_plan(matches=matches, mismatches=())).splitlines()[2:6]
+    assert [line.split()[:2] for line in lines] == [
+        ["0.10", "z"], ["0.70", "a"], ["0.70", "b"], ["1.00", "m"]]
+
+
+def test_format_plan_limit():
+    text = format_plan(make_plan(), limit=1)
+    lines = text.splitlines()
+    assert lines[2].rstrip() == "0.45  fc1.bias     enc.0.bias  (4)"
+    assert lines[3] == "... 1 more"
+    assert "fc1.weight   enc.0.weight" not in text
+
+
+def test_str_of_an_empty_plan():
+    assert str(Plan(matches=())) == (
+        "Plan: 0 matches (0 adapted), 0 shape mismatches, 0 destination keys unmatched "
+        "(tracers: source , destination )\nconf  destination  source  shape  adaptation")
+
+
+def test_str_shows_adaptations():
+    base = make_plan().matches[0]
+    adapted = dataclasses.replace(base, src_shapes=((3, 4),), ops=(Op("transpose"),))
+    text = str(make_plan(matches=(adapted,), mismatches=()))
+    assert text.splitlines()[0].startswith("Plan: 1 matches (1 adapted), 0 shape mismatches")
+    assert text.splitlines()[2] == "0.90  fc1.weight   enc.0.weight  (4,3)  transpose"

@@ -1,0 +1,349 @@
+"""Tests for archalign.source: reading modules, state_dicts and checkpoint files."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from archalign.errors import ArchalignError, SourceError
+from archalign.source import TensorSource, TensorSpec, read_source
+
+# --------------------------------------------------------------------------- tiny models
+
+
+class Tied(nn.Module):
+    """An embedding and an output head sharing one Parameter (GPT-2 style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+
+class Leaf(nn.Module):
+    """A custom module without children: its direct tensors form one layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+        self.register_buffer("shift", torch.zeros(3))
+
+
+class Container(nn.Module):
+    """A custom module with a bare Parameter *and* children: not a layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 4))
+        self.fc = nn.Linear(4, 4)
+        self.leaf = Leaf()
+
+
+class WithBuffers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+        self.register_buffer("scratch", torch.zeros(2), persistent=False)
+        self.fc = nn.Linear(3, 2, bias=False)
+
+
+def small_state_dict() -> OrderedDict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).state_dict()
+
+
+def spec(key: str, shape: tuple[int, ...], dtype: str = "torch.float32") -> TensorSpec:
+    return TensorSpec(key=key, shape=shape, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def test_read_module_specs_types_and_owners():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.BatchNorm1d(4))
+    source = read_source(model)
+    assert isinstance(source, TensorSource)
+    assert source.specs == {
+        "0.weight": spec("0.weight", (4, 3)),
+        "0.bias": spec("0.bias", (4,)),
+        "2.weight": spec("2.weight", (4,)),
+        "2.bias": spec("2.bias", (4,)),
+        "2.running_mean": spec("2.running_mean", (4,)),
+        "2.running_var": spec("2.running_var", (4,)),
+        "2.num_batches_tracked": spec("2.num_batches_tracked", (), "torch.int64"),
+    }
+    assert list(source.specs) == list(model.state_dict())  # state_dict order
+    assert source.aliases == {}
+    assert source.module_types == {"": "Sequential", "0": "Linear", "1": "ReLU", "2": "BatchNorm1d"}
+    assert source.layer_owners == frozenset({"0", "2"})
+    assert source.module is model
+    assert source.description == "source module Sequential"
+    assert len(source) == 7
+
+
+def test_read_module_role_in_description():
+    source = read_source(nn.Linear(2, 2), role="destination")
+    assert source.description == "destination module Linear"
+    # the root module itself is a layer
+    assert source.layer_owners == frozenset({""})
+
+
+def test_read_module_get_returns_the_live_parameter():
+    model = nn.Linear(2, 3)
+    source = read_source(model)
+    assert source.get("weight") is model.weight
+    assert source.get("bias") is model.bias
+
+
+def test_non_persistent_buffers_are_not_read():
+    source = read_source(WithBuffers())
+    assert list(source.specs) == [
+        "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "bn.num_batches_tracked",
+        "fc.weight",
+    ]
+    assert source.layer_owners == frozenset({"bn", "fc"})
+
+
+def test_dtype_is_recorded_as_string():
+    model = nn.Linear(2, 2).to(torch.float64)
+    source = read_source(model)
+    assert source.specs["weight"].dtype == "torch.float64"
+
+
+# --------------------------------------------------------------------------- tied weights
+
+
+def test_tied_module_gives_one_spec_and_an_alias():
+    model = Tied()
+    source = read_source(model)
+    assert source.specs == {"emb.weight": spec("emb.weight", (10, 4))}
+    assert source.aliases == {"head.weight": "emb.weight"}
+    assert len(source) == 1
+    # the alias reads the primary tensor
+    assert source.get("head.weight") is source.get("emb.weight")
+    assert source.get("head.weight") is model.emb.weight
+    # only owners of primary tensors can be layers
+    assert source.layer_owners == frozenset({"emb"})
+    assert source.module_types["head"] == "Linear"
+
+
+def test_tied_state_dict_gives_an_alias_by_storage():
+    source = read_source(Tied().state_dict())
+    assert list(source.specs) == ["emb.weight"]
+    assert source.aliases == {"head.weight": "emb.weight"}
+
+
+def test_equal_but_separate_tensors_are_not_tied():
+    t = torch.ones(3)
+    source = read_source({"a.weight": t, "b.weight": t.clone()})
+    assert list(source.specs) == ["a.weight", "b.weight"]
+    assert source.aliases == {}
+
+
+def test_views_of_one_storage_are_not_tied():
+    base = torch.arange(6.0)
+    source = read_source({"a.weight": base[:3], "b.weight": base[3:]})
+    assert source.aliases == {}
+    assert list(source.specs) == ["a.weight", "b.weight"]
+
+
+def test_tied_pt_file_keeps_the_alias(tmp_path):
+    path = tmp_path / "tied.pt"
+    torch.save(Tied().state_dict(), path)
+    source = read_source(path)
+    assert list(source.specs) == ["emb.weight"]
+    assert source.aliases == {"head.weight": "emb.weight"}
+
+
+# --------------------------------------------------------------------------- layer owners
+
+
+def test_layer_owners_of_a_container_with_a_bare_parameter():
+    source = read_source(Container())
+    assert list(source.specs) == ["cls_token", "fc.weight", "fc.bias", "leaf.scale", "leaf.shift"]
+    # Linear is a torch.nn layer; Leaf has tensors and no children; the root holds
+    # cls_token but also children, so it is not a layer.
+    assert source.layer_owners == frozenset({"fc", "leaf"})
+    assert "" not in source.layer_owners
+
+
+def test_torch_nn_module_with_children_is_still_a_layer():
+    model = nn.Sequential(nn.MultiheadAttention(4, 2))
+    source = read_source(model)
+    assert source.layer_owners == frozenset({"0", "0.out_proj"})
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        (["fc.weight", "fc.bias"], {"fc"}),
+        (["fc.weight"], {"fc"}),
+        (["bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "bn.num_batches_tracked"],
+         {"bn"}),
+        (["attn.in_proj_weight", "attn.in_proj_bias"], {"attn"}),
+        (["x.bias"], set()),  # a bias without a weight is no layer
+        (["blk.scale", "blk.weight"], set()),  # "scale" is neither weight, bias nor a statistic
+        (["cls_token", "weight"], set()),  # root owner with a free tensor
+        (["weight", "bias"], {""}),  # a bare layer's own state_dict
+        (["a.b.weight", "a.c"], {"a.b"}),
+    ],
+)
+def test_state_dict_layer_owners_are_guessed_from_names(keys, expected):
+    state = {k: torch.zeros(2, 2) if k.endswith("weight") else torch.zeros(2) for k in keys}
+    source = read_source(state)
+    assert source.layer_owners == frozenset(expected)
+    assert source.module_types == {}
+    assert source.module is None
+
+
+# --------------------------------------------------------------------------- state dicts & files
+
+
+def test_read_state_dict():
+    state = small_state_dict()
+    source = read_source(state)
+    assert source.specs == {
+        "0.weight": spec("0.weight", (4, 3)),
+        "0.bias": spec("0.bias", (4,)),
+        "2.weight": spec("2.weight", (2, 4)),
+        "2.bias": spec("2.bias", (2,)),
+    }
+    assert source.description == "source state_dict"
+    assert source.layer_owners == frozenset({"0", "2"})
+    assert torch.equal(source.get("2.bias"), state["2.bias"])
+
+
+def test_read_safetensors_file(tmp_path):
+    state = small_state_dict()
+    path = tmp_path / "w.safetensors"
+    save_file(dict(state), str(path))
+    source = read_source(path)
+    assert source.description == "source file w.safetensors"
+    # a .safetensors file stores its keys sorted: the order says nothing about the structure
+    assert sorted(source.specs) == sorted(state)
+    assert source.ordered is False
+    assert {k: s.shape for k, s in source.specs.items()} == {k: tuple(v.shape) for k, v in state.items()}
+    for key, tensor in state.items():
+        assert torch.equal(source.get(key), tensor)
+    assert source.module is None
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".ckpt"])
+def test_read_pickle_file(tmp_path, suffix):
+    state = small_state_dict()
+    path = tmp_path / f"w{suffix}"
+    torch.save(state, path)
+    source = read_source(str(path), role="destination")
+    assert source.description == f"destination file w{suffix}"
+    assert list(source.specs) == list(state)
+    for key, tensor in state.items():
+        assert torch.equal(source.get(key), tensor)
+
+
+@pytest.mark.parametrize(
+    ("keys", "ordered"),
+    [
+        (["b.weight", "a.weight", "c.weight", "d.weight", "e.weight"], True),
+        (["a.weight", "b.weight", "c.weight", "d.weight", "e.weight"], False),  # sorted: no structure
+        (["a.weight", "b.weight", "c.weight", "d.weight"], True),  # too few keys to tell
+        (["fc.weight", "fc.bias"], True),
+    ],
+)
+def test_state_dict_ordered_flag(keys, ordered):
+    source = read_source({k: torch.zeros(2, 2) for k in keys})
+    assert source.ordered is ordered
+    assert list(source.specs) == keys
+
+
+def test_modules_and_pickle_files_are_ordered(tmp_path):
+    assert read_source(nn.Linear(2, 2)).ordered is True
+    path = tmp_path / "w.pt"
+    torch.save(small_state_dict(), path)
+    assert read_source(path).ordered is True
+
+
+def test_read_training_checkpoint_unwraps_state_dict(tmp_path):
+    state = small_state_dict()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": state, "epoch": 3}, path)
+    source = read_source(path)
+    assert list(source.specs) == list(state)
+
+
+def _write_garbage(path):
+    path.write_bytes(b"this is not a checkpoint")
+    return path
+
+
+def _write_tensor(path):
+    torch.save(torch.zeros(3), path)
+    return path
+
+
+def _write_module(path):
+    torch.save(nn.Linear(2, 2), path)  # a pickled module: weights_only refuses it
+    return path
+
+
+def _write_npz(path):
+    path.write_bytes(b"")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "writer", "message"),
+    [
+        ("missing.pt", None, "does not exist"),
+        ("w.npz", _write_npz, "unknown suffix '.npz'"),
+        ("w.safetensors", _write_garbage, "cannot read the source file"),
+        ("w.pt", _write_garbage, "torch.load(weights_only=True)"),
+        ("w.pt", _write_module, "never unpickles code"),
+        ("w.pt", _write_tensor, "holds a Tensor, not a state_dict"),
+    ],
+)
+def test_bad_files_raise_source_error(tmp_path, name, writer, message):
+    path = tmp_path / name
+    if writer is not None:
+        writer(path)
+    with pytest.raises(SourceError) as info:
+        read_source(path)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("obj", "message"),
+    [
+        (42, "the source is a int"),
+        ([torch.zeros(2)], "the source is a list"),
+        (torch.zeros(2), "the source is a Tensor"),
+        (nn.ReLU(), "has no parameters or buffers"),
+        (nn.Sequential(), "has no parameters or buffers"),
+        ({}, "is empty"),
+        ({"a": 1, "b.weight": torch.zeros(1)}, "'a' (int)"),
+        ({"a": torch.zeros(1), 1: torch.zeros(1)}, "keys that are not strings"),
+        ({"model": {"w": torch.zeros(1)}}, "ckpt['state_dict']"),
+    ],
+)
+def test_unreadable_objects_raise_source_error(obj, message):
+    with pytest.raises(SourceError) as info:
+        read_source(obj)
+    assert message in str(info.value)
+
+
+def test_source_error_role_and_hierarchy():
+    with pytest.raises(SourceError, match="the destination is a bytes"):
+        read_source(b"w.pt", role="destination")  # bytes are not a path
+    assert issubclass(SourceError, ArchalignError)
+    assert issubclass(SourceError, TypeError)
+
+
+def test_get_unknown_key_raises_key_error():
+    source = read_source(nn.Linear(2, 2))
+    with pytest.raises(KeyError, match="source module Linear holds no tensor 'nope'"):
+        source.get("nope")
