@@ -2,7 +2,7 @@
 
 from .apply import apply_plan
 from .cost import CostWeights
-from .errors import AlignError, ApplyError, ArchalignError, PlanError, SourceError
+from .errors import AlignError, ApplyError, ArchalignError, PlanError, SourceError, UsageError
 from .hints import Hints
 from .pipeline import align, align_and_load
 from .plan import Match, Mismatch, Plan, load_plan
@@ -23,6 +23,7 @@ __all__ = [
     "PlanError",
     "Skipped",
     "SourceError",
+    "UsageError",
     "Verification",
     "align",
     "align_and_load",

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ApplyError, PlanError, SourceError
+from .errors import ApplyError, PlanError, SourceError, UsageError
 from .ops import apply_ops, infer_shapes
 from .plan import Match, Mismatch, Plan
 from .policies import choose_policy, resize
@@ -69,7 +69,7 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
     if not isinstance(dst, nn.Module):
         raise SourceError(f"the destination must be an nn.Module, got {type(dst).__name__}")
     if not 0.0 <= min_confidence <= 1.0:
-        raise ValueError(f"min_confidence must lie in [0, 1], got {min_confidence}")
+        raise UsageError(f"min_confidence must lie in [0, 1], got {min_confidence}")
     source = read_source(src, role="source") if src is not None else plan.source
     if source is None:
         raise PlanError("this plan does not carry its source (it was loaded from a file): "
@@ -88,7 +88,11 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
     by_policy: list[tuple[Mismatch, str]] = []
     for mm in plan.mismatches:
         policy = choose_policy(shape_policy, mm.dst[0])
-        if policy is None:
+        if policy is not None and mm.confidence < min_confidence:
+            skipped.extend(Skipped(d, ", ".join(mm.src), f"{mm.reason}; and its confidence "
+                                   f"{mm.confidence:.2f} < min_confidence {min_confidence:.2f}")
+                           for d in mm.dst)
+        elif policy is None:
             skipped.extend(Skipped(d, ", ".join(mm.src), mm.reason) for d in mm.dst)
         else:
             by_policy.append((mm, policy))
@@ -214,6 +218,11 @@ def _check_plan(plan: Plan, source: TensorSource, target: TensorSource) -> None:
             problems.append(f"match {', '.join(match.src)} -> {', '.join(match.dst)}: {ops} "
                             f"turns {list(match.src_shapes)} into {produced}, "
                             f"not {list(match.dst_shapes)}")
+    for mm in plan.mismatches:
+        for key, shape in zip(mm.dst, mm.dst_shapes):
+            _check_key(key, shape, target, "destination", problems)
+        for key, shape in zip(mm.src, mm.src_shapes):
+            _check_key(key, shape, source, "source", problems)
     dst_keys = [target.aliases.get(d, d) for m in plan.matches for d in m.dst]
     dups = sorted({k for k in dst_keys if dst_keys.count(k) > 1})
     if dups:

@@ -33,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if "" not in sys.path:  # factories from local modules, as with `python -m archalign`
+        sys.path.insert(0, "")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)

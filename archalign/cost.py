@@ -46,6 +46,8 @@ class CostWeights:
     adapt: float = 0.3  # a match that needs a reshape, or a transpose only the shapes suggest
     fused: float = 0.3  # a fused tensor matched to a group of separate ones (concat / split)
     unmatched: float = 1.25  # cost of leaving one unit unmatched (per side)
+    order_in_fit: bool = True  # position and context count against a match's fit (False when the
+    # order is no evidence: a .safetensors file stores its keys sorted)
 
 
 class CostMatrices(NamedTuple):
@@ -59,8 +61,11 @@ class CostMatrices(NamedTuple):
     def total(self) -> np.ndarray:
         return self.type + self.position + self.context + self.name
 
-    def structural(self) -> np.ndarray:
-        """The terms a confidence may rest on: everything but names."""
+    def structural(self, order: bool = True) -> np.ndarray:
+        """The terms a confidence may rest on: everything but names (and, with ``order=False``,
+        but position and context, when the order they come from carries no structure)."""
+        if not order:
+            return self.type.copy()
         return self.type + self.position + self.context
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["AlignError", "ApplyError", "ArchalignError", "PlanError", "SourceError"]
+__all__ = ["AlignError", "ApplyError", "ArchalignError", "PlanError", "SourceError", "UsageError"]
 
 
 class ArchalignError(Exception):
@@ -23,3 +23,7 @@ class PlanError(ArchalignError, ValueError):
 
 class ApplyError(ArchalignError):
     """Applying a plan was refused (``strict`` and something stayed unloaded, or a copy failed)."""
+
+
+class UsageError(ArchalignError, ValueError):
+    """An argument is out of its range (e.g. ``min_confidence`` outside [0, 1])."""

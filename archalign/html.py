@@ -18,8 +18,9 @@ Row order
 Destination rows follow ``plan.matches`` (destination execution order); source rows follow the
 first appearance of their unit in ``plan.matches``. A plan does not record where its unmatched keys
 sit in that order, so each is placed among the rows of its side by name: with the row of its own
-module when there is one, otherwise after the rows sharing the longest dotted prefix with it, in
-natural order among them (``features.4`` between ``features.3`` and ``features.5``).
+module when there is one, otherwise next to the matched rows sharing the longest dotted prefix
+with it, in natural order among them (``features.4`` between ``features.3`` and ``features.5``,
+``fc1`` before ``fc2``), and at the end when no name is related. Unmatched keys keep their order.
 """
 
 from __future__ import annotations
@@ -84,19 +85,28 @@ def save_html(plan: Plan, path: str | os.PathLike[str], *, title: str = "archali
 
 
 class _Column:
-    """The rows of one side: units in order, each with its tensors."""
+    """The rows of one side: units in order, each with its tensors.
+
+    Matched units (`add_unit`, called first) are the landmarks, in the order given. Unmatched keys
+    (`add_loose`) join the row of their module, or get a row in a gap between two landmarks,
+    after the rows already put in that gap.
+    """
 
     def __init__(self) -> None:
-        self.rows: list[dict[str, Any]] = []
+        self._anchors: list[dict[str, Any]] = []
+        self._gaps: dict[int, list[dict[str, Any]]] = {}  # gap g: just before landmark g
         self._by_unit: dict[str, dict[str, Any]] = {}
         self._by_member: dict[str, dict[str, Any]] = {}  # a member of a "a+b" group -> its row
         self._row_of_key: dict[str, dict[str, Any]] = {}
+        self._index: _Landmarks | None = None
 
     def add_unit(self, unit: str, keys: Sequence[str], shapes: Sequence[Shape]) -> dict[str, Any]:
-        """Add matched tensors to the row of ``unit``, creating it at the end."""
+        """Add matched tensors to the row of ``unit``, creating it after the others."""
         row = self._by_unit.get(unit)
         if row is None:
-            row = self._new_row(unit, len(self.rows))
+            row = self._new_row(unit)
+            self._anchors.append(row)
+            self._index = None
         for key, shape in zip(keys, shapes):
             self._add_tensor(row, key, shape, "matched")
         return row
@@ -112,27 +122,36 @@ class _Column:
                         tensor["shape"] = list(shape)
             return row
         unit = _owner(key)
-        row = self._by_unit.get(unit) or self._by_member.get(unit)
-        if row is None:
-            row = self._new_row(unit, self._place(unit))
+        found = self._by_unit.get(unit) or self._by_member.get(unit)
+        if found is not None:
+            row = found
+        else:
+            if self._index is None:
+                self._index = _Landmarks([r["unit"] for r in self._anchors])
+            row = self._new_row(unit)
+            self._gaps.setdefault(self._index.gap(unit), []).append(row)
         self._add_tensor(row, key, shape, state)
         return row
 
     def finish(self) -> list[dict[str, Any]]:
-        """The rows, numbered, each with its state: "matched", "partial" or "unmatched"."""
-        for i, row in enumerate(self.rows):
+        """The rows in order, numbered, each with its state: "matched", "partial" or "unmatched"."""
+        rows: list[dict[str, Any]] = []
+        for g in range(len(self._anchors) + 1):
+            rows.extend(self._gaps.get(g, ()))
+            if g < len(self._anchors):
+                rows.append(self._anchors[g])
+        for i, row in enumerate(rows):
             row["index"] = i
             states = {t["state"] for t in row["tensors"]}
             row["state"] = ("matched" if states == {"matched"} else
                             "partial" if "matched" in states else "unmatched")
-        return self.rows
+        return rows
 
     def row_of(self, key: str) -> dict[str, Any]:
         return self._row_of_key[key]
 
-    def _new_row(self, unit: str, at: int) -> dict[str, Any]:
-        row: dict[str, Any] = {"unit": unit, "tensors": []}
-        self.rows.insert(at, row)
+    def _new_row(self, unit: str) -> dict[str, Any]:
+        row: dict[str, Any] = {"unit": unit, "title": _title(unit), "tensors": []}
         self._by_unit[unit] = row
         for member in unit.split("+"):
             self._by_member.setdefault(member, row)
@@ -145,18 +164,53 @@ class _Column:
         row["tensors"].append({"key": key, "label": _label(key, row["unit"]),
                                "shape": None if shape is None else list(shape), "state": state})
 
-    def _place(self, unit: str) -> int:
-        """Where a new row for ``unit`` goes: after its closest relatives by name."""
-        if not self.rows:
-            return 0
-        parts = unit.split(".")
-        common = [max(_common_prefix(parts, m.split(".")) for m in row["unit"].split("+"))
-                  for row in self.rows]
-        best = max(common)
-        kin = [i for i, c in enumerate(common) if c == best]
+
+class _Landmarks:
+    """Where an unmatched unit goes among the matched ones, judged by name.
+
+    Its relatives are the matched units sharing the longest dotted prefix with it (found in a trie
+    of their paths); it goes after the last relative that sorts before it in natural order, or
+    just before the first relative. Without a shared prefix only siblings count (``fc1`` for
+    ``fc2``: the same name up to the first digit); with none, it goes at the end.
+    """
+
+    def __init__(self, units: Sequence[str]) -> None:
+        self.count = len(units)
+        self.trie: dict[str, Any] = {}  # part -> (child trie, landmark numbers under it)
+        self.stems: dict[str, list[int]] = {}
+        self.natural: list[tuple[tuple[int, int, str], ...]] = []
+        for n, unit in enumerate(units):
+            members = unit.split("+")
+            self.natural.append(min(_natural(m) for m in members))
+            for member in members:
+                stem = self.stems.setdefault(_stem(member), [])
+                if not stem or stem[-1] != n:
+                    stem.append(n)
+                node = self.trie
+                for part in member.split("."):
+                    child, under = node.setdefault(part, ({}, []))
+                    if not under or under[-1] != n:
+                        under.append(n)
+                    node = child
+
+    def gap(self, unit: str) -> int:
+        """The gap (0: before the first landmark, ``count``: after the last) for ``unit``."""
+        kin: list[int] = []
+        node = self.trie
+        for part in unit.split("."):
+            if part not in node:
+                break
+            node, kin = node[part]
+        if not kin:
+            stem = _stem(unit)
+            kin = self.stems.get(stem, []) if stem else []
+            if not kin:
+                return self.count
         mine = _natural(unit)
-        before = [i for i in kin if min(_natural(m) for m in self.rows[i]["unit"].split("+")) <= mine]
-        return before[-1] + 1 if before else kin[0]
+        for n in reversed(kin):
+            if self.natural[n] <= mine:
+                return n + 1
+        return kin[0]
 
 
 def _report_data(plan: Plan, title: str) -> dict[str, Any]:
@@ -216,8 +270,6 @@ def _report_data(plan: Plan, title: str) -> dict[str, Any]:
         "mismatches": len(plan.mismatches),
         "unmatched_src": len(plan.unmatched_src),
         "unmatched_dst": len(plan.unmatched_dst),
-        "unused_src": sum(k not in mismatched_src for k in plan.unmatched_src),
-        "lonely_dst": sum(k not in mismatched_dst for k in plan.unmatched_dst),
         "src_tracer": plan.src_tracer,
         "dst_tracer": plan.dst_tracer,
         "verification": plan.verification,
@@ -256,11 +308,36 @@ def _owner(key: str) -> str:
 
 
 def _label(key: str, unit: str) -> str:
-    """The tensor's name within its row: the key without the unit's path."""
-    for member in unit.split("+"):
-        if key.startswith(member + ".") and len(key) > len(member) + 1:
-            return key[len(member) + 1:] if "+" not in unit else key
+    """The tensor's name within its row: the key without the unit's path (or the group's prefix)."""
+    members = unit.split("+")
+    if len(members) > 1:
+        prefix = _group_prefix(members)
+        return key[len(prefix):] if prefix and key.startswith(prefix) and key != prefix else key
+    if key.startswith(unit + ".") and len(key) > len(unit) + 1:
+        return key[len(unit) + 1:]
     return key.rsplit(".", 1)[-1] if key == unit and "." in key else key
+
+
+def _title(unit: str) -> str:
+    """A row's heading: the unit, a group ``a.x+a.y`` written ``a.{x + y}``."""
+    members = unit.split("+")
+    prefix = _group_prefix(members) if len(members) > 1 else ""
+    if not prefix:
+        return unit
+    return prefix + "{" + " + ".join(m[len(prefix):] for m in members) + "}"
+
+
+def _group_prefix(members: Sequence[str]) -> str:
+    """The dotted path shared by all members of a group, with its trailing dot ("" if none)."""
+    parts = [m.split(".") for m in members]
+    n = min(_common_prefix(parts[0], p) for p in parts[1:])
+    n = min(n, *(len(p) - 1 for p in parts))  # leave every member a name of its own
+    return ".".join(parts[0][:n]) + "." if n > 0 else ""
+
+
+def _stem(unit: str) -> str:
+    """A path's first component up to its first digit: ``fc`` for ``fc1.x`` and ``fc1b``."""
+    return re.sub(r"\d.*", "", unit.split(".", 1)[0])
 
 
 def _common_prefix(a: Sequence[str], b: Sequence[str]) -> int:
@@ -365,13 +442,12 @@ details.tied li { font-family: var(--mono); }
 .board { position: relative; padding-bottom: 40px; }
 .col { min-width: 0; position: relative; z-index: 2; }
 .row { background: var(--card); border: 1px solid var(--line); border-radius: 6px; padding: 4px 9px;
-       margin: 6px 0; transition: opacity .15s; }
+       margin: 6px 0; }
 #src .row { border-right: 4px solid var(--c, var(--line)); }
 #dst .row { border-left: 4px solid var(--c, var(--line)); }
 .unit { font: 600 12.5px var(--mono); word-break: break-all; }
 .tensors { font: 11.5px var(--mono); color: var(--muted); word-break: break-all; }
-.tensor { white-space: nowrap; }
-.tensor + .tensor::before { content: "  \00b7  "; color: #aab2bb; white-space: pre; }
+.tensor { white-space: nowrap; display: inline-block; margin-right: 16px; }
 .tensor .shape { color: #8c959f; }
 .tensor.unmatched, .tensor.mismatch { color: var(--red); font-weight: 600; }
 .tensor.mismatch { color: var(--miss); }
@@ -388,7 +464,7 @@ details.tied li { font-family: var(--mono); }
 .row.focus { box-shadow: 0 0 0 2px #0969da; }
 svg#wires { position: absolute; left: 0; top: 0; width: 100%; height: 100%; overflow: visible;
             pointer-events: none; z-index: 1; }
-svg#wires .link { fill: none; stroke-width: 2.2; opacity: .9; transition: opacity .15s; }
+svg#wires .link { fill: none; stroke-width: 2.2; opacity: .9; }
 svg#wires .link.mismatch { stroke-dasharray: 7 5; stroke: var(--miss); }
 svg#wires .grab { fill: none; stroke: transparent; stroke-width: 12; pointer-events: stroke;
                   cursor: pointer; }
@@ -398,19 +474,27 @@ svg#wires .label.mismatch text { fill: var(--miss); }
 svg#wires .faded { opacity: .07; }
 svg#wires .hidden { display: none; }
 svg#wires .link.hot { stroke-width: 4; opacity: 1; }
-.board.focusing svg#wires .link:not(.hot), .board.focusing svg#wires .label:not(.hot) { opacity: .12; }
-#tip { position: fixed; z-index: 10; max-width: 640px; background: #fff; border: 1px solid var(--line);
+.board.focusing svg#wires .link:not(.hot), .board.focusing svg#wires .label:not(.hot) { opacity: .35; }
+#tip { position: fixed; z-index: 10; max-width: 600px; background: #fff; border: 1px solid var(--line);
        border-radius: 8px; box-shadow: 0 8px 24px rgba(31,35,40,.18); padding: 10px 12px;
        font-size: 12.5px; display: none; }
 #tip.pinned { border-color: #0969da; }
-#tip h3 { margin: 0 0 6px; font-size: 13px; font-family: var(--mono); word-break: break-all;
+#tip h3 { margin: 0 0 6px; font-size: 13px; font-family: var(--mono); overflow-wrap: anywhere;
           font-weight: 600; }
 #tip .conf { font-weight: 700; }
-#tip table { border-collapse: collapse; margin-top: 6px; width: 100%; }
-#tip td, #tip th { padding: 1px 8px 1px 0; text-align: left; vertical-align: top;
-                   font-family: var(--mono); font-size: 11.5px; word-break: break-all; }
-#tip th { font-family: var(--sans); color: var(--muted); font-weight: 600; }
-#tip .reason { color: var(--miss); font-weight: 600; margin: 4px 0; }
+#tip .items { margin-top: 6px; max-height: 50vh; overflow: auto; }
+#tip .item { padding: 4px 0; border-top: 1px solid #eaeef2; }
+#tip .k { font: 11.5px var(--mono); overflow-wrap: anywhere; }
+#tip .k.more { padding-left: 1.35em; }
+#tip .k b { font-weight: 600; }
+#tip .k.src { color: var(--muted); }
+#tip .shape { color: #8c959f; }
+#tip .info { font-size: 11.5px; color: var(--muted); margin-top: 1px; }
+#tip .costs { font-size: 11.5px; color: var(--muted); border-top: 1px solid #eaeef2; padding-top: 5px; }
+#tip .costs .lbl { margin-right: 10px; }
+#tip .costs .term { margin-right: 12px; font-family: var(--mono); }
+#tip .costs b { color: var(--ink); font-weight: 600; }
+#tip .reason { color: var(--miss); font-weight: 600; font-size: 12px; }
 #tip .hint { color: var(--muted); font-size: 11px; margin-top: 6px; }
 .empty { padding: 20px 24px; color: var(--muted); }
 </style>
@@ -478,7 +562,11 @@ svg#wires .link.hot { stroke-width: 4; opacity: 1; }
     if (!(c >= data.low)) { return "var(--red)"; }
     return c < data.high ? "var(--amber)" : "var(--green)";
   }
-  function plural(n, word) { return n + " " + word + (n === 1 ? "" : "s"); }
+  function missLabel(it) {
+    var a = it.src_shapes.map(shape).join(", "), b = it.dst_shapes.map(shape).join(", ");
+    return /^shape mismatch/.test(it.reason) && a !== b ? "shape " + a + " \u2260 " + b : it.reason;
+  }
+  function plural(n, word) { return n + " " + word + (n === 1 ? "" : (/(s|ch)$/.test(word) ? "es" : "s")); }
 
   /* ------------------------------------------------------------ summary */
   document.getElementById("title").textContent = data.title;
@@ -525,14 +613,17 @@ svg#wires .link.hot { stroke-width: 4; opacity: 1; }
     det.appendChild(el("summary", null, "tied tensors: " + S.tied_src.length + " source, " +
                        S.tied_dst.length + " destination (the alias loads through its primary)"));
     var ul = el("ul");
-    S.tied_src.forEach(function (t) { ul.appendChild(el("li", null, "source " + t[0] + " = " + t[1])); });
-    S.tied_dst.forEach(function (t) { ul.appendChild(el("li", null, "destination " + t[0] + " = " + t[1])); });
+    [["source", S.tied_src], ["destination", S.tied_dst]].forEach(function (side) {
+      side[1].forEach(function (t) { ul.appendChild(el("li", null, side[0] + " " + t[0] + " = " + t[1])); });
+    });
     det.appendChild(ul);
     tiedBox.appendChild(det);
   }
   var legend = document.getElementById("legend");
-  [["var(--green)", "\u2265 " + data.high.toFixed(2), ""], ["var(--amber)", "\u2265 " + data.low.toFixed(2), ""],
-   ["var(--red)", "< " + data.low.toFixed(2), ""], ["var(--miss)", "not loaded", "dash"],
+  [["var(--green)", "\u2265 " + data.high.toFixed(2), ""],
+   ["var(--amber)", "\u2265 " + data.low.toFixed(2), ""],
+   ["var(--red)", "< " + data.low.toFixed(2), ""],
+   ["var(--miss)", "not loaded", "dash"],
    [null, "unmatched", "box"]].forEach(function (x) {
     var s = el("span");
     var i = el("i", x[2]);
@@ -551,17 +642,19 @@ svg#wires .link.hot { stroke-width: 4; opacity: 1; }
       var r = el("div", "row " + row.state);
       r.setAttribute("data-side", side);
       r.setAttribute("data-index", String(i));
-      var head = el("div", "unit", row.unit);
+      var head = el("div", "unit", row.title);
+      head.title = row.unit;
       if (row.state === "unmatched" && row.tensors.every(function (t) { return t.state === "mismatch"; })) {
         head.appendChild(el("span", "tag miss", "not loaded"));
       } else if (row.state !== "matched") {
-        head.appendChild(el("span", "tag lonely", side === "dst" ? "unmatched" : "unused"));
+        head.appendChild(el("span", "tag lonely", (row.state === "partial" ? "partly " : "") +
+          (side === "dst" ? "unmatched" : "unused")));
       }
       r.appendChild(head);
       var ts = el("div", "tensors");
       row.tensors.forEach(function (t) {
         var s = el("span", "tensor " + t.state);
-        s.title = t.key + (t.state === "matched" ? "" : (t.state === "mismatch" ? "  (not loaded)" : "  (unmatched)"));
+        s.title = t.key + ({ matched: "", mismatch: "  (not loaded)", unmatched: "  (unmatched)" })[t.state];
         s.appendChild(document.createTextNode(t.label));
         if (t.shape) { s.appendChild(el("span", "shape", " " + shape(t.shape))); }
         ts.appendChild(s);
@@ -584,9 +677,7 @@ svg#wires .link.hot { stroke-width: 4; opacity: 1; }
     var g = sv("g", { "class": "wire", "data-index": String(i) });
     var path = sv("path", { "class": "link " + l.kind, "data-kind": l.kind });
     if (l.kind === "match") {
-      path.setAttribute("stroke", colour(l.confidence).replace(/var\((--[a-z]+)\)/, function (_, v) {
-        return getComputedStyle(document.documentElement).getPropertyValue(v).trim();
-      }));
+      path.style.stroke = colour(l.confidence);
       nMatch++;
     } else {
       nMiss++;
@@ -595,13 +686,12 @@ svg#wires .link.hot { stroke-width: 4; opacity: 1; }
     g.appendChild(path);
     g.appendChild(grab);
     var label = null;
-    var text = l.kind === "match" ? l.ops.join(" | ") : "\u2715 " + l.items.map(function (it) { return it.reason; })
-      .filter(function (r, j, a) { return a.indexOf(r) === j; }).join(" | ");
+    var text = l.kind === "match" ? l.ops.join(" | ") : "\u2715 " + missLabel(l.items[0]);
     if (text) {
-      if (text.length > 40) { text = text.slice(0, 38) + "\u2026"; }
+      if (text.length > 34) { text = text.slice(0, 33) + "\u2026"; }
       label = sv("g", { "class": "label " + l.kind });
       var rect = sv("rect", { rx: "4", ry: "4" });
-      rect.setAttribute("stroke", l.kind === "match" ? colour(l.confidence) : "var(--miss)");
+      rect.style.stroke = l.kind === "match" ? colour(l.confidence) : "var(--miss)";
       var t = sv("text", { "text-anchor": "middle", "dominant-baseline": "central" });
       t.textContent = text;
       label.appendChild(rect);
@@ -622,14 +712,22 @@ svg#wires .link.hot { stroke-width: 4; opacity: 1; }
         dstRow.querySelector(".unit").appendChild(el("span", "tag op", l.ops.join(" | ")));
       }
     } else {
-      rowEls.dst[l.dst].classList.add("has-miss");
-      rowEls.src[l.src].classList.add("has-miss");
-      if (!rowEls.dst[l.dst].style.getPropertyValue("--c")) { rowEls.dst[l.dst].style.setProperty("--c", "var(--miss)"); }
-      if (!rowEls.src[l.src].style.getPropertyValue("--c")) { rowEls.src[l.src].style.setProperty("--c", "var(--miss)"); }
+      [rowEls.src[l.src], rowEls.dst[l.dst]].forEach(function (r) {
+        r.classList.add("has-miss");
+        if (!r.style.getPropertyValue("--c")) { r.style.setProperty("--c", "var(--miss)"); }
+      });
     }
-    grab.addEventListener("mouseenter", function (e) { if (!pinned) { showTip(i, e.clientX, e.clientY); } hot(i, true); });
-    grab.addEventListener("mousemove", function (e) { if (!pinned) { placeTip(e.clientX, e.clientY); } });
-    grab.addEventListener("mouseleave", function () { if (!pinned) { hideTip(); } hot(i, false); });
+    grab.addEventListener("mouseenter", function (e) {
+      if (pinned === null) { showTip(i, e.clientX, e.clientY); }
+      hot(i, true);
+    });
+    grab.addEventListener("mousemove", function (e) {
+      if (pinned === null) { placeTip(e.clientX, e.clientY); }
+    });
+    grab.addEventListener("mouseleave", function () {
+      if (pinned === null) { hideTip(); }
+      if (pinned !== i) { hot(i, false); }
+    });
     grab.addEventListener("click", function (e) { e.stopPropagation(); pin(i, e.clientX, e.clientY); });
     svg.appendChild(g);
     rowLinks.src[l.src].push(i);
@@ -645,7 +743,8 @@ svg#wires .link.hot { stroke-width: 4; opacity: 1; }
       var x1 = a.right - b.left, y1 = a.top + a.height / 2 - b.top;
       var x2 = z.left - b.left, y2 = z.top + z.height / 2 - b.top;
       var dx = Math.max(40, (x2 - x1) / 2);
-      var d = "M" + x1 + "," + y1 + " C" + (x1 + dx) + "," + y1 + " " + (x2 - dx) + "," + y2 + " " + x2 + "," + y2;
+      var d = "M" + x1 + "," + y1 + " C" + (x1 + dx) + "," + y1 + " " +
+        (x2 - dx) + "," + y2 + " " + x2 + "," + y2;
       w.path.setAttribute("d", d);
       w.grab.setAttribute("d", d);
       if (w.label) {
@@ -663,11 +762,21 @@ svg#wires .link.hot { stroke-width: 4; opacity: 1; }
   }
 
   /* ------------------------------------------------------------ tooltip */
-  function cell(tr, tag, text) { tr.appendChild(el(tag, null, text)); }
+  function costLine(costs) {
+    var line = el("div", "costs");
+    line.appendChild(el("span", "lbl", "costs"));
+    costs.forEach(function (kv) {
+      var term = el("span", "term", kv[0] + " ");
+      term.appendChild(el("b", null, fmt(kv[1], 3)));
+      line.appendChild(term);
+    });
+    if (!costs.length) { line.appendChild(document.createTextNode("\u2014")); }
+    return line;
+  }
   function showTip(i, x, y) {
     var l = data.links[i];
     tip.textContent = "";
-    tip.appendChild(el("h3", null, data.dst[l.dst].unit + "  \u2190  " + data.src[l.src].unit));
+    tip.appendChild(el("h3", null, data.dst[l.dst].title + "  \u2190  " + data.src[l.src].title));
     if (l.kind === "match") {
       var p = el("div", null, "confidence ");
       var c = el("span", "conf", fmt(l.confidence, 3));
@@ -679,44 +788,39 @@ svg#wires .link.hot { stroke-width: 4; opacity: 1; }
     } else {
       tip.appendChild(el("div", null, "not loaded (near miss) \u00b7 " + plural(l.items.length, "tensor")));
     }
-    var tab = el("table");
-    var hr = el("tr");
-    ["destination", "shape", "source", "shape", l.kind === "match" ? "conf" : "reason", l.kind === "match" ? "ops" : ""]
-      .forEach(function (h) { cell(hr, "th", h); });
-    tab.appendChild(hr);
+    var sigs = l.items.map(function (it) { return JSON.stringify(it.costs || []); });
+    var shared = sigs.every(function (x) { return x === sigs[0]; });
+    var list = el("div", "items");
     l.items.forEach(function (it) {
-      var tr = el("tr");
-      cell(tr, "td", it.dst.join(", "));
-      cell(tr, "td", it.dst_shapes.map(shape).join(", "));
-      cell(tr, "td", it.src.join(", "));
-      cell(tr, "td", it.src_shapes.map(shape).join(", "));
-      if (l.kind === "match") {
-        cell(tr, "td", fmt(it.confidence, 3));
-        cell(tr, "td", it.ops.join(" "));
-      } else {
-        cell(tr, "td", it.reason);
-        cell(tr, "td", "");
-      }
-      tab.appendChild(tr);
-    });
-    tip.appendChild(tab);
-    if (l.kind === "match") {
-      var seen = {};
-      l.items.forEach(function (it) {
-        var sig = JSON.stringify(it.costs);
-        if (seen[sig]) { return; }
-        seen[sig] = true;
-        var ct = el("table");
-        var h = el("tr"), v = el("tr");
-        cell(h, "th", "costs");
-        cell(v, "td", Object.keys(seen).length > 1 ? it.dst.join(", ") : "");
-        it.costs.forEach(function (kv) { cell(h, "th", kv[0]); cell(v, "td", fmt(kv[1], 3)); });
-        ct.appendChild(h);
-        ct.appendChild(v);
-        tip.appendChild(ct);
+      var item = el("div", "item");
+      it.dst.forEach(function (k, j) {
+        var line = el("div", "k");
+        line.appendChild(el("b", null, k));
+        line.appendChild(el("span", "shape", " " + shape(it.dst_shapes[j])));
+        item.appendChild(line);
       });
-    }
-    tip.appendChild(el("div", "hint", pinned === null ? "click the line to pin" : "pinned \u00b7 click elsewhere or press Esc to close"));
+      it.src.forEach(function (k, j) {
+        var line = el("div", "k src" + (j ? " more" : ""), (j ? "" : "\u2190 ") + k);
+        line.appendChild(el("span", "shape", " " + shape(it.src_shapes[j])));
+        item.appendChild(line);
+      });
+      if (l.kind === "match") {
+        var info = el("div", "info", "confidence ");
+        var c = el("span", "conf", fmt(it.confidence, 3));
+        c.style.color = colour(it.confidence);
+        info.appendChild(c);
+        if (it.ops.length) { info.appendChild(el("span", "tag op", it.ops.join(" "))); }
+        item.appendChild(info);
+        if (!shared) { item.appendChild(costLine(it.costs)); }
+      } else {
+        item.appendChild(el("div", "reason", it.reason));
+      }
+      list.appendChild(item);
+    });
+    tip.appendChild(list);
+    if (l.kind === "match" && shared) { tip.appendChild(costLine(l.items[0].costs)); }
+    tip.appendChild(el("div", "hint", pinned === null ? "click the line to pin it" :
+      "pinned \u00b7 click elsewhere or press Esc to close"));
     tip.style.display = "block";
     placeTip(x, y);
   }
@@ -756,8 +860,8 @@ svg#wires .link.hot { stroke-width: 4; opacity: 1; }
   document.addEventListener("keydown", function (e) { if (e.key === "Escape") { unpin(); } });
   function focusRow(side, i, on) {
     rowLinks[side][i].forEach(function (j) {
-      wires[j].path.classList.toggle("hot", on);
-      if (wires[j].label) { wires[j].label.classList.toggle("hot", on); }
+      wires[j].path.classList.toggle("hot", on || j === pinned);
+      if (wires[j].label) { wires[j].label.classList.toggle("hot", on || j === pinned); }
     });
     board.classList.toggle("focusing", (on && rowLinks[side][i].length > 0) || pinned !== null);
   }
@@ -830,7 +934,8 @@ svg#wires .link.hot { stroke-width: 4; opacity: 1; }
   q.addEventListener("input", function () { search(true); });
   q.addEventListener("keydown", function (e) { if (e.key === "Enter") { e.preventDefault(); next(); } });
 
-  /* ------------------------------------------------------------ state in the URL: #q=..&min=..&below=1&pin=3 */
+  /* ------------------------------------------------------------ state in the URL */
+  /* #q=<search>&min=<threshold>&below=1&pin=<line>: read on load, kept up to date */
   var ready = false;
   function writeHash() {
     if (!ready || !window.history || !history.replaceState) { return; }
@@ -839,8 +944,8 @@ svg#wires .link.hot { stroke-width: 4; opacity: 1; }
     if (Number(minInput.value) > 0) { parts.push("min=" + minInput.value); }
     if (belowInput.checked) { parts.push("below=1"); }
     if (pinned !== null) { parts.push("pin=" + pinned); }
-    try { history.replaceState(null, "", parts.length ? "#" + parts.join("&") : location.pathname + location.search); }
-    catch (err) { /* file:// pages may refuse; the state is only a convenience */ }
+    var url = parts.length ? "#" + parts.join("&") : location.pathname + location.search;
+    try { history.replaceState(null, "", url); } catch (err) { /* a convenience only */ }
   }
   function readHash() {
     var state = {};

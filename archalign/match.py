@@ -124,7 +124,10 @@ def match_fused(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weight
                 name = weights.name * (0.0 if single.tokens & group[0].tokens else 1.0)
                 src_side, dst_side = ((tuple(group), (single,)) if fused_is_dst
                                       else ((single,), tuple(group)))
-                candidates.append((structural + name, structural, src_side, dst_side, pairs))
+                terms = {"type": type_cost, "position": float(position), "name": name,
+                         "fused": weights.fused}
+                candidates.append((structural + name, structural, src_side, dst_side, pairs,
+                                   terms))
     kept = list(existing)
     fused: list[UnitMatch] = []
     taken: set[tuple[str, str]] = set()
@@ -136,7 +139,7 @@ def match_fused(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weight
                 best = (delta, cand)
         if best is None:
             break
-        delta, (_, structural, src_side, dst_side, pairs) = best
+        delta, (_, structural, src_side, dst_side, pairs, cand_terms) = best
         units = {("src", f.unit.key) for f in src_side} | {("dst", f.unit.key) for f in dst_side}
         rivals = [_adoption_delta(c, kept, weights.unmatched) for c in candidates
                   if c is not best[1] and _units_of(c) & units]
@@ -148,15 +151,14 @@ def match_fused(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weight
         factor = ORDER_ONLY_GROUP if len(set(shapes)) < len(shapes) else 1.0
         fused.append(UnitMatch(
             src=src_side, dst=dst_side,
-            terms={"position": float(structural - weights.fused), "fused": weights.fused,
-                   "regret": float(max(regret, 0.0))},
+            terms={**cand_terms, "regret": float(max(regret, 0.0))},
             confidence=confidence(structural, max(regret, 0.0)) * factor
             * float(np.exp(-max(f.spread for f in src_side))), pairs=tuple(pairs)))
     return kept, fused
 
 
 def _units_of(candidate: tuple) -> set[tuple[str, str]]:
-    _, _, src_side, dst_side, _ = candidate
+    _, _, src_side, dst_side, _, _ = candidate
     return {("src", f.unit.key) for f in src_side} | {("dst", f.unit.key) for f in dst_side}
 
 
@@ -271,7 +273,8 @@ def _collect(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], costs: Co
              total: np.ndarray, weights: CostWeights, mode: str,
              extra: tuple[str, np.ndarray] | None = None) -> list[UnitMatch]:
     solved = solve_assignment(total, weights.unmatched)
-    structural = costs.structural() + (extra[1] if extra is not None else 0.0)
+    structural = costs.structural(weights.order_in_fit) + (
+        extra[1] if extra is not None else 0.0)
     out = []
     for i, j, regret in zip(solved.rows, solved.cols, solved.regret):
         pairs = pair_tensors(src[i].unit, dst[j].unit, mode)
@@ -282,7 +285,9 @@ def _collect(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], costs: Co
         if extra is not None:
             terms[extra[0]] = float(extra[1][i, j])
         terms["regret"] = float(regret)
-        spread = src[i].spread
+        # an uncertain position matters only against rivals of the same kind
+        rivals = len(src) > 1 or len(dst) > 1
+        spread = src[i].spread if rivals and weights.order_in_fit else 0.0
         if spread:
             terms["spread"] = float(spread)
         out.append(UnitMatch(src=(src[i],), dst=(dst[j],), terms=terms,

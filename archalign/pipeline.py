@@ -79,6 +79,10 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
     src_graph, dst_graph = harmonise_graphs(
         trace_graph(source, example_inputs), trace_graph(target, example_inputs),
         build_units(source), build_units(target))
+    if "sorted" in (src_graph.tracer, dst_graph.tracer):
+        # positions are name order, not evidence: tie-breakers only, out of every confidence
+        weights = dataclasses.replace(weights, order_in_fit=False, position=weights.position / 4,
+                                      context=weights.context / 4)
     rules = resolve_hints(hints, list(src_graph.units.values()), list(dst_graph.units.values()))
     src_features, dst_features = extract_features(src_graph, dst_graph, anchors=rules.pins)
 
@@ -129,13 +133,13 @@ def align_and_load(src: Any, dst: nn.Module, *, example_inputs: ExampleInputs = 
     SourceError, PlanError, ApplyError
         As `align` and `archalign.apply.apply_plan` do.
     """
+    if verify is not None and not isinstance(src, nn.Module):
+        raise SourceError("verify=... needs the source as an nn.Module (a state_dict cannot run)")
     plan = align(src, dst, example_inputs=example_inputs, weights=weights)
     report = plan.apply(dst, min_confidence=min_confidence, strict=strict,
                         shape_policy=shape_policy)
     if verify is None:
         return report
-    if not isinstance(src, nn.Module):
-        raise SourceError("verify=... needs the source as an nn.Module (a state_dict cannot run)")
     check = run_verification(src, dst, verify, plan=plan)
     return dataclasses.replace(report, verification=check)
 
@@ -174,7 +178,8 @@ def _build_plan(found: list[UnitMatch], near: list[UnitMatch], source: TensorSou
             else:
                 reason = f"shape mismatch: source {s_shape} vs destination {d_shape}"
             mismatches.append(Mismatch(src=pair.src, dst=pair.dst, src_shapes=(s_shape,),
-                                       dst_shapes=(d_shape,), reason=reason))
+                                       dst_shapes=(d_shape,), reason=reason,
+                                       confidence=round(um.confidence, 6)))
     order = {k: i for i, k in enumerate(target.specs)}
     matches.sort(key=lambda m: min(order[k] for k in m.dst))
     used_src = {k for m in matches for k in m.src}

@@ -67,6 +67,7 @@ class Mismatch:
     src_shapes: tuple[Shape, ...]  # shapes of `src`
     dst_shapes: tuple[Shape, ...]  # shapes of `dst`
     reason: str  # why it was not loaded, e.g. "shape mismatch: (8, 10) vs (5, 10)"
+    confidence: float = 0.0  # that these are counterparts (a shape policy loads only above min)
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class Plan:
     Attributes
     ----------
     matches : tuple of Match
-        Proposed copies, in destination execution order.
+        Proposed copies, in destination state_dict order.
     mismatches : tuple of Mismatch
         Destination layers whose counterpart does not fit (reported, not loaded).
     unmatched_src, unmatched_dst : tuple of str
@@ -166,7 +167,7 @@ class Plan:
                 for m in self.matches),
             mismatches=tuple(
                 Mismatch(src=mm.dst, dst=mm.src, src_shapes=mm.dst_shapes,
-                         dst_shapes=mm.src_shapes, reason=mm.reason)
+                         dst_shapes=mm.src_shapes, reason=mm.reason, confidence=mm.confidence)
                 for mm in self.mismatches),
             unmatched_src=self.unmatched_dst, unmatched_dst=self.unmatched_src,
             tied_src=self.tied_dst, tied_dst=self.tied_src,
@@ -235,7 +236,8 @@ class Plan:
             "mismatches": [
                 {"src": list(m.src), "dst": list(m.dst),
                  "src_shapes": [list(s) for s in m.src_shapes],
-                 "dst_shapes": [list(s) for s in m.dst_shapes], "reason": m.reason}
+                 "dst_shapes": [list(s) for s in m.dst_shapes], "reason": m.reason,
+                 "confidence": _round(m.confidence)}
                 for m in self.mismatches
             ],
             "unmatched_src": list(self.unmatched_src),
@@ -285,7 +287,7 @@ class Plan:
             mismatches = tuple(
                 Mismatch(src=_keys(m["src"]), dst=_keys(m["dst"]),
                          src_shapes=_shapes(m["src_shapes"]), dst_shapes=_shapes(m["dst_shapes"]),
-                         reason=str(m["reason"]))
+                         reason=str(m["reason"]), confidence=float(m.get("confidence", 0.0)))
                 for m in data.get("mismatches", ()))
             plan = cls(
                 matches=matches, mismatches=mismatches,
@@ -342,7 +344,7 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
 
 def format_plan(plan: Plan, *, limit: int | None = None) -> str:
     """The review table: one row per match, lowest confidence first, then what was left out."""
-    rows = sorted(plan.matches, key=lambda m: (m.confidence, m.dst))
+    rows = sorted(plan.matches, key=lambda m: (round(m.confidence, 2), m.dst))
     if limit is not None:
         rows = rows[:limit]
     header = ("conf", "destination", "source", "shape", "adaptation")

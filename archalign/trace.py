@@ -92,7 +92,7 @@ def harmonise_graphs(src: UnitGraph, dst: UnitGraph, src_units: Sequence[Unit],
     """
     tracers = {src.tracer, dst.tracer}
     if "sorted" in tracers:
-        return (chain_graph(sorted(src_units, key=lambda u: natural_key(u.key)), src.tracer),
+        return (chain_graph(sorted(src_units, key=lambda u: natural_key(u.key)), "sorted"),
                 chain_graph(sorted(dst_units, key=lambda u: natural_key(u.key)), "sorted"))
     if len(tracers) == 1 or tracers <= set(_ORDER_ONLY):
         return src, dst

@@ -107,7 +107,8 @@ def test_to_dict_schema():
         "src_unit": "enc.0", "dst_unit": "fc1"}
     assert data["mismatches"] == [{
         "src": ["enc.2.weight"], "dst": ["fc2.weight"], "src_shapes": [[5, 4]],
-        "dst_shapes": [[2, 4]], "reason": "shape mismatch: source (5, 4) vs destination (2, 4)"}]
+        "dst_shapes": [[2, 4]], "reason": "shape mismatch: source (5, 4) vs destination (2, 4)",
+        "confidence": 0.0}]
     assert data["tied_src"] == [["head.weight", "emb.weight"]]
     assert data["tied_dst"] == []
     json.dumps(data, allow_nan=False)  # plain JSON

@@ -132,7 +132,10 @@ def test_partial_pair_loads_what_fits_and_reports_the_rest() -> None:
     for mm in plan.mismatches:
         assert set(mm.src) == set(truth[mm.dst[0]]), mm
     assert len(plan.mismatches) == 116
+    confident = sum(mm.confidence >= 0.5 for mm in plan.mismatches)
     report = plan.apply(dst, shape_policy="slice")
+    assert len(report.adapted) == confident  # a policy loads only confident counterparts
+    report = plan.apply(pair.make_dst(), shape_policy="slice", min_confidence=0.0)
     assert len(report.adapted) == 116
 
 
