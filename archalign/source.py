@@ -7,9 +7,10 @@ hands out tensors only when `apply` asks for them.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,9 @@ def read_source(obj: Any, *, role: str = "source") -> TensorSource:
     Parameters
     ----------
     obj : nn.Module, Mapping[str, Tensor], str or os.PathLike
-        The model, its state_dict, or the path of a ``.safetensors``/``.pt``/``.pth``/``.bin`` file.
+        The model, its state_dict, or the path of a ``.safetensors``/``.pt``/``.pth``/``.bin``
+        file, of a sharded checkpoint's ``*.safetensors.index.json``, or of a folder holding one.
+        Safetensors files are read lazily: headers for planning, one tensor at a time to apply.
     role : str
         "source" or "destination", used in error messages.
 
@@ -167,18 +170,22 @@ def _read_state_dict(state: Mapping[Any, Any], role: str, description: str,
 
 
 def _read_file(path: Path, role: str) -> TensorSource:
+    if path.is_dir():
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+        singles = sorted(path.glob("*.safetensors"))
+        if len(indexes) == 1:
+            path = indexes[0]
+        elif len(singles) == 1:
+            path = singles[0]
+        else:
+            raise SourceError(f"the {role} folder {str(path)!r} holds {len(indexes)} safetensors "
+                              f"indexes and {len(singles)} safetensors files; name the file")
     if not path.exists():
         raise SourceError(f"the {role} file {str(path)!r} does not exist")
+    if path.name.endswith(".safetensors.index.json"):
+        return _read_safetensors(_shards_of(path, role), role, f"checkpoint {path.name}")
     if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError as exc:  # pragma: no cover - safetensors is a core dependency
-            raise SourceError("reading .safetensors files needs `pip install safetensors`") from exc
-        try:
-            state = load_file(str(path))
-        except Exception as exc:
-            raise SourceError(f"cannot read the {role} file {str(path)!r}: {exc}") from exc
-        return _read_state_dict(state, role, description=f"file {path.name}", ordered=False)
+        return _read_safetensors({path: None}, role, f"file {path.name}")
     if path.suffix in _PICKLE_SUFFIXES:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
@@ -199,7 +206,82 @@ def _read_file(path: Path, role: str) -> TensorSource:
         return _read_state_dict(state, role, description=f"file {path.name}")
     raise SourceError(
         f"the {role} file {str(path)!r} has an unknown suffix {path.suffix!r}; use one of "
-        f".safetensors, {', '.join(_PICKLE_SUFFIXES)}"
+        f".safetensors, .safetensors.index.json, {', '.join(_PICKLE_SUFFIXES)}, or a folder"
+    )
+
+
+def _shards_of(index: Path, role: str) -> dict[Path, list[str]]:
+    """Shard file -> its keys, from a Hugging Face ``*.safetensors.index.json``."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards: dict[Path, list[str]] = {}
+        for key, shard in weight_map.items():
+            shards.setdefault(index.parent / str(shard), []).append(str(key))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SourceError(f"cannot read the {role} index {str(index)!r}: {exc}") from exc
+    missing = [str(p) for p in shards if not p.exists()]
+    if missing:
+        raise SourceError(f"the {role} index {str(index)!r} names missing shards: "
+                          f"{', '.join(missing)}")
+    return shards
+
+
+class _LazySafetensors(Mapping[str, torch.Tensor]):
+    """Tensors of one or more safetensors files, read only when asked for (one at a time)."""
+
+    def __init__(self, where: dict[str, Path]) -> None:
+        self._where = where  # key -> file
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self._where[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+_SAFETENSORS_DTYPES = {"F64": "torch.float64", "F32": "torch.float32", "F16": "torch.float16",
+                       "BF16": "torch.bfloat16", "I64": "torch.int64", "I32": "torch.int32",
+                       "I16": "torch.int16", "I8": "torch.int8", "U8": "torch.uint8",
+                       "BOOL": "torch.bool", "F8_E4M3": "torch.float8_e4m3fn",
+                       "F8_E5M2": "torch.float8_e5m2"}
+
+
+def _read_safetensors(files: Mapping[Path, list[str] | None], role: str,
+                      description: str) -> TensorSource:
+    """Shapes and dtypes from the headers alone; tensors are read lazily when applying."""
+    from safetensors import safe_open
+
+    specs: dict[str, TensorSpec] = {}
+    where: dict[str, Path] = {}
+    for path, wanted in files.items():
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in wanted if wanted is not None else handle.keys():
+                    piece = handle.get_slice(key)
+                    specs[key] = TensorSpec(key=key, shape=tuple(piece.get_shape()),
+                                            dtype=_SAFETENSORS_DTYPES.get(piece.get_dtype(),
+                                                                          piece.get_dtype()))
+                    where[key] = path
+        except Exception as exc:
+            raise SourceError(f"cannot read the {role} file {str(path)!r}: {exc}") from exc
+    if not specs:
+        raise SourceError(f"the {role} {description} is empty; there is nothing to align")
+    owners = {_owner(k) for k in specs}
+    return TensorSource(
+        specs=specs,
+        aliases={},
+        module_types={},
+        layer_owners=frozenset(o for o in owners if _looks_like_layer(o, specs)),
+        module=None,
+        description=f"{role} {description}",
+        ordered=False,  # safetensors stores keys sorted: their order says nothing
+        _tensors=_LazySafetensors(where),
     )
 
 

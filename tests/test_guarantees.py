@@ -4,6 +4,8 @@ layers) and random malformed files."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import pickle
@@ -37,7 +39,7 @@ def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
 
 
 def mlp(*widths: int) -> nn.Sequential:
-    return nn.Sequential(*[nn.Linear(a, b) for a, b in zip(widths, widths[1:])])
+    return nn.Sequential(*[nn.Linear(a, b) for a, b in itertools.pairwise(widths)])
 
 
 # ---------------------------------------------------------------------- all or nothing
@@ -296,10 +298,8 @@ def test_with_a_layer_deleted_or_inserted_no_wrong_match_is_confident(
         d = int(match.dst[0].split(".")[0])
         # the layers that survived: source layer s is destination layer s before the edit,
         # s - 1 (deleted) or s + 1 (inserted) after it
-        if edit == "delete":
-            truth = s if s < k else (s - 1 if s > k else None)
-        else:
-            truth = s if s < k else s + 1
+        shift = (-1 if s > k else None if s == k else 0) if edit == "delete" else (s >= k)
+        truth = None if shift is None else s + int(shift)
         assert 0 <= s < n_src
         if d != truth:
             assert match.confidence < 0.9, (widths, new_widths, edit, k, match)
@@ -324,29 +324,23 @@ def _plan_like(draw: st.DrawFn) -> Any:
         except (KeyError, IndexError, TypeError):
             break
     if path:
-        try:
+        with contextlib.suppress(KeyError, IndexError, TypeError):
             node[path[-1]] = draw(_json)
-        except (KeyError, IndexError, TypeError):
-            pass
     return base
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(_json, st.composite(_plan_like)()))
 def test_fuzzed_plan_files_raise_only_plan_errors(data: Any) -> None:
-    try:
+    with contextlib.suppress(PlanError):
         archalign.Plan.from_json(json.dumps(data))
-    except PlanError:
-        pass
 
 
 @settings(max_examples=100, deadline=None)
 @given(st.binary(max_size=64))
 def test_fuzzed_plan_bytes_raise_only_plan_errors(blob: bytes) -> None:
-    try:
+    with contextlib.suppress(PlanError):
         archalign.Plan.from_json(blob.decode("latin-1"))
-    except PlanError:
-        pass
 
 
 @settings(max_examples=100, deadline=None)
@@ -354,7 +348,5 @@ def test_fuzzed_plan_bytes_raise_only_plan_errors(blob: bytes) -> None:
                        st.one_of(st.integers(), st.text(max_size=4),
                                  st.builds(torch.zeros, st.integers(0, 3))), max_size=5))
 def test_fuzzed_state_dicts_raise_only_source_errors(state: dict[Any, Any]) -> None:
-    try:
+    with contextlib.suppress(ArchalignError):
         archalign.align(state, nn.Linear(3, 3), check_outputs=False)
-    except ArchalignError:
-        pass

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -347,3 +349,43 @@ def test_get_unknown_key_raises_key_error():
     source = read_source(nn.Linear(2, 2))
     with pytest.raises(KeyError, match="source module Linear holds no tensor 'nope'"):
         source.get("nope")
+
+
+# --------------------------------------------------------------------------- lazy and sharded files
+
+
+def _write_sharded(model: nn.Module, folder: Path, per_shard: int) -> Path:
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    keys = list(state)
+    weight_map = {}
+    for n, start in enumerate(range(0, len(keys), per_shard)):
+        name = f"model-{n:05d}.safetensors"
+        save_file({k: state[k] for k in keys[start:start + per_shard]}, str(folder / name))
+        weight_map.update({k: name for k in keys[start:start + per_shard]})
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return index
+
+
+def test_sharded_checkpoint_reads_headers_and_loads_lazily(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    index = _write_sharded(model, tmp_path, per_shard=3)
+    for where in (index, tmp_path):  # the index, or the folder holding it
+        source = read_source(where)
+        assert set(source.specs) == set(model.state_dict())
+        assert source.specs["1.running_var"] == TensorSpec("1.running_var", (8,), "torch.float32")
+        assert source.ordered is False
+        assert torch.equal(source.get("2.weight"), model[2].weight)
+
+
+def test_a_broken_index_names_the_missing_shard(tmp_path: Path) -> None:
+    index = _write_sharded(nn.Linear(2, 2), tmp_path, per_shard=1)
+    (tmp_path / "model-00001.safetensors").unlink()
+    with pytest.raises(SourceError, match="missing shards"):
+        read_source(index)
+    index.write_text("{not json")
+    with pytest.raises(SourceError, match="cannot read"):
+        read_source(index)
