@@ -7,7 +7,7 @@ plan leaves the destination exactly as it was.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -107,12 +107,11 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
         raise ApplyError(f"strict: {len(missing)} destination tensors would stay unloaded: "
                          f"{shown}{more}. Lower min_confidence, fix the plan, or pass strict=False")
 
-    writes = _compute_writes(to_load, by_policy, source, target)
-    nonfinite = _nonfinite(writes)
+    _refuse_unwritable(to_load, by_policy, source, target)
+    nonfinite = _write(_values(to_load, by_policy, source, target), target, dst, atomic=atomic)
     if nonfinite:
         logger.warning("the source holds NaN or Inf in the tensors loaded into: %s",
                        ", ".join(nonfinite))
-    _write(writes, target, atomic=atomic)
     used = {source.aliases.get(s, s) for m in to_load for s in m.src} | {
         source.aliases.get(mm.src[0], mm.src[0]) for mm, _ in by_policy}
     adapted = [Adapted(d, ", ".join(m.src), " ".join(map(str, m.ops)))
@@ -133,67 +132,109 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
     return report
 
 
-def _compute_writes(matches: list[Match], by_policy: list[tuple[Mismatch, str]],
-                    source: TensorSource, target: TensorSource) -> list[tuple[str, torch.Tensor]]:
-    """Every (destination key, value) to write, computed before the first write."""
-    for match in matches:
-        for dst_key in match.dst:
-            if target.get(dst_key).device.type == "meta":
-                raise ApplyError(f"destination tensor {dst_key!r} is on the meta device; "
-                                 "materialise the model (e.g. dst.to_empty(device='cpu')) first")
+def _refuse_unwritable(matches: list[Match], by_policy: list[tuple[Mismatch, str]],
+                      source: TensorSource, target: TensorSource) -> None:
+    """Refuse, before any write, what cannot be written: from specs alone, no tensor is read."""
     problems: list[str] = []
     for key in {k for m in matches for k in m.src} | {mm.src[0] for mm, _ in by_policy}:
-        tensor = source.get(key)
-        if tensor.device.type == "meta":
+        spec = source.specs[source.aliases.get(key, key)]
+        if spec.device == "meta":
             problems.append(f"source tensor {key!r} is on the meta device (it has no values)")
-        elif tensor.is_quantized:
-            problems.append(f"source tensor {key!r} is quantized ({tensor.dtype}); dequantize "
+        elif spec.dtype.startswith("torch.q"):
+            problems.append(f"source tensor {key!r} is quantized ({spec.dtype}); dequantize "
                             "the checkpoint first")
-    for key in [k for m in matches for k in m.dst] + [mm.dst[0] for mm, _ in by_policy]:
-        into = target.get(key)
-        if into.is_quantized:
-            problems.append(f"destination tensor {key!r} is quantized ({into.dtype})")
+    for mm, _ in by_policy:
+        if target.get(mm.dst[0]).device.type == "meta":
+            problems.append(f"a shape policy keeps part of {mm.dst[0]!r}, which is on the meta "
+                            "device (no values to keep): materialise it first")
     for match in matches:
+        for dst_key in match.dst:
+            if target.get(dst_key).is_quantized:
+                problems.append(f"destination tensor {dst_key!r} is quantized")
         for src_key, dst_key in zip(match.src, match.dst):
-            value, into = source.get(src_key), target.get(dst_key)
-            if value.is_floating_point() and not (into.is_floating_point() or into.is_complex()):
-                problems.append(f"{src_key!r} ({value.dtype}) would be truncated into "
+            spec, into = source.specs[source.aliases.get(src_key, src_key)], target.get(dst_key)
+            floating = any(t in spec.dtype for t in ("float", "bfloat", "complex"))
+            if floating and not (into.is_floating_point() or into.is_complex()):
+                problems.append(f"{src_key!r} ({spec.dtype}) would be truncated into "
                                 f"{dst_key!r} ({into.dtype})")
     if problems:
         raise ApplyError("refused before writing anything: " + "; ".join(sorted(problems)[:10]))
-    writes: list[tuple[str, torch.Tensor]] = []
-    with torch.no_grad():
-        for match in matches:
-            values = apply_ops([source.get(k) for k in match.src], match.ops)
-            writes.extend(zip(match.dst, values))
-        for mm, policy in by_policy:
-            writes.append((mm.dst[0], resize(source.get(mm.src[0]), target.get(mm.dst[0]),
-                                             policy)))
-    return writes
 
 
-def _nonfinite(writes: list[tuple[str, torch.Tensor]]) -> list[str]:
-    """Destination keys whose new values hold NaN or Inf."""
-    return [key for key, value in writes
-            if (value.is_floating_point() or value.is_complex()) and value.numel()
-            and not bool(torch.isfinite(value).all())]
+def _values(matches: list[Match], by_policy: list[tuple[Mismatch, str]], source: TensorSource,
+            target: TensorSource) -> Iterator[tuple[str, torch.Tensor]]:
+    """(destination key, value) pairs, computed one match at a time (a lazy source is read one
+    tensor at a time: no second copy of the checkpoint is ever held)."""
+    for match in matches:
+        yield from zip(match.dst, apply_ops([source.get(k) for k in match.src], match.ops))
+    for mm, policy in by_policy:
+        yield mm.dst[0], resize(source.get(mm.src[0]), target.get(mm.dst[0]), policy)
 
 
-def _write(writes: list[tuple[str, torch.Tensor]], target: TensorSource, *, atomic: bool) -> None:
-    """Copy every value into its destination tensor; on failure restore what was written."""
-    backups: list[tuple[torch.Tensor, torch.Tensor]] = []
+def _write(values: Iterable[tuple[str, torch.Tensor]], target: TensorSource, dst: nn.Module, *,
+           atomic: bool) -> list[str]:
+    """Write every value into its destination tensor (in place; a meta tensor is replaced by a
+    materialised one, ties kept); on failure restore what was written. Returns the keys whose
+    values hold NaN or Inf."""
+    undo: list[Callable[[], None]] = []
+    nonfinite: list[str] = []
+    key = ""
     with torch.no_grad():
         try:
-            for key, value in writes:
+            for key, value in values:
                 into = target.get(key)
+                if (value.is_floating_point() or value.is_complex()) and value.numel() and not (
+                        bool(torch.isfinite(value).all())):
+                    nonfinite.append(key)
+                if into.device.type == "meta":
+                    undo.append(_assign(dst, target, key, into, value))
+                    continue
                 if atomic:
-                    backups.append((into, into.detach().clone()))
+                    undo.append(_restorer(into))
                 into.copy_(value)
         except Exception as exc:
-            for into, before in reversed(backups):
-                into.copy_(before)
+            for step in reversed(undo):
+                step()
             restored = "; the destination was restored" if atomic else ""
             raise ApplyError(f"writing {key!r} failed: {exc}{restored}") from exc
+    return nonfinite
+
+
+def _restorer(into: torch.Tensor) -> Callable[[], None]:
+    before = into.detach().clone()
+
+    def undo() -> None:
+        into.copy_(before)
+
+    return undo
+
+
+def _assign(dst: nn.Module, target: TensorSource, key: str, old: torch.Tensor,
+            value: torch.Tensor) -> Callable[[], None]:
+    """Replace the meta tensor at ``key`` (and at every key tied to it) by a materialised copy of
+    ``value``; returns how to put the meta tensor back."""
+    if tuple(value.shape) != tuple(old.shape):
+        raise ApplyError(f"{key!r}: a value of shape {tuple(value.shape)} for a tensor of shape "
+                         f"{tuple(old.shape)}")
+    data = value.detach().to(dtype=old.dtype, copy=True)
+    new: torch.Tensor = (nn.Parameter(data, requires_grad=old.requires_grad)
+                         if isinstance(old, nn.Parameter) else data)
+    primary = target.aliases.get(key, key)
+    keys = [primary, *(a for a, p in target.aliases.items() if p == primary)]
+    placed: list[tuple[dict[str, Any], str, Any]] = []
+    for k in keys:
+        owner_path, _, name = k.rpartition(".")
+        owner = dst.get_submodule(owner_path)
+        table: dict[str, Any] = (owner._parameters if name in owner._parameters
+                                 else owner._buffers)
+        placed.append((table, name, table[name]))
+        table[name] = new
+
+    def undo() -> None:
+        for table, name, before in placed:
+            table[name] = before
+
+    return undo
 
 
 def _check_plan(plan: Plan, source: TensorSource, target: TensorSource) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,7 +13,7 @@ from torch import nn
 from .cost import CostWeights
 from .errors import SourceError
 from .features import UnitFeatures, extract_features
-from .graph import build_units
+from .graph import Unit, UnitGraph, build_units
 from .hints import Hints, resolve_hints
 from .match import (
     AMBIGUOUS_INSIDE,
@@ -55,7 +56,8 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
         forbidden pairs are never matched, dropped destination layers are left untouched.
     check_outputs : bool
         When both sides are modules and an input is at hand (``example_inputs``, or the source's
-        own ``dummy_inputs``), run the plan on a copy of ``dst`` and compare outputs: agreement
+        own ``dummy_inputs`` when ``dst`` is materialised and below `AUTO_CHECK_LIMIT` elements),
+        run the plan on a copy of ``dst`` and compare outputs: agreement
         confirms every match, disagreement is reported in ``plan.verification`` and lets the
         outputs choose among the row layouts of fused projections. ``dst`` is never written.
     weights : CostWeights, optional
@@ -76,9 +78,11 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
     source = read_source(src, role="source")
     target = read_source(dst, role="destination")
 
+    src_traced = trace_graph(source, example_inputs)
+    dst_traced = trace_graph(target, example_inputs)
     src_graph, dst_graph = harmonise_graphs(
-        trace_graph(source, example_inputs), trace_graph(target, example_inputs),
-        build_units(source), build_units(target))
+        src_traced, dst_traced, _in_registration_order(src_traced, source),
+        _in_registration_order(dst_traced, target))
     if "sorted" in (src_graph.tracer, dst_graph.tracer):
         # positions are name order, not evidence: tie-breakers only, out of every confidence
         weights = dataclasses.replace(weights, order_in_fit=False, position=weights.position / 4,
@@ -102,7 +106,7 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
     plan = _build_plan(found, near, source, target, src_graph.tracer, dst_graph.tracer)
     plan = dataclasses.replace(plan, hints=hints or Hints())
     inputs = example_inputs
-    if inputs is None and source.module is not None:
+    if inputs is None and source.module is not None and _cheap_to_run(target):
         inputs = dummy_inputs(source.module)
     if check_outputs and inputs is not None and source.module is not None and isinstance(
             dst, nn.Module):
@@ -142,6 +146,25 @@ def align_and_load(src: Any, dst: nn.Module, *, example_inputs: ExampleInputs = 
         return report
     check = run_verification(src, dst, verify, plan=plan)
     return dataclasses.replace(report, verification=check)
+
+
+AUTO_CHECK_LIMIT = 200_000_000  # elements: above this, outputs are checked only when asked
+
+
+def _cheap_to_run(target: TensorSource) -> bool:
+    """Whether to check outputs unasked (with the model's dummy inputs): not for a destination on
+    the meta device (the check would materialise it) nor for a large one."""
+    total = 0
+    for spec in target.specs.values():
+        if spec.device == "meta":
+            return False
+        total += math.prod(spec.shape)
+    return total <= AUTO_CHECK_LIMIT
+
+
+def _in_registration_order(graph: UnitGraph, source: TensorSource) -> list[Unit]:
+    """The traced units (with their probed layouts) in registration order."""
+    return [graph.units[u.key] for u in build_units(source)]
 
 
 def _left(features: list[UnitFeatures], found: list[UnitMatch], side: str) -> list[UnitFeatures]:

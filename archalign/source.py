@@ -34,6 +34,7 @@ class TensorSpec:
     key: str  # the name in the state_dict, e.g. "layer1.0.conv1.weight"
     shape: tuple[int, ...]  # the tensor's shape
     dtype: str  # str(torch.dtype), e.g. "torch.float32"
+    device: str = "cpu"  # device type of the tensor ("meta" has shapes but no values)
 
 
 @dataclass
@@ -298,7 +299,8 @@ def _specs_and_aliases(
             continue
         if ident is not None:
             seen[ident] = key
-        specs[key] = TensorSpec(key=key, shape=tuple(tensor.shape), dtype=str(tensor.dtype))
+        specs[key] = TensorSpec(key=key, shape=tuple(tensor.shape), dtype=str(tensor.dtype),
+                                device=tensor.device.type)
     return specs, aliases
 
 

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+import archalign
 from archalign.apply import apply_plan
 from archalign.errors import ApplyError, PlanError, SourceError
 from archalign.ops import Op
@@ -461,14 +462,38 @@ def test_match_with_unequal_key_counts_is_refused():
     assert unchanged(dst, before) == []
 
 
-def test_meta_destination_is_refused_before_any_write():
+def test_a_partly_meta_destination_is_materialised_where_loaded():
     src, dst = models()
-    dst.fc2 = nn.Linear(4, 2, device="meta")  # fc1 comes first in the plan and is materialised
-    before = snapshot(dst)
-    with pytest.raises(ApplyError, match=r"'fc2\.weight' is on the meta device"):
-        apply_plan(make_plan(src, dst), dst)
-    assert unchanged(dst, before) == []
-    assert not torch.equal(dst.fc1.weight, src.enc[0].weight)
+    dst.fc2 = nn.Linear(4, 2, device="meta")  # fc1 comes first in the plan and is real
+    apply_plan(make_plan(src, dst), dst, strict=True)
+    assert dst.fc2.weight.device.type == "cpu" and isinstance(dst.fc2.weight, nn.Parameter)
+    assert torch.equal(dst.fc2.weight, src.enc[2].weight)
+    assert torch.equal(dst.fc1.weight, src.enc[0].weight)
+
+
+def test_a_failed_write_puts_meta_tensors_back():
+    src, dst = models()
+    dst.fc1 = nn.Linear(3, 4, device="meta")
+    meta_weight = dst.fc1.weight
+    plan = make_plan(src, dst)
+    broken = Match(src=("enc.2.weight",), dst=("fc2.weight",), src_shapes=((2, 4),),
+                   dst_shapes=((2, 4),), confidence=1.0, costs=(), src_unit="enc.2",
+                   dst_unit="fc2", ops=(Op("regroup", groups=(2, 1)),))
+    plan = Plan(matches=(*plan.matches[:2], broken), source=plan.source)
+    real = archalign.apply.apply_ops
+
+    def failing(tensors, ops):  # type: ignore[no-untyped-def]
+        if ops:
+            raise RuntimeError("injected")
+        return real(tensors, ops)
+
+    archalign.apply.apply_ops = failing  # type: ignore[assignment]
+    try:
+        with pytest.raises(ApplyError, match="restored"):
+            apply_plan(plan, dst)
+    finally:
+        archalign.apply.apply_ops = real  # type: ignore[assignment]
+    assert dst.fc1.weight is meta_weight
 
 
 # --------------------------------------------------------------------------- bugs
@@ -501,3 +526,32 @@ def test_match_with_more_keys_than_shapes_is_refused():
     with pytest.raises(PlanError):
         apply_plan(Plan(matches=(bad,), source=read_source(src)), dst)
     assert unchanged(dst, before) == []
+
+
+# --------------------------------------------------------------------------- meta and lazy
+
+
+def test_a_meta_destination_is_materialised_once_with_ties_kept() -> None:
+    torch.manual_seed(0)
+    src = UntiedSrc()
+    with torch.device("meta"):
+        dst = TiedDst()
+    plan = archalign.align(src, dst)
+    report = plan.apply(dst, strict=True)
+    assert report.complete
+    assert dst.emb.weight.device.type == "cpu" and dst.head.weight is dst.emb.weight
+    assert not any(t.device.type == "meta" for t in dst.state_dict().values())
+    assert torch.equal(dst.emb.weight, src.embed.weight)
+    assert dst.emb.weight.data_ptr() != src.embed.weight.data_ptr()  # a copy, not the source's
+
+
+def test_a_lazy_safetensors_source_applies_tensor_by_tensor(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    src, dst = models()
+    path = tmp_path / "src.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    plan = archalign.align(path, dst)
+    assert plan.src_tracer == "sorted"
+    plan.apply(dst, strict=True)
+    assert plan.mapping() == {d: s for s, d in PAIRS}
+    for src_key, dst_key in PAIRS:
+        assert torch.equal(dst.state_dict()[dst_key], src.state_dict()[src_key])
