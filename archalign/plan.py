@@ -193,6 +193,16 @@ class Plan:
 
         save_html(self, path, title=title)
 
+    def convert_checkpoint(self, src: Any, out: str | os.PathLike[str], *,
+                           min_confidence: float = 0.5,
+                           max_shard_bytes: int = 2 * 1024**3) -> list[Path]:
+        """Write the converted checkpoint as (sharded) safetensors without building the model;
+        see `archalign.convert.convert_checkpoint`."""
+        from .convert import convert_checkpoint
+
+        return convert_checkpoint(self, src, out, min_confidence=min_confidence,
+                                  max_shard_bytes=max_shard_bytes)
+
     def to_records(self) -> list[dict[str, Any]]:
         """One flat dict per match (for ``pandas.DataFrame(plan.to_records())``)."""
         return [{"dst": ", ".join(m.dst), "src": ", ".join(m.src),

@@ -1,0 +1,106 @@
+"""Write a converted checkpoint straight to (sharded) safetensors, without building the model.
+
+The plan knows every destination key and shape; the source is read one tensor at a time (a
+``.safetensors`` or sharded source is lazy), so peak memory is about one output shard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import PlanError, UsageError
+from .ops import apply_ops
+from .plan import Plan
+from .source import read_source
+
+__all__ = ["convert_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+
+def convert_checkpoint(plan: Plan, src: Any, out: str | os.PathLike[str], *,
+                       min_confidence: float = 0.5, max_shard_bytes: int = 2 * 1024**3
+                       ) -> list[Path]:
+    """Convert ``src`` with ``plan`` into safetensors files under ``out``.
+
+    One file (``model.safetensors``) when everything fits in ``max_shard_bytes``; otherwise
+    ``model-0000k-of-0000n.safetensors`` shards and a Hugging Face
+    ``model.safetensors.index.json``. Only matches at or above ``min_confidence`` are written;
+    destination keys the plan does not load are absent (load with ``strict=False``).
+
+    Returns
+    -------
+    list of Path
+        The files written (the index last, when there is one).
+
+    Raises
+    ------
+    PlanError
+        If a source key or shape of the plan is not in ``src``.
+    UsageError
+        If ``max_shard_bytes`` is not positive.
+    """
+    from safetensors.torch import save_file
+
+    if max_shard_bytes <= 0:
+        raise UsageError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    source = read_source(src, role="source")
+    matches = [m for m in plan.matches if m.confidence >= min_confidence]
+    for match in matches:
+        for key, shape in zip(match.src, match.src_shapes):
+            spec = source.specs.get(source.aliases.get(key, key))
+            if spec is None or spec.shape != tuple(shape):
+                raise PlanError(f"the source has no tensor {key!r} of shape {tuple(shape)}")
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    written: list[Path] = []
+    for match in matches:
+        values = apply_ops([source.get(k) for k in match.src], match.ops)
+        for key, value in zip(match.dst, values):
+            nbytes = value.numel() * value.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                written.append(_flush(shards[-1], folder, len(shards), save_file))
+                shards.append({})
+                size = 0
+            shards[-1][key] = value.detach().contiguous()
+            size += nbytes
+    if len(shards) == 1:
+        path = folder / "model.safetensors"
+        save_file(shards[0], str(path), metadata={"format": "pt"})
+        return [path]
+    written.append(_flush(shards[-1], folder, len(shards), save_file))
+    total = len(written)
+    final: list[Path] = []
+    weight_map: dict[str, str] = {}
+    for n, temporary in enumerate(written, start=1):
+        name = f"model-{n:05d}-of-{total:05d}.safetensors"
+        target = folder / name
+        temporary.replace(target)
+        final.append(target)
+        from safetensors import safe_open
+
+        with safe_open(str(target), framework="pt") as handle:
+            weight_map.update(dict.fromkeys(handle.keys(), name))
+    index = folder / "model.safetensors.index.json"
+    total_size = sum(p.stat().st_size for p in final)
+    index.write_text(json.dumps({"metadata": {"total_size": total_size},
+                                 "weight_map": dict(sorted(weight_map.items()))}, indent=1) + "\n",
+                     encoding="utf-8")
+    logger.info("wrote %d shards and %s", total, index)
+    return [*final, index]
+
+
+def _flush(shard: dict[str, torch.Tensor], folder: Path, number: int, save_file: Any) -> Path:
+    path = folder / f".archalign-shard-{number:05d}.safetensors"
+    save_file(shard, str(path), metadata={"format": "pt"})
+    shard.clear()
+    return path
