@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -71,33 +71,67 @@ class CostMatrices(NamedTuple):
 
 def compute_costs(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
                   weights: CostWeights) -> CostMatrices:
-    """Cost of matching each source unit with each destination unit (shapes are not checked here)."""
-    n, m = len(src), len(dst)
-    type_cost = np.empty((n, m))
-    context = np.empty((n, m))
-    name = np.empty((n, m))
-    for i, s in enumerate(src):
-        for j, d in enumerate(dst):
-            if not (s.known_type and d.known_type):
-                type_cost[i, j] = (weights.unknown_type if s.family == d.family
-                                   else weights.other_family)
-            elif _canonical_type(s.unit.type_name) == _canonical_type(d.unit.type_name):
-                type_cost[i, j] = 0.0
-            elif s.family == d.family:
-                type_cost[i, j] = weights.same_family
-            else:
-                type_cost[i, j] = weights.other_family
-            context[i, j] = weights.context * (
-                1.0 - 0.5 * (_overlap(s.preds, d.preds) + _overlap(s.succs, d.succs)))
-            # the model's first and last layers are special: reading the input is a strong cue
-            context[i, j] += weights.boundary * (
-                ((INPUT in s.preds) != (INPUT in d.preds)) + ((OUTPUT in s.succs) != (OUTPUT in d.succs)))
-            name[i, j] = weights.name * (
-                1.0 - 0.5 * _jaccard(s.tokens, d.tokens) - 0.5 * (s.indices == d.indices))
-    src_pos = np.array([s.position for s in src])
-    dst_pos = np.array([d.position for d in dst])
+    """Cost of matching each source unit with each destination unit (shapes are not checked here).
+
+    Vectorised: each categorical feature (class, family, neighbour signatures, name tokens,
+    indices) is turned into ids, the pairwise term is computed once per pair of *distinct* values
+    (repeated blocks share them), and broadcast to the n x m matrix.
+    """
+    src_type = [_canonical_type(s.unit.type_name) for s in src]
+    dst_type = [_canonical_type(d.unit.type_name) for d in dst]
+    same_type = _equal(src_type, dst_type)
+    same_family = _equal([s.family for s in src], [d.family for d in dst])
+    known = (np.array([s.known_type for s in src], dtype=bool)[:, None]
+             & np.array([d.known_type for d in dst], dtype=bool)[None, :])
+    type_cost = np.where(
+        known,
+        np.where(same_type, 0.0, np.where(same_family, weights.same_family, weights.other_family)),
+        np.where(same_family, weights.unknown_type, weights.other_family))
+
+    preds = _pairwise([s.preds for s in src], [d.preds for d in dst], _overlap)
+    succs = _pairwise([s.succs for s in src], [d.succs for d in dst], _overlap)
+    context = weights.context * (1.0 - 0.5 * (preds + succs))
+    # the model's first and last layers are special: reading the input is a strong cue
+    src_in = np.array([INPUT in s.preds for s in src], dtype=bool)
+    dst_in = np.array([INPUT in d.preds for d in dst], dtype=bool)
+    src_out = np.array([OUTPUT in s.succs for s in src], dtype=bool)
+    dst_out = np.array([OUTPUT in d.succs for d in dst], dtype=bool)
+    context = context + weights.boundary * (
+        (src_in[:, None] != dst_in[None, :]).astype(float)
+        + (src_out[:, None] != dst_out[None, :]).astype(float))
+
+    tokens = _pairwise([s.tokens for s in src], [d.tokens for d in dst], _jaccard)
+    indices = _equal([s.indices for s in src], [d.indices for d in dst])
+    name = weights.name * (1.0 - 0.5 * tokens - 0.5 * indices)
+
+    src_pos = np.array([s.position for s in src], dtype=float)
+    dst_pos = np.array([d.position for d in dst], dtype=float)
     position = weights.position * np.log1p(np.abs(src_pos[:, None] - dst_pos[None, :]))
-    return CostMatrices(type=type_cost, position=position, context=context, name=name)
+    return CostMatrices(type=type_cost.reshape(len(src), len(dst)),
+                        position=position.reshape(len(src), len(dst)),
+                        context=context.reshape(len(src), len(dst)),
+                        name=name.reshape(len(src), len(dst)))
+
+
+def _ids(values: Sequence[Hashable], table: dict[Hashable, int]) -> np.ndarray:
+    return np.array([table.setdefault(v, len(table)) for v in values], dtype=np.int64)
+
+
+def _equal(a: Sequence[Hashable], b: Sequence[Hashable]) -> np.ndarray:
+    """``out[i, j] = a[i] == b[j]`` through ids."""
+    table: dict[Hashable, int] = {}
+    return _ids(a, table)[:, None] == _ids(b, table)[None, :]
+
+
+def _pairwise(a: Sequence[Any], b: Sequence[Any], fn: Callable[[Any, Any], float]) -> np.ndarray:
+    """``out[i, j] = fn(a[i], b[j])``, evaluated once per pair of distinct values."""
+    a_table: dict[Hashable, int] = {}
+    b_table: dict[Hashable, int] = {}
+    a_ids, b_ids = _ids(a, a_table), _ids(b, b_table)
+    a_values, b_values = list(a_table), list(b_table)
+    small = np.array([[fn(x, y) for y in b_values] for x in a_values], dtype=float)
+    small = small.reshape(len(a_values), len(b_values))
+    return small[a_ids[:, None], b_ids[None, :]]
 
 
 def _canonical_type(name: str) -> str:

@@ -236,10 +236,11 @@ def _forbid(total: np.ndarray, src: Sequence[UnitFeatures], dst: Sequence[UnitFe
             forbidden: Forbidden) -> np.ndarray:
     """``total`` with the forbidden pairs set to ``inf``."""
     if forbidden:
-        for i, s in enumerate(src):
-            for j, d in enumerate(dst):
-                if (s.unit.key, d.unit.key) in forbidden:
-                    total[i, j] = np.inf
+        rows = {f.unit.key: i for i, f in enumerate(src)}
+        cols = {f.unit.key: j for j, f in enumerate(dst)}
+        for s_key, d_key in forbidden:
+            if s_key in rows and d_key in cols:
+                total[rows[s_key], cols[d_key]] = np.inf
     return total
 
 
