@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from math import prod
 from typing import NamedTuple
 
@@ -108,9 +109,13 @@ def match_fused(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weight
     candidates = []
     for fused_is_dst in (True, False):
         singles, parts = (dst, src) if fused_is_dst else (src, dst)
-        groups = _candidate_groups(parts)
+        by_key: dict[object, list[tuple[UnitFeatures, ...]]] = defaultdict(list)
+        for group in _candidate_groups(parts):
+            key = _fused_key([g.unit for g in group])
+            if key is not None:
+                by_key[(group[0].family, key)].append(group)
         for single in singles:
-            for group in groups:
+            for group in by_key.get((single.family, _fused_key([single.unit])), ()):
                 if any(((p.unit.key, single.unit.key) if fused_is_dst
                         else (single.unit.key, p.unit.key)) in forbidden for p in group):
                     continue
@@ -119,67 +124,101 @@ def match_fused(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weight
                     continue
                 position = weights.position * np.log1p(
                     abs(single.position - float(np.mean([p.position for p in group]))))
-                type_cost = 0.0 if single.family == group[0].family else weights.other_family
-                structural = type_cost + position + weights.fused
+                structural = position + weights.fused
                 name = weights.name * (0.0 if single.tokens & group[0].tokens else 1.0)
                 src_side, dst_side = ((tuple(group), (single,)) if fused_is_dst
                                       else ((single,), tuple(group)))
-                terms = {"type": type_cost, "position": float(position), "name": name,
-                         "fused": weights.fused}
-                candidates.append((structural + name, structural, src_side, dst_side, pairs,
-                                   terms))
-    kept = list(existing)
+                candidates.append(_Candidate(
+                    total=structural + name, structural=structural, src=src_side, dst=dst_side,
+                    pairs=tuple(pairs), terms={"position": float(position), "name": name,
+                                               "fused": weights.fused}))
+    kept = {i: m for i, m in enumerate(existing)}
+    owner = {unit: i for i, m in kept.items() for unit in _units_of_match(m)}
     fused: list[UnitMatch] = []
-    taken: set[tuple[str, str]] = set()
     while candidates:
-        best = None
-        for cand in candidates:
-            delta = _adoption_delta(cand, kept, weights.unmatched)
-            if delta < 0 and (best is None or delta < best[0]):
-                best = (delta, cand)
-        if best is None:
+        deltas = [_adoption_delta(c, kept, owner, weights.unmatched) for c in candidates]
+        best_index = int(np.argmin(deltas))
+        delta = deltas[best_index]
+        if delta >= 0:
             break
-        delta, (_, structural, src_side, dst_side, pairs, cand_terms) = best
-        units = {("src", f.unit.key) for f in src_side} | {("dst", f.unit.key) for f in dst_side}
-        rivals = [_adoption_delta(c, kept, weights.unmatched) for c in candidates
-                  if c is not best[1] and _units_of(c) & units]
-        regret = min([-delta, *(r - delta for r in rivals)])
-        kept = [m for m in kept if not (_units_of_match(m) & units)]
-        taken |= units
-        candidates = [c for c in candidates if not (_units_of(c) & taken)]
-        shapes = [f.unit.shape_key for f in (src_side if len(src_side) > 1 else dst_side)]
+        best = candidates[best_index]
+        rivals = [d for c, d in zip(candidates, deltas)
+                  if c is not best and c.units & best.units]
+        regret = max(min([-delta, *(r - delta for r in rivals)]), 0.0)
+        for unit in best.units:
+            i = owner.pop(unit, None)
+            if i is not None and i in kept:
+                for other in _units_of_match(kept.pop(i)):
+                    owner.pop(other, None)
+        candidates = [c for c in candidates if not (c.units & best.units)]
+        shapes = [f.unit.shape_key for f in (best.src if len(best.src) > 1 else best.dst)]
         factor = ORDER_ONLY_GROUP if len(set(shapes)) < len(shapes) else 1.0
         fused.append(UnitMatch(
-            src=src_side, dst=dst_side,
-            terms={**cand_terms, "regret": float(max(regret, 0.0))},
-            confidence=confidence(structural, max(regret, 0.0)) * factor
-            * float(np.exp(-max(f.spread for f in src_side))), pairs=tuple(pairs)))
-    return kept, fused
+            src=best.src, dst=best.dst, terms={**best.terms, "regret": float(regret)},
+            confidence=confidence(best.structural, regret) * factor
+            * float(np.exp(-max(f.spread for f in best.src))), pairs=best.pairs))
+    return list(kept.values()), fused
 
 
-def _units_of(candidate: tuple) -> set[tuple[str, str]]:
-    _, _, src_side, dst_side, _, _ = candidate
-    return {("src", f.unit.key) for f in src_side} | {("dst", f.unit.key) for f in dst_side}
+_COST_TERMS = frozenset({"type", "position", "context", "name", "adapt", "fused", "shape"})
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A fused match that stage 3 may adopt."""
+
+    total: float  # its cost, names included
+    structural: float  # its cost without names (what its confidence rests on)
+    src: tuple[UnitFeatures, ...]  # source side (a group when the destination is fused)
+    dst: tuple[UnitFeatures, ...]  # destination side
+    pairs: tuple[TensorPair, ...]  # the tensors, paired
+    terms: dict[str, float] = field(hash=False)  # cost terms, for the plan
+
+    @property
+    def units(self) -> frozenset[tuple[str, str]]:
+        return frozenset({("src", f.unit.key) for f in self.src}
+                         | {("dst", f.unit.key) for f in self.dst})
 
 
 def _units_of_match(match: UnitMatch) -> set[tuple[str, str]]:
     return {("src", f.unit.key) for f in match.src} | {("dst", f.unit.key) for f in match.dst}
 
 
-def _adoption_delta(candidate: tuple, kept: Sequence[UnitMatch],
-                    unmatched: float) -> float:
+def _adoption_delta(candidate: _Candidate, kept: dict[int, UnitMatch],
+                    owner: dict[tuple[str, str], int], unmatched: float) -> float:
     """Change of the total cost if ``candidate`` replaced the matches it overlaps."""
-    units = _units_of(candidate)
-    delta = candidate[0]
+    units = candidate.units
+    delta = candidate.total
+    broken = {owner[u] for u in units if u in owner}
     covered: set[tuple[str, str]] = set()
-    for match in kept:
+    for i in broken:
+        match = kept[i]
         mine = _units_of_match(match)
-        if mine & units:
-            delta -= sum(v for k, v in match.terms.items() if k != "regret")
-            delta += unmatched * len(mine - units)  # partners left without a match
-            covered |= mine & units
+        delta -= sum(v for k, v in match.terms.items() if k in _COST_TERMS)
+        delta += unmatched * len(mine - units)  # partners left without a match
+        covered |= mine & units
     delta -= unmatched * len(units - covered)  # units that were unmatched and now are not
     return delta
+
+
+def _fused_key(units: Sequence[Unit]) -> tuple[tuple[str, tuple[tuple[int, ...], int]], ...] | None:
+    """Per tensor name: the trailing dimensions and the summed leading one, when the units could
+    be the axis-0 pieces of one tensor (None otherwise). A fused unit has the key of its pieces."""
+    names: list[str] | None = None
+    entries: dict[str, tuple[tuple[int, ...], int]] = {}
+    for unit in units:
+        local = [_canonical(n) for n in unit.local_names()]
+        if len(set(local)) != len(local) or (names is not None and sorted(local) != names):
+            return None
+        names = sorted(local)
+        for name, shape in zip(local, unit.canonical_shapes):
+            if not shape:
+                return None
+            trailing, rows = entries.get(name, (shape[1:], 0))
+            if trailing != shape[1:]:
+                return None
+            entries[name] = (trailing, rows + shape[0])
+    return tuple(sorted(entries.items()))
 
 
 def match_pinned(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
