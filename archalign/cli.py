@@ -112,12 +112,20 @@ def _models(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------- commands
 
-def _propose(args: argparse.Namespace, console: Console) -> int:
+def _aligned(args: argparse.Namespace, console: Console) -> tuple[Any, nn.Module, Plan]:
+    """Build both sides and align them, showing the current stage on a terminal."""
     from .pipeline import align
 
-    src, dst = load_source(args.src), build_model(args.dst)
-    plan = align(src, dst, example_inputs=parse_input(args.example, dst),
-                 check_outputs=not args.no_check)
+    with console.status("building the models", spinner="dots") as status:
+        src, dst = load_source(args.src), build_model(args.dst)
+        plan = align(src, dst, example_inputs=parse_input(args.example, dst),
+                     check_outputs=not args.no_check,
+                     progress=lambda stage: status.update(stage))
+    return src, dst, plan
+
+
+def _propose(args: argparse.Namespace, console: Console) -> int:
+    _, _, plan = _aligned(args, console)
     print_plan(plan, console, limit=args.limit)
     if args.output:
         plan.save(args.output)
@@ -178,11 +186,7 @@ def _export(args: argparse.Namespace, console: Console) -> int:
 
 
 def _report(args: argparse.Namespace, console: Console) -> int:
-    from .pipeline import align
-
-    src, dst = load_source(args.src), build_model(args.dst)
-    plan = align(src, dst, example_inputs=parse_input(args.example, dst),
-                 check_outputs=not args.no_check)
+    _, _, plan = _aligned(args, console)
     plan.to_html(args.output)
     console.print(f"saved {args.output}")
     return 0

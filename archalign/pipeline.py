@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
           hints: Hints | None = None, check_outputs: bool = True,
-          weights: CostWeights | None = None) -> Plan:
+          weights: CostWeights | None = None,
+          progress: Callable[[str], None] | None = None) -> Plan:
     """Propose how the source's tensors load into the destination; touches no weights.
 
     Parameters
@@ -62,6 +63,9 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
         outputs choose among the row layouts of fused projections. ``dst`` is never written.
     weights : CostWeights, optional
         The cost model's weights; the defaults suit most ports.
+    progress : callable, optional
+        Called with the name of each stage as it starts ("tracing the source", ...), e.g. to
+        show a progress line; the command line uses it.
 
     Returns
     -------
@@ -75,10 +79,14 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
         If a hint's pattern matches nothing, or a pin pairs different numbers of layers.
     """
     weights = weights or CostWeights()
+    step = progress or (lambda _stage: None)
+    step("reading the models")
     source = read_source(src, role="source")
     target = read_source(dst, role="destination")
 
+    step("tracing the source")
     src_traced = trace_graph(source, example_inputs)
+    step("tracing the destination")
     dst_traced = trace_graph(target, example_inputs)
     src_graph, dst_graph = harmonise_graphs(
         src_traced, dst_traced, _in_registration_order(src_traced, source),
@@ -88,7 +96,9 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
         weights = dataclasses.replace(weights, order_in_fit=False, position=weights.position / 4,
                                       context=weights.context / 4)
     rules = resolve_hints(hints, list(src_graph.units.values()), list(dst_graph.units.values()))
+    step("aligning the layer sequences")
     src_features, dst_features = extract_features(src_graph, dst_graph, anchors=rules.pins)
+    step("solving the assignment")
 
     found, near = match_pinned(src_features, dst_features, rules.pins)
     src_left = _left(src_features, found + near, "src")
@@ -110,6 +120,7 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
         inputs = dummy_inputs(source.module)
     if check_outputs and inputs is not None and source.module is not None and isinstance(
             dst, nn.Module):
+        step("checking the plan by running both models")
         plan = decide_by_activations(plan, source.module, dst, inputs)
     logger.info("aligned %s -> %s: %d matches, %d mismatches, %d destination keys unmatched",
                 source.description, target.description, len(plan.matches),

@@ -100,3 +100,10 @@ def test_parse_input() -> None:
     assert ids["input_ids"].shape == (2, 5) and int(ids["input_ids"].max()) < 100
     with pytest.raises(SourceError):
         parse_input("zeros:2", torch.nn.Linear(3, 3))
+
+
+def test_report_writes_a_self_contained_page(tmp_path: Path) -> None:
+    out = tmp_path / "report.html"
+    assert main(["report", SRC, DST, "-o", str(out), "--no-check"]) == 0
+    page = out.read_text()
+    assert "layer4.1.conv2" in page and "https://" not in page
