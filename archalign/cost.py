@@ -48,6 +48,8 @@ class CostWeights:
     unmatched: float = 1.25  # cost of leaving one unit unmatched (per side)
     order_in_fit: bool = True  # position and context count against a match's fit (False when the
     # order is no evidence: a .safetensors file stores its keys sorted)
+    order_trust: float = 1.0  # confidence factor of a match that beat rivals of its own kind on
+    # order alone; below 1 when the order is registration (or name) order, not execution order
 
 
 class CostMatrices(NamedTuple):
@@ -81,12 +83,16 @@ def compute_costs(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
     dst_type = [_canonical_type(d.unit.type_name) for d in dst]
     same_type = _equal(src_type, dst_type)
     same_family = _equal([s.family for s in src], [d.family for d in dst])
+    # a bare 2-d "weight" read from a file may be an embedding as well as a linear layer
+    src_2d = np.array([s.family in _TWO_D for s in src], dtype=bool)
+    dst_2d = np.array([d.family in _TWO_D for d in dst], dtype=bool)
+    guessable = same_family | (src_2d[:, None] & dst_2d[None, :])
     known = (np.array([s.known_type for s in src], dtype=bool)[:, None]
              & np.array([d.known_type for d in dst], dtype=bool)[None, :])
     type_cost = np.where(
         known,
         np.where(same_type, 0.0, np.where(same_family, weights.same_family, weights.other_family)),
-        np.where(same_family, weights.unknown_type, weights.other_family))
+        np.where(guessable, weights.unknown_type, weights.other_family))
 
     preds = _pairwise([s.preds for s in src], [d.preds for d in dst], _overlap)
     succs = _pairwise([s.succs for s in src], [d.succs for d in dst], _overlap)
@@ -111,6 +117,9 @@ def compute_costs(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
                         position=position.reshape(len(src), len(dst)),
                         context=context.reshape(len(src), len(dst)),
                         name=name.reshape(len(src), len(dst)))
+
+
+_TWO_D = frozenset({"linear", "embedding"})
 
 
 def _ids(values: Sequence[Hashable], table: dict[Hashable, int]) -> np.ndarray:

@@ -34,6 +34,9 @@ __all__ = ["AMBIGUOUS_INSIDE", "REGRET_SCALE", "TensorPair", "UnitMatch", "confi
 
 REGRET_SCALE = 0.25  # a regret of this size leaves ~63% of the margin factor; 4x that, ~98%
 AMBIGUOUS_INSIDE = 0.5  # factor when equal-shaped tensors inside a unit are paired by order only
+SAME_NAME_IN_TIE = 0.7  # where the alignment is ambiguous, a match between identically named
+SAME_NAME_MARGIN = 0.5  # layers keeps this much of its confidence, with this extra margin
+
 Forbidden = frozenset[tuple[str, str]]  # (source unit key, destination unit key) pairs
 
 ORDER_ONLY_GROUP = 0.8  # factor when equal-shaped members of a fused group are ordered by execution
@@ -328,11 +331,19 @@ def _collect(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], costs: Co
         # an uncertain position matters only against rivals of the same kind
         rivals = len(src) > 1 or len(dst) > 1
         spread = src[i].spread if rivals and weights.order_in_fit else 0.0
+        ambiguity = float(np.exp(-spread))
+        margin = float(regret)
         if spread:
             terms["spread"] = float(spread)
+            if src[i].unit.key == dst[j].unit.key:
+                # structure cannot tell, the very same name can: moderate, never certain
+                ambiguity = max(ambiguity, SAME_NAME_IN_TIE)
+                margin += SAME_NAME_MARGIN
+                terms["same_name"] = 1.0
+        trust = weights.order_trust if rivals else 1.0
         out.append(UnitMatch(src=(src[i],), dst=(dst[j],), terms=terms,
-                             confidence=confidence(float(structural[i, j]), float(regret))
-                             * float(np.exp(-spread)),
+                             confidence=confidence(float(structural[i, j]), margin)
+                             * ambiguity * trust,
                              pairs=tuple(pairs)))
     return out
 

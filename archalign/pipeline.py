@@ -94,7 +94,10 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
     if "sorted" in (src_graph.tracer, dst_graph.tracer):
         # positions are name order, not evidence: tie-breakers only, out of every confidence
         weights = dataclasses.replace(weights, order_in_fit=False, position=weights.position / 4,
-                                      context=weights.context / 4)
+                                      context=weights.context / 4, order_trust=ORDER_ONLY_TRUST)
+    elif {src_graph.tracer, dst_graph.tracer} & {"registration", "state_dict"}:
+        # registration order is not execution order: never certain between same-shaped layers
+        weights = dataclasses.replace(weights, order_trust=ORDER_ONLY_TRUST)
     rules = resolve_hints(hints, list(src_graph.units.values()), list(dst_graph.units.values()))
     step("aligning the layer sequences")
     src_features, dst_features = extract_features(src_graph, dst_graph, anchors=rules.pins)
@@ -158,6 +161,9 @@ def align_and_load(src: Any, dst: nn.Module, *, example_inputs: ExampleInputs = 
     check = run_verification(src, dst, verify, plan=plan)
     return dataclasses.replace(report, verification=check)
 
+
+ORDER_ONLY_TRUST = 0.85  # confidence factor between same-shaped rivals told apart by a non-
+# execution order (registration or names); keeps such matches below the "certain" 0.9
 
 AUTO_CHECK_LIMIT = 200_000_000  # elements: above this, outputs are checked only when asked
 

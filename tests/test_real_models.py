@@ -146,5 +146,8 @@ def test_deeper_to_shallower_takes_the_first_blocks_of_each_stage() -> None:
     truth = pair.truth(src, dst)
     for match in plan.matches:
         assert set(match.src) == set(truth[match.dst[0]]), match
-    # structure cannot tell which blocks of a deeper stage to keep: those rows are not certain
-    assert min(m.confidence for m in plan.matches) < 0.5
+    # structure cannot tell which blocks of a deeper stage to keep: those rows are never certain;
+    # the identical names break the tie, so they still load at the default threshold
+    ambiguous = [m for m in plan.matches if "spread" in m.cost_terms]
+    assert ambiguous and all(0.5 <= m.confidence < 0.9 for m in ambiguous)
+    assert all(m.cost_terms["same_name"] == 1.0 for m in ambiguous)
