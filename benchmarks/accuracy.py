@@ -131,6 +131,45 @@ def run_peer(pair: Pair, name: str, fn: Callable[..., Any]) -> Row:
                wrong_high, _diff(pair, src, dst, inputs), result.seconds)
 
 
+def ambiguity_reliability() -> list[tuple[float, bool]]:
+    """(confidence, correct) of every match on models with a layer deleted or inserted, where the
+    truth is known but structure alone often cannot find it (runs of identical layers)."""
+    out: list[tuple[float, bool]] = []
+    for depth in range(3, 8):
+        for k in range(depth):
+            for edit in ("delete", "insert"):
+                torch.manual_seed(depth * 10 + k)
+                widths = [6] + [8] * depth
+                if edit == "delete":
+                    new = widths[:k + 1] + widths[k + 2:] if k + 1 < len(widths) - 1 else None
+                else:
+                    new = [*widths[:k + 1], 8, *widths[k + 1:]]
+                if new is None or len(new) < 2:
+                    continue
+                src = nn.Sequential(*[nn.Linear(a, b) for a, b in itertools.pairwise(widths)])
+                dst = nn.Sequential(*[nn.Linear(a, b) for a, b in itertools.pairwise(new)])
+                plan = archalign.align(src, dst)
+                for match in plan.matches:
+                    s, d = int(match.src[0].split(".")[0]), int(match.dst[0].split(".")[0])
+                    if edit == "delete":
+                        truth = s if s < k + 1 else (s - 1 if s > k + 1 else -1)
+                    else:
+                        truth = s if s < k + 1 else s + 1
+                    out.append((match.confidence, d == truth))
+    return out
+
+
+def _reliability_table(pairs: list[tuple[float, bool]]) -> list[str]:
+    lines = ["| confidence | matches | correct | fraction correct |", "|---|---|---|---|"]
+    edges = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0001]
+    for lo, hi in itertools.pairwise(edges):
+        inside = [ok for c, ok in pairs if lo <= c < hi]
+        if inside:
+            lines.append(f"| [{lo:.1f}, {min(hi, 1.0):.1f}{']' if hi > 1 else ')'} | "
+                         f"{len(inside)} | {sum(inside)} | {sum(inside) / len(inside):.3f} |")
+    return lines
+
+
 def _fmt(row: Row) -> str:
     diff = "-" if row.diff is None else ("inf" if row.diff == float("inf") else f"{row.diff:.1e}")
     same = "-" if row.diff is None else ("yes" if row.reproduces else "NO")
@@ -173,13 +212,10 @@ def main() -> None:
             f"{sum(r.wrong for r in mine)} | {sum(r.wrong_high for r in mine)} | "
             f"{sum(bool(r.error) for r in mine)} |")
     lines += ["", "## archalign reliability (every proposed match, loaded or not)", "",
-              "| confidence | matches | correct | fraction correct |", "|---|---|---|---|"]
-    edges = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0001]
-    for lo, hi in itertools.pairwise(edges):
-        inside = [ok for c, ok in reliability if lo <= c < hi]
-        if inside:
-            lines.append(f"| [{lo:.1f}, {min(hi, 1.0):.1f}{']' if hi > 1 else ')'} | "
-                         f"{len(inside)} | {sum(inside)} | {sum(inside) / len(inside):.3f} |")
+              *_reliability_table(reliability)]
+    lines += ["", "## archalign reliability under ambiguity (MLPs of identical layers with one "
+              "layer deleted or inserted; the truth is the edit)", "",
+              *_reliability_table(ambiguity_reliability())]
     text = "\n".join(lines) + "\n"
     out = ROOT / "benchmarks" / "results" / "accuracy.md"
     out.parent.mkdir(parents=True, exist_ok=True)
