@@ -187,6 +187,8 @@ def _warp(src_units: list[Unit], dst_units: list[Unit], src_sig: dict[str, Signa
 
 
 GAP = 1.0  # cost of skipping one unit in the sequence alignment
+BAND_MIN = 64  # the alignment is computed in a band of this many units around the diagonal,
+BAND_FRACTION = 0.05  # plus this fraction of the longer sequence, plus the length difference
 _MOVE_DIAG, _MOVE_UP, _MOVE_LEFT = 0, 1, 2
 
 
@@ -199,7 +201,8 @@ def align_sequences(a: Sequence[Signature], b: Sequence[Signature]) -> list[tupl
     Among equal alignments the skipped units go last, so a deeper model's extra blocks at the end
     of a stage are the ones left out ("first N blocks"). Every aligned pair is returned (equal
     signatures and substitutions: both are positional correspondents). The dynamic program runs
-    row by row with numpy: O(len(a) * len(b)) time, one byte per cell of memory.
+    row by row with numpy inside a band around the diagonal (`BAND_MIN`, `BAND_FRACTION`):
+    O(len(a) * band) time, one byte per cell of memory.
     """
     n, m = len(a), len(b)
     if n == 0 or m == 0:
@@ -215,22 +218,35 @@ def align_sequences(a: Sequence[Signature], b: Sequence[Signature]) -> list[tupl
     moves[1:, 0] = _MOVE_UP
     cols = np.arange(m + 1, dtype=float)
     prev = GAP * cols
+    # only a band around the diagonal is computed: an alignment strays from it by at most the
+    # difference in length, plus local shifts
+    band = BAND_MIN + abs(n - m) + int(BAND_FRACTION * max(n, m))
     for i in range(1, n + 1):
-        differing = (b_main != a_main[i - 1]).sum(axis=1) / np.maximum(b_rank, 1)
-        similar = (b_fam == a_fam[i - 1]) & (b_rank == a_rank[i - 1])
-        sub = np.where(b_id == a_id[i - 1], 0.0,
+        centre = (i * m) // n
+        lo, hi = max(0, centre - band), min(m, centre + band)
+        first = max(lo, 1)  # columns first..hi can come diagonally from b[first-1..hi-1]
+        bs = slice(first - 1, hi)
+        differing = (b_main[bs] != a_main[i - 1]).sum(axis=1) / np.maximum(b_rank[bs], 1)
+        similar = (b_fam[bs] == a_fam[i - 1]) & (b_rank[bs] == a_rank[i - 1])
+        sub = np.where(b_id[bs] == a_id[i - 1], 0.0,
                        np.where(similar, GAP * (1.0 + 0.5 * differing), np.inf))
-        diag = np.full(m + 1, np.inf)
-        diag[1:] = prev[:-1] + sub
-        up = prev + GAP
+        width = hi - lo + 1
+        diag = np.full(width, np.inf)
+        diag[first - lo:] = prev[first - 1:hi] + sub
+        up = prev[lo:hi + 1] + GAP
         best = np.minimum(diag, up)
-        best[0] = GAP * i
-        # a run of left moves ending at j: left[j] = min_{k < j} (best[k] + GAP * (j - k))
-        left = np.full(m + 1, np.inf)
-        left[1:] = np.minimum.accumulate(best - GAP * cols)[:-1] + GAP * cols[1:]
-        row = np.minimum(best, left)
-        moves[i] = np.where(row == up, _MOVE_UP, np.where(row == left, _MOVE_LEFT, _MOVE_DIAG))
+        if lo == 0:
+            best[0] = GAP * i
+        # a run of left moves ending at j: left[j] = min_{lo <= k < j} (best[k] + GAP * (j - k))
+        window = cols[lo:hi + 1]
+        left = np.full(width, np.inf)
+        left[1:] = np.minimum.accumulate(best - GAP * window)[:-1] + GAP * window[1:]
+        row_band = np.minimum(best, left)
+        moves[i, lo:hi + 1] = np.where(row_band == up, _MOVE_UP,
+                                       np.where(row_band == left, _MOVE_LEFT, _MOVE_DIAG))
         moves[i, 0] = _MOVE_UP
+        row = np.full(m + 1, np.inf)
+        row[lo:hi + 1] = row_band
         prev = row
     pairs: list[tuple[int, int]] = []
     i, j = n, m

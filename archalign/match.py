@@ -34,6 +34,7 @@ __all__ = ["AMBIGUOUS_INSIDE", "REGRET_SCALE", "TensorPair", "UnitMatch", "confi
 
 REGRET_SCALE = 0.25  # a regret of this size leaves ~63% of the margin factor; 4x that, ~98%
 AMBIGUOUS_INSIDE = 0.5  # factor when equal-shaped tensors inside a unit are paired by order only
+FUSED_NEIGHBOURS = 3  # candidate groups per fused unit: the nearest ones in the aligned order
 SAME_NAME_IN_TIE = 0.7  # where the alignment is ambiguous, a match between identically named
 SAME_NAME_MARGIN = 0.5  # layers keeps this much of its confidence, with this extra margin
 
@@ -114,11 +115,18 @@ def match_fused(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weight
         singles, parts = (dst, src) if fused_is_dst else (src, dst)
         by_key: dict[object, list[tuple[UnitFeatures, ...]]] = defaultdict(list)
         for group in _candidate_groups(parts):
-            key = _fused_key([g.unit for g in group])
-            if key is not None:
-                by_key[(group[0].family, key)].append(group)
+            pieces = _fused_key([g.unit for g in group])
+            if pieces is not None:
+                by_key[(group[0].family, pieces)].append(group)
+        centres = {k: np.array([sum(p.position for p in g) / len(g) for g in groups])
+                   for k, groups in by_key.items()}
         for single in singles:
-            for group in by_key.get((single.family, _fused_key([single.unit])), ()):
+            wanted = (single.family, _fused_key([single.unit]))
+            if wanted not in by_key:
+                continue
+            distance = np.abs(centres[wanted] - single.position)
+            nearest = np.argsort(distance, kind="stable")[:FUSED_NEIGHBOURS]
+            for group in (by_key[wanted][int(g)] for g in nearest):
                 if any(((p.unit.key, single.unit.key) if fused_is_dst
                         else (single.unit.key, p.unit.key)) in forbidden for p in group):
                     continue
@@ -138,8 +146,8 @@ def match_fused(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weight
     kept = {i: m for i, m in enumerate(existing)}
     owner = {unit: i for i, m in kept.items() for unit in _units_of_match(m)}
     fused: list[UnitMatch] = []
+    deltas = [_adoption_delta(c, kept, owner, weights.unmatched) for c in candidates]
     while candidates:
-        deltas = [_adoption_delta(c, kept, owner, weights.unmatched) for c in candidates]
         best_index = int(np.argmin(deltas))
         delta = deltas[best_index]
         if delta >= 0:
@@ -148,12 +156,18 @@ def match_fused(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weight
         rivals = [d for c, d in zip(candidates, deltas)
                   if c is not best and c.units & best.units]
         regret = max(min([-delta, *(r - delta for r in rivals)]), 0.0)
+        affected = set(best.units)
         for unit in best.units:
             i = owner.pop(unit, None)
             if i is not None and i in kept:
                 for other in _units_of_match(kept.pop(i)):
                     owner.pop(other, None)
-        candidates = [c for c in candidates if not (c.units & best.units)]
+                    affected.add(other)
+        survivors = [(c, d) for c, d in zip(candidates, deltas) if not (c.units & best.units)]
+        candidates = [c for c, _ in survivors]
+        # only candidates touching a unit whose match changed have a new delta
+        deltas = [_adoption_delta(c, kept, owner, weights.unmatched) if c.units & affected else d
+                  for c, d in survivors]
         shapes = [f.unit.shape_key for f in (best.src if len(best.src) > 1 else best.dst)]
         factor = ORDER_ONLY_GROUP if len(set(shapes)) < len(shapes) else 1.0
         fused.append(UnitMatch(

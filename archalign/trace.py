@@ -286,8 +286,9 @@ def _trace_hooks(module: nn.Module, units: list[Unit], source: TensorSource,
             handle.remove()
         for name, m in modules.items():
             m.training = training[name]
+    by_key = {u.key: u for u in units}
     seen: dict[str, None] = dict.fromkeys(order)
-    ordered = [next(u for u in units if u.key == k) for k in seen]
+    ordered = [by_key[k] for k in seen]
     ordered += [u for u in units if u.key not in seen]
     return chain_graph(ordered, "hooks")
 
