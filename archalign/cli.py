@@ -22,7 +22,7 @@ from rich.table import Table
 from torch import nn
 
 from .errors import ApplyError, ArchalignError, SourceError
-from .plan import Plan, load_plan
+from .plan import Plan, describe_leftovers, load_plan
 
 __all__ = ["main"]
 
@@ -211,17 +211,9 @@ def print_plan(plan: Plan, console: Console, *, limit: int = 0) -> None:
     console.print(table)
     if limit and len(rows) > limit:
         console.print(f"... {len(rows) - limit} more rows (--limit 0 shows all)")
-    for mm in plan.mismatches:
-        console.print(f"[red]not loaded[/red] {', '.join(mm.dst)} <- {', '.join(mm.src)}: "
-                      f"{mm.reason}", markup=True, highlight=False)
-    mismatched = {k for mm in plan.mismatches for k in mm.dst}
-    lonely = [k for k in plan.unmatched_dst if k not in mismatched]
-    if lonely:
-        console.print(f"unmatched destination keys ({len(lonely)}): {', '.join(lonely)}")
-    used = {k for mm in plan.mismatches for k in mm.src}
-    spare = [k for k in plan.unmatched_src if k not in used]
-    if spare:
-        console.print(f"unused source keys ({len(spare)}): {', '.join(spare)}")
+    for line in describe_leftovers(plan):
+        console.print(line, style="red" if line.startswith("not loaded") else None,
+                      markup=False, highlight=False)
     if plan.verification:
         console.print(f"verification: {plan.verification}")
     console.print(f"[bold]{loaded} to load ({adapted} adapted), "

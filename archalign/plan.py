@@ -373,8 +373,15 @@ def format_plan(plan: Plan, *, limit: int | None = None) -> str:
     lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in body)
     if limit is not None and len(plan.matches) > limit:
         lines.append(f"... {len(plan.matches) - limit} more")
-    for mm in plan.mismatches:
-        lines.append(f"not loaded: {', '.join(mm.dst)} <- {', '.join(mm.src)}: {mm.reason}")
+    lines.extend(describe_leftovers(plan))
+    return "\n".join(lines)
+
+
+def describe_leftovers(plan: Plan) -> list[str]:
+    """Lines for what the plan does not load: mismatches with their reasons, then the
+    destination keys without counterpart and the source keys nothing uses."""
+    lines = [f"not loaded: {', '.join(mm.dst)} <- {', '.join(mm.src)}: {mm.reason}"
+             for mm in plan.mismatches]
     mismatched = {k for mm in plan.mismatches for k in mm.dst}
     lonely = [k for k in plan.unmatched_dst if k not in mismatched]
     if lonely:
@@ -383,7 +390,7 @@ def format_plan(plan: Plan, *, limit: int | None = None) -> str:
     spare = [k for k in plan.unmatched_src if k not in used]
     if spare:
         lines.append(f"unused source keys ({len(spare)}): {', '.join(spare)}")
-    return "\n".join(lines)
+    return lines
 
 
 def _colour(confidence: float) -> str:

@@ -12,30 +12,17 @@ from hypothesis import strategies as st
 from torch import nn
 
 import archalign
+from benchmarks.corpus import MLP, RenamedMLP
 from tests.models import SpecNet, make_layers, randomise_buffers
 
 # ---------------------------------------------------------------- the seed's three scenarios
 
 
-class Old(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(10, 8)
-        self.fc2 = nn.Linear(8, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
+def Old() -> nn.Module:  # seed scenario 2's source: fc1 (10 -> 8), fc2 (8 -> 5)
+    return MLP(10, 8, 5)
 
 
-class Renamed(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.first_layer = nn.Linear(10, 8)
-        self.fc2 = nn.Linear(8, 5)
-        self.fc3 = nn.Linear(5, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(torch.relu(self.fc2(torch.relu(self.first_layer(x)))))
+Renamed = RenamedMLP
 
 
 def mlp(*widths: int) -> nn.Sequential:
