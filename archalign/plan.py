@@ -106,12 +106,12 @@ class Plan:
     # ---------------------------------------------------------------- applying
     def apply(self, dst: nn.Module, src: Any = None, *, min_confidence: float = 0.5,
               strict: bool = False, shape_policy: str | Mapping[str, str] | None = None,
-              atomic: bool = True) -> LoadReport:
+              atomic: bool = True, check_finite: bool = True) -> LoadReport:
         """Load the planned tensors into ``dst``; see `archalign.apply.apply_plan`."""
         from .apply import apply_plan
 
         return apply_plan(self, dst, src, min_confidence=min_confidence, strict=strict,
-                          shape_policy=shape_policy, atomic=atomic)
+                          shape_policy=shape_policy, atomic=atomic, check_finite=check_finite)
 
     # ---------------------------------------------------------------- reviewing
     def pin(self, src: str, dst: str) -> Plan:

@@ -220,6 +220,11 @@ def test_nan_in_the_source_is_loaded_with_a_warning(caplog) -> None:  # type: ig
     report = archalign.align_and_load(src, dst)
     assert report.nonfinite == ("weight",)
     assert "NaN or Inf" in caplog.text and "WARNING: NaN/Inf loaded into: weight" in str(report)
+    assert archalign.align(src, dst).apply(dst, check_finite=False).nonfinite == ()
+    half = nn.Linear(300, 300).half()  # a finite half tensor whose half-precision sum overflows
+    with torch.no_grad():
+        half.weight.fill_(60000.0)
+    assert archalign.align_and_load(half, nn.Linear(300, 300).half()).nonfinite == ()
 
 
 def test_integer_destination_refuses_floats_and_quantized_sources_are_refused() -> None:
