@@ -190,6 +190,7 @@ def _trace_fx(module: nn.Module, units: list[Unit], source: TensorSource) -> Uni
     for alias, primary in source.aliases.items():
         unit_of_tensor[alias] = unit_of_tensor[primary]
 
+    units_inside = _units_by_module(units)
     order: list[str] = []
     edges: list[tuple[str, str]] = []
     # frontier[n]: the units whose outputs reach fx node n through parameter-free operations
@@ -213,7 +214,7 @@ def _trace_fx(module: nn.Module, units: list[Unit], source: TensorSource) -> Uni
             if key not in order:
                 pending.setdefault(key)
             frontier[node] = frozenset({key})
-        elif node.op == "call_module" and (inside := _units_inside(str(node.target), units)):
+        elif node.op == "call_module" and (inside := units_inside.get(str(node.target), [])):
             edges.extend((a, inside[0]) for a in feeding)
             edges.extend(pairwise(inside))
             order.extend(inside)
@@ -253,12 +254,18 @@ def _is_metadata(node: fx.Node) -> bool:
     return False
 
 
-def _units_inside(path: str, units: list[Unit]) -> list[str]:
-    """Units owned by the leaf module at ``path`` (itself and its children), in registration order."""
-    prefix = path + "."
-    return [u.key for u in units
-            if u.key == path or (u.key.startswith(prefix) and u.type_name != "Parameter")] + [
-        u.key for u in units if u.type_name == "Parameter" and u.key.startswith(prefix)]
+def _units_by_module(units: list[Unit]) -> dict[str, list[str]]:
+    """Module path -> the units it owns (itself and its children), in registration order: layers
+    first, then free tensors inside it. One pass over the units and their ancestors."""
+    layers: dict[str, list[str]] = {}
+    free: dict[str, list[str]] = {}
+    for u in units:
+        parts = u.key.split(".")
+        is_free = u.type_name == "Parameter"
+        # a layer belongs to itself and its ancestors; a free tensor to its owner's ancestors
+        for depth in range(1, len(parts) + (0 if is_free else 1)):
+            (free if is_free else layers).setdefault(".".join(parts[:depth]), []).append(u.key)
+    return {path: layers.get(path, []) + free.get(path, []) for path in {*layers, *free}}
 
 
 def _trace_hooks(module: nn.Module, units: list[Unit], source: TensorSource,
