@@ -1087,8 +1087,11 @@ def growth(rows: list[AlignRow]) -> dict[str, Growth]:
     """`Growth` per plot family with at least three completed (non-vision) points."""
     out = {}
     for family in dict.fromkeys(r.case.family for r in rows):
-        points = sorted((r.n_src, r.cold) for r in rows if r.case.family == family
-                        and r.cold and r.n_src and r.case.kind != "vision")
+        by_size: dict[int, list[float]] = {}  # both directions of a pair: one point, their mean
+        for r in rows:
+            if r.case.family == family and r.cold and r.n_src and r.case.kind != "vision":
+                by_size.setdefault(r.n_src, []).append(r.cold)
+        points = sorted((n, statistics.fmean(ts)) for n, ts in by_size.items())
         if len(points) < 3:
             continue
         logs = [(math.log(n), math.log(t)) for n, t in points]
