@@ -389,3 +389,11 @@ def test_a_broken_index_names_the_missing_shard(tmp_path: Path) -> None:
     index.write_text("{not json")
     with pytest.raises(SourceError, match="cannot read"):
         read_source(index)
+
+
+def test_shards_merged_in_shard_order_count_as_unordered() -> None:
+    keys = [f"layers.{i}.{n}" for i in range(12) for n in ("weight", "bias")]
+    merged = [k for chunk in (keys[:12], keys[12:]) for k in sorted(chunk)]
+    source = read_source({k: torch.zeros(1) for k in merged})
+    assert source.ordered is False
+    assert read_source({k: torch.zeros(1) for k in keys}).ordered is True  # registration order
