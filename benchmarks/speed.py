@@ -45,7 +45,8 @@ Results: a summary on stdout, ``benchmarks/results/speed.md`` (all tables and th
 
 Run: ``python benchmarks/speed.py`` (the plot needs ``pip install matplotlib``). Options:
 ``--timeout`` seconds per align case (default 120), ``--profile-budget`` (default 60), ``--only
-align,apply,memory``, ``--cases resnet50,llama7b,...``. About 15 minutes on 2 CPU cores.
+align,apply,memory``, ``--cases resnet50,llama7b,...``. 8-13 minutes on 2 CPU cores (more when a
+case runs into its time limit).
 """
 
 from __future__ import annotations
@@ -528,6 +529,7 @@ class StageTimer:
 
 
 def _setup_torch() -> None:
+    """Two intra-op threads (the machine has two cores) and a fixed seed."""
     import torch
 
     torch.set_num_threads(2)
@@ -888,6 +890,7 @@ def worker_main(args: argparse.Namespace) -> None:
 
 
 def _align_case(name: str) -> AlignCase:
+    """The align case called ``name``."""
     return next(c for c in ALIGN_CASES if c.name == name)
 
 
@@ -906,6 +909,7 @@ class WorkerRun:
     stderr_tail: str = ""
 
     def first(self, kind: str) -> dict[str, Any] | None:
+        """The first event of ``kind``, if any."""
         return next((e for e in self.events if e["event"] == kind), None)
 
 
@@ -1017,6 +1021,7 @@ def collect_align(case: AlignCase, run: WorkerRun) -> AlignRow:
 
 
 def _fmt_s(x: float | None) -> str:
+    """Seconds for a table cell: three decimals below 10 s, one above; "-" for none."""
     if x is None:
         return "-"
     return f"{x:.3f}" if x < 10 else f"{x:.1f}"
@@ -1159,6 +1164,7 @@ def plot(rows: list[AlignRow], path: Path) -> str:
 
 
 def _mib(n_bytes: float) -> str:
+    """Bytes as whole MiB with thousands separators."""
     return f"{n_bytes / 2 ** 20:,.0f}"
 
 
@@ -1172,6 +1178,7 @@ def _source_digest(package: Path) -> str:
 
 
 def _git(*args: str) -> str:
+    """Output of a read-only git command in the checkout ("?" without git)."""
     try:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT,
                               check=False).stdout.strip()
@@ -1180,6 +1187,7 @@ def _git(*args: str) -> str:
 
 
 def _versions() -> str:
+    """Versions of the libraries that matter, read in a subprocess (this one stays light)."""
     code = ("import torch, transformers, timm, torchvision, numpy, scipy, networkx; "
             "print(f'torch {torch.__version__}, transformers {transformers.__version__}, "
             "timm {timm.__version__}, torchvision {torchvision.__version__}, "
