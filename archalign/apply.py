@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from .policies import choose_policy, resize
 from .report import Adapted, LoadReport, Skipped
 from .source import TensorSource, read_source
 
-__all__ = ["apply_plan"]
+__all__ = ["apply_plan", "split_by_confidence"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +72,7 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
     """
     if not isinstance(dst, nn.Module):
         raise SourceError(f"the destination must be an nn.Module, got {type(dst).__name__}")
-    if not 0.0 <= min_confidence <= 1.0:
-        raise UsageError(f"min_confidence must lie in [0, 1], got {min_confidence}")
+    to_load, skipped = split_by_confidence(plan.matches, min_confidence)
     source = read_source(src, role="source") if src is not None else plan.source
     if source is None:
         raise PlanError("this plan does not carry its source (it was loaded from a file): "
@@ -81,14 +80,6 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
     target = read_source(dst, role="destination")
     _check_plan(plan, source, target)
 
-    to_load: list[Match] = []
-    skipped: list[Skipped] = []
-    for match in plan.matches:
-        if match.confidence < min_confidence:
-            reason = f"confidence {match.confidence:.2f} < min_confidence {min_confidence:.2f}"
-            skipped.extend(Skipped(d, ", ".join(match.src), reason) for d in match.dst)
-        else:
-            to_load.append(match)
     by_policy: list[tuple[Mismatch, str]] = []
     for mm in plan.mismatches:
         policy = choose_policy(shape_policy, mm.dst[0])
@@ -135,6 +126,28 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
     )
     logger.info("%s", str(report).splitlines()[0])
     return report
+
+
+def split_by_confidence(matches: Sequence[Match], min_confidence: float
+                        ) -> tuple[list[Match], list[Skipped]]:
+    """The matches to load, and a `Skipped` for every destination key of the others.
+
+    Raises
+    ------
+    UsageError
+        If ``min_confidence`` lies outside [0, 1].
+    """
+    if not 0.0 <= min_confidence <= 1.0:
+        raise UsageError(f"min_confidence must lie in [0, 1], got {min_confidence}")
+    to_load: list[Match] = []
+    skipped: list[Skipped] = []
+    for match in matches:
+        if match.confidence < min_confidence:
+            reason = f"confidence {match.confidence:.2f} < min_confidence {min_confidence:.2f}"
+            skipped.extend(Skipped(d, ", ".join(match.src), reason) for d in match.dst)
+        else:
+            to_load.append(match)
+    return to_load, skipped
 
 
 def _refuse_unwritable(matches: list[Match], by_policy: list[tuple[Mismatch, str]],

@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import PlanError, UsageError
+from .apply import split_by_confidence
+from .errors import PlanError
 from .ops import apply_ops
 from .plan import Plan
-from .report import Adapted, LoadReport, Skipped
+from .report import Adapted, LoadReport
 from .source import read_source
 
 __all__ = ["load_distributed_checkpoint"]
@@ -45,12 +46,10 @@ def load_distributed_checkpoint(plan: Plan, dst: nn.Module, checkpoint_id: str |
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
 
-    if not 0.0 <= min_confidence <= 1.0:
-        raise UsageError(f"min_confidence must lie in [0, 1], got {min_confidence}")
+    matches, skipped = split_by_confidence(plan.matches, min_confidence)
     reader = FileSystemReader(str(checkpoint_id))
     metadata = reader.read_metadata().state_dict_metadata
     target = read_source(dst, role="destination")
-    matches = [m for m in plan.matches if m.confidence >= min_confidence]
     problems = []
     for match in matches:
         for key, shape in zip(match.src, match.src_shapes):
@@ -83,13 +82,10 @@ def load_distributed_checkpoint(plan: Plan, dst: nn.Module, checkpoint_id: str |
                 target.get(key).copy_(value)
 
     loaded = tuple(k for m in matches for k in m.dst)
-    skipped = tuple(Skipped(k, ", ".join(m.src),
-                            f"confidence {m.confidence:.2f} < min_confidence {min_confidence:.2f}")
-                    for m in plan.matches if m.confidence < min_confidence for k in m.dst)
     loaded_set = {target.aliases.get(k, k) for k in loaded}
     used = {k for m in matches for k in m.src}
     return LoadReport(
-        loaded=loaded, skipped=skipped,
+        loaded=loaded, skipped=tuple(skipped),
         missing=tuple(k for k in target.specs if k not in loaded_set),
         unexpected=tuple(k for k in metadata if k not in used),
         tied=tuple(sorted(target.aliases.items())),

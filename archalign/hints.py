@@ -15,7 +15,7 @@ from typing import Any
 from .errors import AlignError, PlanError
 from .graph import Unit
 
-__all__ = ["Hints", "ResolvedHints", "resolve_hints"]
+__all__ = ["Hints", "ResolvedHints", "covers", "resolve_hints"]
 
 
 @dataclass(frozen=True)
@@ -97,10 +97,15 @@ def resolve_hints(hints: Hints | None, src_units: Sequence[Unit],
     return ResolvedHints(pins=tuple(pins), forbidden=forbidden, dropped=dropped)
 
 
+def covers(pattern: str, unit_key: str, tensors: Sequence[str]) -> bool:
+    """Whether a hint pattern names this layer: its key, a container around it, or one of its
+    tensors."""
+    return (fnmatchcase(unit_key, pattern) or fnmatchcase(unit_key, pattern + ".*")
+            or any(fnmatchcase(t, pattern) or fnmatchcase(t, pattern + ".*") for t in tensors))
+
+
 def _covered(pattern: str, units: Sequence[Unit], role: str) -> list[str]:
-    found = [u.key for u in units
-             if fnmatchcase(u.key, pattern) or fnmatchcase(u.key, pattern + ".*")
-             or any(fnmatchcase(t, pattern) for t in u.tensors)]
+    found = [u.key for u in units if covers(pattern, u.key, u.tensors)]
     if not found:
         raise AlignError(f"the {role} pattern {pattern!r} matches no layer or tensor; check the "
                          f"key (e.g. one of {', '.join(u.key for u in units[:3])}, ...)")

@@ -14,12 +14,11 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import PlanError
-from .hints import Hints
+from .hints import Hints, covers
 from .ops import Op, invert_ops
 
 if TYPE_CHECKING:
@@ -134,9 +133,7 @@ class Plan:
         Also removes the matches of ``dst`` from this plan right away, so that applying it
         without re-solving already leaves those tensors alone.
         """
-        keep = tuple(m for m in self.matches
-                     if not any(fnmatchcase(k, dst) or fnmatchcase(m.dst_unit, dst)
-                                or fnmatchcase(k, dst + ".*") for k in m.dst))
+        keep = tuple(m for m in self.matches if not covers(dst, m.dst_unit, m.dst))
         dropped = tuple(k for m in self.matches if m not in keep for k in m.dst)
         return dataclasses.replace(
             self, matches=keep, unmatched_dst=(*self.unmatched_dst, *dropped),

@@ -24,8 +24,8 @@ from torch import nn
 from .graph import INPUT, OUTPUT, Unit, UnitGraph, build_units, chain_graph, natural_key, ordered_graph
 from .source import TensorSource
 
-__all__ = ["ExampleInputs", "device_of", "dummy_inputs", "harmonise_graphs", "probe_layouts", "split_inputs",
-           "trace_graph"]
+__all__ = ["ExampleInputs", "device_of", "dummy_inputs", "harmonise_graphs", "probe_layouts",
+           "run_in_eval", "split_inputs", "trace_graph"]
 
 logger = logging.getLogger(__name__)
 
@@ -282,22 +282,30 @@ def _trace_hooks(module: nn.Module, units: list[Unit], source: TensorSource,
         if target is None:
             continue
         handles.append(target.register_forward_pre_hook(_recorder(order, keys)))
-    training = {name: m.training for name, m in modules.items()}
-    args, kwargs = split_inputs(inputs, device_of(module))
     try:
-        module.eval()
-        with torch.no_grad():
-            module(*args, **kwargs)
+        run_in_eval(module, inputs)
     finally:
         for handle in handles:
             handle.remove()
-        for name, m in modules.items():
-            m.training = training[name]
     by_key = {u.key: u for u in units}
     seen: dict[str, None] = dict.fromkeys(order)
     ordered = [by_key[k] for k in seen]
     ordered += [u for u in units if u.key not in seen]
     return chain_graph(ordered, "hooks")
+
+
+def run_in_eval(module: nn.Module, inputs: Any) -> Any:
+    """Run ``module`` once on example inputs in eval mode without gradients; every submodule's
+    training flag is put back afterwards."""
+    args, kwargs = split_inputs(inputs, device_of(module))
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()
+        with torch.no_grad():
+            return module(*args, **kwargs)
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _recorder(order: list[str], keys: list[str]) -> Callable[[nn.Module, Any], None]:

@@ -19,7 +19,7 @@ from torch import nn
 from .errors import SourceError
 from .ops import Op
 from .plan import Match, Plan
-from .trace import ExampleInputs, device_of, split_inputs
+from .trace import ExampleInputs, run_in_eval
 
 __all__ = ["Divergence", "Verification", "decide_by_activations", "verify"]
 
@@ -91,8 +91,8 @@ def verify(src: nn.Module, dst: nn.Module, example_inputs: ExampleInputs, *,
             raise SourceError(f"verify needs the {role} as an nn.Module, got {type(model).__name__}")
     if example_inputs is None:
         raise SourceError("verify needs example_inputs: an input both models accept")
-    src_out = _run(src, example_inputs)
-    dst_out = _run(dst, example_inputs)
+    src_out = run_in_eval(src, example_inputs)
+    dst_out = run_in_eval(dst, example_inputs)
     diff, count, scale, problem = _compare(src_out, dst_out)
     tolerance = atol + rtol * scale
     ok = not problem and count > 0 and diff <= tolerance
@@ -104,18 +104,6 @@ def verify(src: nn.Module, dst: nn.Module, example_inputs: ExampleInputs, *,
                           problem=problem or ("" if count else "no tensor outputs to compare"))
     logger.info("%s", result)
     return result
-
-
-def _run(model: nn.Module, inputs: Any) -> Any:
-    args, kwargs = split_inputs(inputs, device_of(model))
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            return model(*args, **kwargs)
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def _leaves(value: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
@@ -171,8 +159,8 @@ def _first_divergence(src: nn.Module, dst: nn.Module, inputs: Any, plan: Plan,
         handles.append(src_modules[s].register_forward_hook(_capture(captured_src, s, None)))
         handles.append(dst_modules[d].register_forward_hook(_capture(captured_dst, d, order)))
     try:
-        _run(src, inputs)
-        _run(dst, inputs)
+        run_in_eval(src, inputs)
+        run_in_eval(dst, inputs)
     finally:
         for h in handles:
             h.remove()
