@@ -25,10 +25,13 @@ import numpy as np
 from .features import TYPE_ALIASES, UnitFeatures
 from .graph import INPUT, OUTPUT
 
-__all__ = ["COST_TERMS", "INCOMPATIBLE", "CostMatrices", "CostWeights", "compute_costs",
-           "shape_distance"]
+__all__ = ["COST_TERMS", "INCOMPATIBLE", "RECORDED_COST_TERMS", "CostMatrices", "CostWeights",
+           "compute_costs", "shape_distance"]
 
-COST_TERMS = ("type", "position", "context", "name")
+COST_TERMS = ("type", "position", "context", "name")  # the matrices of `CostMatrices`
+# every term that adds to a match's cost as recorded in a plan: the stages add "adapt", "fused"
+# and, for near misses, "shape" to the four matrices
+RECORDED_COST_TERMS = frozenset({*COST_TERMS, "adapt", "fused", "shape"})
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from .cost import CostMatrices, CostWeights, compute_costs, shape_distance
+from .cost import RECORDED_COST_TERMS, CostMatrices, CostWeights, compute_costs, shape_distance
 from .features import UnitFeatures
 from .graph import Unit
 from .ops import Op, derive_ops
@@ -177,9 +177,6 @@ def match_fused(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weight
     return list(kept.values()), fused
 
 
-_COST_TERMS = frozenset({"type", "position", "context", "name", "adapt", "fused", "shape"})
-
-
 @dataclass(frozen=True)
 class _Candidate:
     """A fused match that stage 3 may adopt."""
@@ -211,7 +208,7 @@ def _adoption_delta(candidate: _Candidate, kept: dict[int, UnitMatch],
     for i in broken:
         match = kept[i]
         mine = _units_of_match(match)
-        delta -= sum(v for k, v in match.terms.items() if k in _COST_TERMS)
+        delta -= sum(v for k, v in match.terms.items() if k in RECORDED_COST_TERMS)
         delta += unmatched * len(mine - units)  # partners left without a match
         covered |= mine & units
     delta -= unmatched * len(units - covered)  # units that were unmatched and now are not
