@@ -56,7 +56,8 @@ class CostWeights:
 
 
 class CostMatrices(NamedTuple):
-    """One matrix per cost term, rows = source units, columns = destination units."""
+    """One matrix per cost term, rows = source units, columns = destination units (or, for a
+    sparse problem, one 1-d array per term, an entry per candidate pair)."""
 
     type: np.ndarray  # module class / family disagreement
     position: np.ndarray  # warped execution-order distance
@@ -75,30 +76,43 @@ class CostMatrices(NamedTuple):
 
 
 def compute_costs(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
-                  weights: CostWeights) -> CostMatrices:
-    """Cost of matching each source unit with each destination unit (shapes are not checked here).
+                  weights: CostWeights, pairs: tuple[np.ndarray, np.ndarray] | None = None
+                  ) -> CostMatrices:
+    """Cost of matching source units with destination units (shapes are not checked here).
 
     Vectorised: each categorical feature (class, family, neighbour signatures, name tokens,
     indices) is turned into ids, the pairwise term is computed once per pair of *distinct* values
-    (repeated blocks share them), and broadcast to the n x m matrix.
+    (repeated blocks share them), and gathered for the pairs wanted.
+
+    Parameters
+    ----------
+    pairs : (ndarray, ndarray), optional
+        Row (source) and column (destination) indices of the pairs wanted, two 1-d arrays of one
+        length: the matrices are then 1-d, one entry per pair (a sparse problem). By default
+        every pair: n x m matrices.
     """
+    if pairs is None:
+        rows: np.ndarray = np.arange(len(src))[:, None]
+        cols: np.ndarray = np.arange(len(dst))[None, :]
+    else:
+        rows, cols = np.asarray(pairs[0], dtype=np.int64), np.asarray(pairs[1], dtype=np.int64)
     src_type = [_canonical_type(s.unit.type_name) for s in src]
     dst_type = [_canonical_type(d.unit.type_name) for d in dst]
-    same_type = _equal(src_type, dst_type)
-    same_family = _equal([s.family for s in src], [d.family for d in dst])
+    same_type = _equal(src_type, dst_type, rows, cols)
+    same_family = _equal([s.family for s in src], [d.family for d in dst], rows, cols)
     # a bare 2-d "weight" read from a file may be an embedding as well as a linear layer
     src_2d = np.array([s.family in _TWO_D for s in src], dtype=bool)
     dst_2d = np.array([d.family in _TWO_D for d in dst], dtype=bool)
-    guessable = same_family | (src_2d[:, None] & dst_2d[None, :])
-    known = (np.array([s.known_type for s in src], dtype=bool)[:, None]
-             & np.array([d.known_type for d in dst], dtype=bool)[None, :])
+    guessable = same_family | (src_2d[rows] & dst_2d[cols])
+    known = (np.array([s.known_type for s in src], dtype=bool)[rows]
+             & np.array([d.known_type for d in dst], dtype=bool)[cols])
     type_cost = np.where(
         known,
         np.where(same_type, 0.0, np.where(same_family, weights.same_family, weights.other_family)),
         np.where(guessable, weights.unknown_type, weights.other_family))
 
-    preds = _pairwise([s.preds for s in src], [d.preds for d in dst], _overlap)
-    succs = _pairwise([s.succs for s in src], [d.succs for d in dst], _overlap)
+    preds = _pairwise([s.preds for s in src], [d.preds for d in dst], _overlap, rows, cols)
+    succs = _pairwise([s.succs for s in src], [d.succs for d in dst], _overlap, rows, cols)
     context = weights.context * (1.0 - 0.5 * (preds + succs))
     # the model's first and last layers are special: reading the input is a strong cue
     src_in = np.array([INPUT in s.preds for s in src], dtype=bool)
@@ -106,20 +120,17 @@ def compute_costs(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
     src_out = np.array([OUTPUT in s.succs for s in src], dtype=bool)
     dst_out = np.array([OUTPUT in d.succs for d in dst], dtype=bool)
     context = context + weights.boundary * (
-        (src_in[:, None] != dst_in[None, :]).astype(float)
-        + (src_out[:, None] != dst_out[None, :]).astype(float))
+        (src_in[rows] != dst_in[cols]).astype(float)
+        + (src_out[rows] != dst_out[cols]).astype(float))
 
-    tokens = _pairwise([s.tokens for s in src], [d.tokens for d in dst], _jaccard)
-    indices = _equal([s.indices for s in src], [d.indices for d in dst])
+    tokens = _pairwise([s.tokens for s in src], [d.tokens for d in dst], _jaccard, rows, cols)
+    indices = _equal([s.indices for s in src], [d.indices for d in dst], rows, cols)
     name = weights.name * (1.0 - 0.5 * tokens - 0.5 * indices)
 
     src_pos = np.array([s.position for s in src], dtype=float)
     dst_pos = np.array([d.position for d in dst], dtype=float)
-    position = weights.position * np.log1p(np.abs(src_pos[:, None] - dst_pos[None, :]))
-    return CostMatrices(type=type_cost.reshape(len(src), len(dst)),
-                        position=position.reshape(len(src), len(dst)),
-                        context=context.reshape(len(src), len(dst)),
-                        name=name.reshape(len(src), len(dst)))
+    position = weights.position * np.log1p(np.abs(src_pos[rows] - dst_pos[cols]))
+    return CostMatrices(type=type_cost, position=position, context=context, name=name)
 
 
 _TWO_D = frozenset({"linear", "embedding"})
@@ -129,21 +140,23 @@ def _ids(values: Sequence[Hashable], table: dict[Hashable, int]) -> np.ndarray:
     return np.array([table.setdefault(v, len(table)) for v in values], dtype=np.int64)
 
 
-def _equal(a: Sequence[Hashable], b: Sequence[Hashable]) -> np.ndarray:
-    """``out[i, j] = a[i] == b[j]`` through ids."""
+def _equal(a: Sequence[Hashable], b: Sequence[Hashable], rows: np.ndarray, cols: np.ndarray
+           ) -> np.ndarray:
+    """``out = a[rows] == b[cols]`` through ids (rows and cols broadcast against each other)."""
     table: dict[Hashable, int] = {}
-    return _ids(a, table)[:, None] == _ids(b, table)[None, :]
+    return _ids(a, table)[rows] == _ids(b, table)[cols]
 
 
-def _pairwise(a: Sequence[Any], b: Sequence[Any], fn: Callable[[Any, Any], float]) -> np.ndarray:
-    """``out[i, j] = fn(a[i], b[j])``, evaluated once per pair of distinct values."""
+def _pairwise(a: Sequence[Any], b: Sequence[Any], fn: Callable[[Any, Any], float],
+              rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``out = fn(a[rows], b[cols])``, evaluated once per pair of distinct values."""
     a_table: dict[Hashable, int] = {}
     b_table: dict[Hashable, int] = {}
     a_ids, b_ids = _ids(a, a_table), _ids(b, b_table)
     a_values, b_values = list(a_table), list(b_table)
     small = np.array([[fn(x, y) for y in b_values] for x in a_values], dtype=float)
     small = small.reshape(len(a_values), len(b_values))
-    return small[a_ids[:, None], b_ids[None, :]]
+    return small[a_ids[rows], b_ids[cols]]
 
 
 def _canonical_type(name: str) -> str:

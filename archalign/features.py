@@ -202,8 +202,21 @@ def align_sequences(a: Sequence[Signature], b: Sequence[Signature]) -> list[tupl
     of a stage are the ones left out ("first N blocks"). Every aligned pair is returned (equal
     signatures and substitutions: both are positional correspondents). The dynamic program runs
     row by row with numpy inside a band around the diagonal (`BAND_MIN`, `BAND_FRACTION`):
-    O(len(a) * band) time, one byte per cell of memory.
+    O(len(a) * band) time, one byte per cell of memory. A common prefix is aligned first, pair
+    by pair: an optimal alignment pairs it, and pairing it puts the gaps as late as they can go
+    (two models that differ only in names never reach the dynamic program).
     """
+    head = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        head += 1
+    return [(k, k) for k in range(head)] + [
+        (head + i, head + j) for i, j in _align_rest(a[head:], b[head:])]
+
+
+def _align_rest(a: Sequence[Signature], b: Sequence[Signature]) -> list[tuple[int, int]]:
+    """`align_sequences` by dynamic programming (in a band around the diagonal)."""
     n, m = len(a), len(b)
     if n == 0 or m == 0:
         return []

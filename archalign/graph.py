@@ -12,6 +12,7 @@ import itertools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import networkx as nx
 
@@ -39,19 +40,23 @@ class Unit:
     def is_transposed(self, index: int) -> bool:
         return bool(self.transposed) and self.transposed[index]
 
-    @property
+    @cached_property
     def canonical_shapes(self) -> tuple[Shape, ...]:
         """Shapes in the ``(out, in)`` convention: a transposed weight is counted as nn.Linear's."""
         return tuple((s[1], s[0], *s[2:]) if self.is_transposed(i) else s
                      for i, s in enumerate(self.shapes))
 
-    @property
+    @cached_property
     def shape_key(self) -> tuple[Shape, ...]:
         """The sorted canonical shapes: units match without adaptation only when these agree."""
         return tuple(sorted(self.canonical_shapes))
 
     def local_names(self) -> tuple[str, ...]:
         """Tensor names relative to the unit (``weight``, ``running_mean``, ...)."""
+        return self._local_names
+
+    @cached_property
+    def _local_names(self) -> tuple[str, ...]:
         prefix = len(self.key) + 1 if self.key and len(self.tensors) > 1 else None
         if prefix is None:
             return tuple(t.rpartition(".")[2] for t in self.tensors)

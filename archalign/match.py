@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from math import prod
 from typing import NamedTuple
 
@@ -26,7 +27,7 @@ from .cost import RECORDED_COST_TERMS, CostMatrices, CostWeights, compute_costs,
 from .features import UnitFeatures
 from .graph import Unit
 from .ops import Op, derive_ops
-from .solve import solve_assignment
+from .solve import Assignment, solve_assignment, solve_sparse_assignment
 
 __all__ = ["AMBIGUOUS_INSIDE", "REGRET_SCALE", "TensorPair", "UnitMatch", "confidence",
            "match_adapted", "match_fused", "match_near_misses", "match_pinned", "match_units",
@@ -40,6 +41,8 @@ SAME_NAME_MARGIN = 0.5  # layers keeps this much of its confidence, with this ex
 
 Forbidden = frozenset[tuple[str, str]]  # (source unit key, destination unit key) pairs
 
+SPARSE_ABOVE = 250_000  # a class with more candidate pairs than this is solved sparse,
+SPARSE_WINDOW = 16  # over the pairs within this many units of each other's aligned position
 ORDER_ONLY_GROUP = 0.8  # factor when equal-shaped members of a fused group are ordered by execution
 
 
@@ -114,59 +117,63 @@ def match_fused(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weight
     for fused_is_dst in (True, False):
         singles, parts = (dst, src) if fused_is_dst else (src, dst)
         by_key: dict[object, list[tuple[UnitFeatures, ...]]] = defaultdict(list)
+        layouts: dict[tuple[object, ...], object] = {}  # groups of one layout share a key
         for group in _candidate_groups(parts):
-            pieces = _fused_key([g.unit for g in group])
+            layout = tuple((g.unit.local_names(), g.unit.canonical_shapes) for g in group)
+            if layout not in layouts:
+                layouts[layout] = _fused_key([g.unit for g in group])
+            pieces = layouts[layout]
             if pieces is not None:
                 by_key[(group[0].family, pieces)].append(group)
-        centres = {k: np.array([sum(p.position for p in g) / len(g) for g in groups])
+        nearest = {k: _Nearest(np.array([sum(p.position for p in g) / len(g) for g in groups]))
                    for k, groups in by_key.items()}
+        keys: dict[tuple[object, ...], object] = {}  # units of one layout share their fused key
         for single in singles:
-            wanted = (single.family, _fused_key([single.unit]))
+            own = (single.family, single.unit.local_names(), single.unit.canonical_shapes)
+            if own not in keys:
+                keys[own] = (single.family, _fused_key([single.unit]))
+            wanted = keys[own]
             if wanted not in by_key:
                 continue
-            distance = np.abs(centres[wanted] - single.position)
-            nearest = np.argsort(distance, kind="stable")[:FUSED_NEIGHBOURS]
-            for group in (by_key[wanted][int(g)] for g in nearest):
+            for g in nearest[wanted].around(single.position, FUSED_NEIGHBOURS):
+                group = by_key[wanted][g]
                 if any(((p.unit.key, single.unit.key) if fused_is_dst
                         else (single.unit.key, p.unit.key)) in forbidden for p in group):
                     continue
-                pairs = _fused_pairs(single.unit, [p.unit for p in group], fused_is_dst)
-                if pairs is None:
-                    continue
                 position = weights.position * np.log1p(
-                    abs(single.position - float(np.mean([p.position for p in group]))))
+                    abs(single.position - sum(p.position for p in group) / len(group)))
                 structural = position + weights.fused
                 name = weights.name * (0.0 if single.tokens & group[0].tokens else 1.0)
                 src_side, dst_side = ((tuple(group), (single,)) if fused_is_dst
                                       else ((single,), tuple(group)))
                 candidates.append(_Candidate(
                     total=structural + name, structural=structural, src=src_side, dst=dst_side,
-                    pairs=tuple(pairs), terms={"position": float(position), "name": name,
-                                               "fused": weights.fused}))
-    kept = {i: m for i, m in enumerate(existing)}
-    owner = {unit: i for i, m in kept.items() for unit in _units_of_match(m)}
+                    fused_is_dst=fused_is_dst,
+                    terms={"position": float(position), "name": name, "fused": weights.fused}))
+    kept = _Kept(existing)
     fused: list[UnitMatch] = []
-    deltas = [_adoption_delta(c, kept, owner, weights.unmatched) for c in candidates]
+    deltas = [_adoption_delta(c, kept, weights.unmatched) for c in candidates]
     while candidates:
         best_index = int(np.argmin(deltas))
         delta = deltas[best_index]
         if delta >= 0:
             break
         best = candidates[best_index]
+        if best.pairs is None:  # its tensors do not pair after all: never a candidate
+            del candidates[best_index], deltas[best_index]
+            continue
         rivals = [d for c, d in zip(candidates, deltas)
-                  if c is not best and c.units & best.units]
+                  if c is not best and c.units & best.units and c.pairs is not None]
         regret = max(min([-delta, *(r - delta for r in rivals)]), 0.0)
         affected = set(best.units)
         for unit in best.units:
-            i = owner.pop(unit, None)
-            if i is not None and i in kept:
-                for other in _units_of_match(kept.pop(i)):
-                    owner.pop(other, None)
-                    affected.add(other)
+            i = kept.owner.get(unit)
+            if i is not None:
+                affected |= _units_of_match(kept.pop(i))
         survivors = [(c, d) for c, d in zip(candidates, deltas) if not (c.units & best.units)]
         candidates = [c for c, _ in survivors]
         # only candidates touching a unit whose match changed have a new delta
-        deltas = [_adoption_delta(c, kept, owner, weights.unmatched) if c.units & affected else d
+        deltas = [_adoption_delta(c, kept, weights.unmatched) if c.units & affected else d
                   for c, d in survivors]
         shapes = [f.unit.shape_key for f in (best.src if len(best.src) > 1 else best.dst)]
         factor = ORDER_ONLY_GROUP if len(set(shapes)) < len(shapes) else 1.0
@@ -174,7 +181,23 @@ def match_fused(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weight
             src=best.src, dst=best.dst, terms={**best.terms, "regret": float(regret)},
             confidence=confidence(best.structural, regret) * factor
             * float(np.exp(-max(f.spread for f in best.src))), pairs=best.pairs))
-    return list(kept.values()), fused
+    return list(kept.matches.values()), fused
+
+
+class _Nearest:
+    """The groups nearest to a position, by their centres (sorted once, then bisected)."""
+
+    def __init__(self, centres: np.ndarray) -> None:
+        self.centres = centres  # each group's mean position, in the groups' order
+        self.order = np.argsort(centres, kind="stable")  # groups by centre
+        self.ranked = centres[self.order]  # the centres, ascending
+
+    def around(self, position: float, k: int) -> list[int]:
+        """The ``k`` groups nearest to ``position``, nearest first (ties: the earlier group)."""
+        at = int(np.searchsorted(self.ranked, position))
+        window = self.order[max(at - 2 * k, 0):at + 2 * k]
+        distance = np.abs(self.centres[window] - position)
+        return [int(g) for _, g in sorted(zip(distance.tolist(), window.tolist()))[:k]]
 
 
 @dataclass(frozen=True)
@@ -185,33 +208,57 @@ class _Candidate:
     structural: float  # its cost without names (what its confidence rests on)
     src: tuple[UnitFeatures, ...]  # source side (a group when the destination is fused)
     dst: tuple[UnitFeatures, ...]  # destination side
-    pairs: tuple[TensorPair, ...]  # the tensors, paired
+    fused_is_dst: bool  # True: the destination is the fused unit (a concat), else a split
     terms: dict[str, float] = field(hash=False)  # cost terms, for the plan
 
-    @property
+    @cached_property
     def units(self) -> frozenset[tuple[str, str]]:
         return frozenset({("src", f.unit.key) for f in self.src}
                          | {("dst", f.unit.key) for f in self.dst})
+
+    @cached_property
+    def pairs(self) -> tuple[TensorPair, ...] | None:
+        """The tensors, paired; None when they do not pair (computed for the few that get
+        near adoption, not for every candidate)."""
+        single, group = (self.dst[0], self.src) if self.fused_is_dst else (self.src[0], self.dst)
+        pairs = _fused_pairs(single.unit, [p.unit for p in group], self.fused_is_dst)
+        return None if pairs is None else tuple(pairs)
 
 
 def _units_of_match(match: UnitMatch) -> set[tuple[str, str]]:
     return {("src", f.unit.key) for f in match.src} | {("dst", f.unit.key) for f in match.dst}
 
 
-def _adoption_delta(candidate: _Candidate, kept: dict[int, UnitMatch],
-                    owner: dict[tuple[str, str], int], unmatched: float) -> float:
+class _Kept:
+    """The matches stage 3 may still break, with what `_adoption_delta` needs of each."""
+
+    def __init__(self, matches: Sequence[UnitMatch]) -> None:
+        self.matches = dict(enumerate(matches))  # index -> a surviving match
+        self.units = {i: _units_of_match(m) for i, m in self.matches.items()}  # its units
+        self.cost = {i: sum(v for k, v in m.terms.items() if k in RECORDED_COST_TERMS)
+                     for i, m in self.matches.items()}  # what it costs, as the plan records it
+        self.owner = {u: i for i, units in self.units.items() for u in units}  # unit -> match
+
+    def pop(self, i: int) -> UnitMatch:
+        """Break match ``i``: its units are unmatched from now on."""
+        for unit in self.units.pop(i):
+            self.owner.pop(unit, None)
+        del self.cost[i]
+        return self.matches.pop(i)
+
+
+def _adoption_delta(candidate: _Candidate, kept: _Kept, unmatched: float) -> float:
     """Change of the total cost if ``candidate`` replaced the matches it overlaps."""
     units = candidate.units
     delta = candidate.total
-    broken = {owner[u] for u in units if u in owner}
-    covered: set[tuple[str, str]] = set()
+    broken = {kept.owner[u] for u in units if u in kept.owner}
+    covered = 0
     for i in broken:
-        match = kept[i]
-        mine = _units_of_match(match)
-        delta -= sum(v for k, v in match.terms.items() if k in RECORDED_COST_TERMS)
-        delta += unmatched * len(mine - units)  # partners left without a match
-        covered |= mine & units
-    delta -= unmatched * len(units - covered)  # units that were unmatched and now are not
+        mine = kept.units[i]
+        inside = len(mine & units)
+        delta += unmatched * (len(mine) - inside) - kept.cost[i]  # partners left without a match
+        covered += inside
+    delta -= unmatched * (len(units) - covered)  # units that were unmatched and now are not
     return delta
 
 
@@ -309,6 +356,9 @@ def _by_class(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weights:
     for rows, cols in classes.values():
         if not (rows and cols):
             continue
+        if len(rows) * len(cols) > SPARSE_ABOVE:
+            found.extend(_solve_class_sparse(rows, cols, weights, mode, forbidden))
+            continue
         costs = compute_costs(rows, cols, weights)
         if mode == "exact":
             total = _forbid(costs.total(), rows, cols, forbidden)
@@ -323,21 +373,95 @@ def _by_class(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weights:
     return found
 
 
+def _solve_class_sparse(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
+                        weights: CostWeights, mode: str, forbidden: Forbidden) -> list[UnitMatch]:
+    """One large class (thousands of experts' projections), solved over candidate pairs only:
+    the `SPARSE_WINDOW` units on either side of each unit's position, from both sides, plus pairs
+    with the very same key. A pair outside every window is far apart in the aligned order and
+    costs at least the position term of the window's edge; regrets are capped by that bound."""
+    rows, cols, beyond = _candidate_pairs(src, dst, weights)
+    if forbidden:
+        src_keys = [f.unit.key for f in src]
+        dst_keys = [f.unit.key for f in dst]
+        keep = np.array([(src_keys[i], dst_keys[j]) not in forbidden for i, j in zip(rows, cols)],
+                        dtype=bool)
+        rows, cols = rows[keep], cols[keep]
+    costs = compute_costs(src, dst, weights, pairs=(rows, cols))
+    total = costs.total()
+    extra: tuple[str, np.ndarray] | None = None
+    if mode != "exact":
+        fits = np.array([pair_tensors(src[i].unit, dst[j].unit, mode) is not None
+                         for i, j in zip(rows, cols)], dtype=bool)
+        rows, cols = rows[fits], cols[fits]
+        costs = CostMatrices(*(term[fits] for term in costs))
+        extra = ("adapt", np.full(rows.size, weights.adapt))
+        total = costs.total() + extra[1]
+    solved = solve_sparse_assignment(rows, cols, total, (len(src), len(dst)), weights.unmatched,
+                                     beyond=beyond)
+    edge = {(int(i), int(j)): e for e, (i, j) in enumerate(zip(rows, cols))}
+    at: list[int | tuple[int, int]] = [edge[int(i), int(j)]
+                                       for i, j in zip(solved.rows, solved.cols)]
+    return _matches(src, dst, costs, solved, at, weights, mode, extra)
+
+
+def _candidate_pairs(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
+                     weights: CostWeights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidate (row, column) pairs of a sparse class, sorted, and per row the lowest cost any
+    other pair can have (its position term at the nearest column outside the row's window)."""
+    src_pos = np.array([f.position for f in src], dtype=float)
+    dst_pos = np.array([f.position for f in dst], dtype=float)
+    found_rows, found_cols = [], []
+    beyond = np.full(len(src), np.inf)
+    for side, (mine, theirs) in enumerate(((src_pos, dst_pos), (dst_pos, src_pos))):
+        order = np.argsort(theirs, kind="stable")
+        ranked = theirs[order]
+        at = np.searchsorted(ranked, mine)
+        lo = np.clip(at - SPARSE_WINDOW, 0, len(theirs))
+        hi = np.clip(at + SPARSE_WINDOW, 0, len(theirs))
+        spots = lo[:, None] + np.arange(2 * SPARSE_WINDOW)[None, :]
+        inside = spots < hi[:, None]
+        own = np.broadcast_to(np.arange(len(mine))[:, None], spots.shape)[inside]
+        other = order[spots[inside]]
+        found_rows.append(own if side == 0 else other)
+        found_cols.append(other if side == 0 else own)
+        if side == 0:
+            below = np.where(lo > 0, mine - ranked[np.maximum(lo - 1, 0)], np.inf)
+            above = np.where(hi < len(theirs), ranked[np.minimum(hi, len(theirs) - 1)] - mine,
+                             np.inf)
+            beyond = weights.position * np.log1p(np.minimum(below, above))
+    by_key = {f.unit.key: j for j, f in enumerate(dst)}
+    same = [(i, by_key[f.unit.key]) for i, f in enumerate(src) if f.unit.key in by_key]
+    if same:
+        found_rows.append(np.array([i for i, _ in same]))
+        found_cols.append(np.array([j for _, j in same]))
+    code = np.unique(np.concatenate(found_rows) * len(dst) + np.concatenate(found_cols))
+    return code // len(dst), code % len(dst), beyond
+
+
 def _collect(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], costs: CostMatrices,
              total: np.ndarray, weights: CostWeights, mode: str,
              extra: tuple[str, np.ndarray] | None = None) -> list[UnitMatch]:
     solved = solve_assignment(total, weights.unmatched)
+    at: list[int | tuple[int, int]] = [(int(i), int(j)) for i, j in zip(solved.rows, solved.cols)]
+    return _matches(src, dst, costs, solved, at, weights, mode, extra)
+
+
+def _matches(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], costs: CostMatrices,
+             solved: Assignment, at: Sequence[int | tuple[int, int]], weights: CostWeights,
+             mode: str, extra: tuple[str, np.ndarray] | None) -> list[UnitMatch]:
+    """The `UnitMatch` of each solved pair; ``at`` indexes the pair in the cost arrays (``(i, j)``
+    in a dense matrix, a candidate's position in a sparse problem's arrays)."""
     structural = costs.structural(weights.order_in_fit) + (
         extra[1] if extra is not None else 0.0)
     out = []
-    for i, j, regret in zip(solved.rows, solved.cols, solved.regret):
+    for i, j, regret, k in zip(solved.rows, solved.cols, solved.regret, at):
         pairs = pair_tensors(src[i].unit, dst[j].unit, mode)
         if pairs is None:
             continue
-        terms = {"type": float(costs.type[i, j]), "position": float(costs.position[i, j]),
-                 "context": float(costs.context[i, j]), "name": float(costs.name[i, j])}
+        terms = {"type": float(costs.type[k]), "position": float(costs.position[k]),
+                 "context": float(costs.context[k]), "name": float(costs.name[k])}
         if extra is not None:
-            terms[extra[0]] = float(extra[1][i, j])
+            terms[extra[0]] = float(extra[1][k])
         terms["regret"] = float(regret)
         # an uncertain position matters only against rivals of the same kind
         rivals = len(src) > 1 or len(dst) > 1
@@ -353,7 +477,7 @@ def _collect(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], costs: Co
                 terms["same_name"] = 1.0
         trust = weights.order_trust if rivals else 1.0
         out.append(UnitMatch(src=(src[i],), dst=(dst[j],), terms=terms,
-                             confidence=confidence(float(structural[i, j]), margin)
+                             confidence=confidence(float(structural[k]), margin)
                              * ambiguity * trust,
                              pairs=tuple(pairs)))
     return out
@@ -430,17 +554,18 @@ def _canonical(name: str) -> str:
 def _candidate_groups(parts: Sequence[UnitFeatures]) -> list[tuple[UnitFeatures, ...]]:
     """Runs of 2-4 units, consecutive in execution order, that could be one fused tensor."""
     ordered = sorted(parts, key=lambda f: f.rank)
+    names = [tuple(sorted(_canonical(n) for n in f.unit.local_names())) for f in ordered]
     groups = []
     for start in range(len(ordered)):
+        first = ordered[start]
+        if first.family not in ("linear", "conv"):
+            continue
         for length in (2, 3, 4):
             group = tuple(ordered[start:start + length])
-            if len(group) < length or group[-1].rank - group[0].rank > length + 1:
+            if len(group) < length or group[-1].rank - first.rank > length + 1:
                 break
-            first = group[0].unit
-            names = sorted(_canonical(n) for n in first.local_names())
-            if any(g.family != group[0].family or g.family not in ("linear", "conv")
-                   or sorted(_canonical(n) for n in g.unit.local_names()) != names
-                   for g in group):
+            last = start + length - 1
+            if ordered[last].family != first.family or names[last] != names[start]:
                 break
             groups.append(group)
     return groups

@@ -8,6 +8,11 @@ The rectangular cost matrix is embedded in a square one (rows ``0..n-1`` are sou
 
 so a pair is kept only when its cost is below ``2 u``. Row and column order are those of the
 caller, and the result is deterministic for a given matrix.
+
+Large problems are solved sparse (`solve_sparse_assignment`): only candidate pairs are edges, the
+dummies are one edge per row and per column, and the zero block keeps just the transposed
+candidate pattern (enough for every matching of candidate pairs to complete), so the work grows
+with the number of candidate pairs instead of ``n * m``.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse import coo_array
+from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
-__all__ = ["Assignment", "solve_assignment"]
+__all__ = ["Assignment", "solve_assignment", "solve_sparse_assignment"]
 
 
 @dataclass(frozen=True)
@@ -100,4 +107,120 @@ def _regret(cost: np.ndarray, rows: np.ndarray, cols: np.ndarray, unmatched: flo
         np.fill_diagonal(swap, np.inf)
         swap = np.where(np.isnan(swap), np.inf, swap)
         regret = np.minimum(regret, swap.min(axis=1))
+    return np.maximum(regret, 0.0)
+
+
+def solve_sparse_assignment(rows: np.ndarray, cols: np.ndarray, cost: np.ndarray,
+                            shape: tuple[int, int], unmatched: float,
+                            beyond: np.ndarray | None = None) -> Assignment:
+    """`solve_assignment` restricted to candidate pairs (scipy's sparse LAPJV).
+
+    Parameters
+    ----------
+    rows, cols : ndarray of int
+        Row and column index of each candidate pair (no duplicates).
+    cost : ndarray of float
+        Cost of each candidate pair, finite; leave forbidden pairs out.
+    shape : (int, int)
+        Number of rows and columns of the whole problem.
+    unmatched : float
+        The price of leaving one row or one column unmatched (> 0).
+    beyond : ndarray of float, optional
+        Per row, a lower bound of the cost of any pair that is not a candidate: a pair's regret
+        never exceeds the price of giving its row such a partner, so that a margin is never
+        claimed against alternatives that were not looked at.
+
+    Returns
+    -------
+    Assignment
+        Pairs sorted by row, with the regrets of `solve_assignment` computed over the candidate
+        pairs (a swap counts when both of its new pairs are candidates).
+
+    Raises
+    ------
+    ValueError
+        If the arrays disagree in length, a cost is not finite, an index lies outside ``shape``
+        or ``unmatched`` is not positive.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    cols = np.asarray(cols, dtype=np.int64)
+    cost = np.asarray(cost, dtype=float)
+    n, m = shape
+    if not rows.shape == cols.shape == cost.shape or rows.ndim != 1:
+        raise ValueError(f"rows, cols and cost must be 1-d arrays of one length, got shapes "
+                         f"{rows.shape}, {cols.shape} and {cost.shape}")
+    if not np.isfinite(cost).all():
+        raise ValueError("cost holds NaN or inf; leave forbidden pairs out of a sparse problem")
+    if rows.size and (rows.min() < 0 or rows.max() >= n or cols.min() < 0 or cols.max() >= m):
+        raise ValueError(f"a candidate pair lies outside the {n} x {m} problem")
+    if not unmatched > 0:
+        raise ValueError(f"unmatched must be > 0, got {unmatched}")
+    empty = np.zeros(0, dtype=np.int64)
+    if rows.size == 0:
+        return Assignment(rows=empty, cols=empty, regret=np.zeros(0))
+    # the solver takes no zero weights: every full matching has n + m edges, so a constant
+    # added to every edge changes no choice
+    shift = 1.0
+    r_ids = np.arange(n)
+    c_ids = np.arange(m)
+    graph = coo_array(
+        (np.concatenate([cost + shift, np.full(n, unmatched + shift),
+                         np.full(m, unmatched + shift), np.full(rows.size, shift)]),
+         (np.concatenate([rows, r_ids, n + c_ids, n + cols]),
+          np.concatenate([cols, m + r_ids, c_ids, m + rows]))),
+        shape=(n + m, m + n)).tocsr()
+    left, right = min_weight_full_bipartite_matching(graph)
+    real = (left < n) & (right < m)
+    chosen_rows, chosen_cols = left[real].astype(np.int64), right[real].astype(np.int64)
+    order = np.argsort(chosen_rows, kind="stable")
+    chosen_rows, chosen_cols = chosen_rows[order], chosen_cols[order]
+    regret = _sparse_regret(rows, cols, cost, shape, chosen_rows, chosen_cols, unmatched)
+    if beyond is not None:
+        edge = _edge_index(rows, cols, m)
+        chosen_cost = cost[edge[np.searchsorted(edge[:, 0], chosen_rows * m + chosen_cols), 1]]
+        regret = np.minimum(regret, np.maximum(beyond[chosen_rows] - chosen_cost, 0.0))
+    return Assignment(rows=chosen_rows, cols=chosen_cols, regret=regret)
+
+
+def _edge_index(rows: np.ndarray, cols: np.ndarray, m: int) -> np.ndarray:
+    """(code, position) of every candidate pair sorted by code = row * m + col: a lookup table."""
+    code = rows * m + cols
+    order = np.argsort(code, kind="stable")
+    return np.stack([code[order], order], axis=1)
+
+
+def _sparse_regret(rows: np.ndarray, cols: np.ndarray, cost: np.ndarray, shape: tuple[int, int],
+                   chosen_rows: np.ndarray, chosen_cols: np.ndarray, unmatched: float
+                   ) -> np.ndarray:
+    """`_regret` over candidate pairs only, one vectorised pass over the edges."""
+    n, m = shape
+    table = _edge_index(rows, cols, m)
+
+    def lookup(r: np.ndarray, c: np.ndarray) -> np.ndarray:
+        """Cost of pairs (r, c); inf where (r, c) is not a candidate."""
+        code = r * m + c
+        at = np.minimum(np.searchsorted(table[:, 0], code), len(table) - 1)
+        found = table[at, 0] == code
+        return np.where(found, cost[table[at, 1]], np.inf)
+
+    k = chosen_rows.size
+    partner_of_row = np.full(n, -1, dtype=np.int64)
+    partner_of_row[chosen_rows] = np.arange(k)
+    partner_of_col = np.full(m, -1, dtype=np.int64)
+    partner_of_col[chosen_cols] = np.arange(k)
+    chosen = lookup(chosen_rows, chosen_cols)
+    regret = 2 * unmatched - chosen
+    pair_of_edge_row = partner_of_row[rows]  # the pair whose row this edge leaves from
+    pair_of_edge_col = partner_of_col[cols]  # the pair whose column this edge enters
+    # the row takes a free column / a free row takes the column
+    free = (pair_of_edge_row >= 0) & (pair_of_edge_col < 0)
+    np.minimum.at(regret, pair_of_edge_row[free], cost[free] - chosen[pair_of_edge_row[free]])
+    free = (pair_of_edge_col >= 0) & (pair_of_edge_row < 0)
+    np.minimum.at(regret, pair_of_edge_col[free], cost[free] - chosen[pair_of_edge_col[free]])
+    # two pairs swap partners: edge (i, l) with i in pair a = (i, j) and l in pair b = (k, l)
+    both = (pair_of_edge_row >= 0) & (pair_of_edge_col >= 0) & (
+        pair_of_edge_row != pair_of_edge_col)
+    a, b = pair_of_edge_row[both], pair_of_edge_col[both]
+    swap = cost[both] + lookup(chosen_rows[b], chosen_cols[a]) - chosen[a] - chosen[b]
+    np.minimum.at(regret, a, swap)
     return np.maximum(regret, 0.0)

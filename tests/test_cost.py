@@ -221,3 +221,17 @@ def test_default_weights():
     assert CostWeights() == CostWeights(same_family=0.15, other_family=0.6, unknown_type=0.05,
                                         position=0.5, context=0.5, boundary=0.25, name=0.2,
                                         shape=0.5, unmatched=1.25)
+
+
+def test_costs_of_chosen_pairs_are_the_matrix_entries():
+    src = [feat("a", "Linear", position=0.0, preds=(INPUT,), tokens={"a"}, indices=(0,)),
+           feat("b", "Conv2d", position=1.0, succs=(OUTPUT,), tokens={"b"}, indices=(1,)),
+           feat("c", "", family="linear", position=2.5, tokens={"c", "x"})]
+    dst = [feat("x", "LayerNorm", position=2.0, tokens={"x"}), feat("y", "Linear", position=0.0),
+           feat("z", "", family="linear", position=1.0, indices=(1,))]
+    dense = compute_costs(src, dst, W)
+    rows, cols = np.array([2, 0, 1, 1, 0]), np.array([0, 1, 2, 1, 0])
+    sparse = compute_costs(src, dst, W, pairs=(rows, cols))
+    for term in COST_TERMS:
+        np.testing.assert_array_equal(getattr(sparse, term), getattr(dense, term)[rows, cols])
+    assert sparse.total().shape == (5,)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from archalign import features as features_module
 from archalign.features import (
     UnitFeatures,
+    _align_rest,
     _signature,
     _warp,
     align_sequences,
@@ -236,3 +240,31 @@ def test_extract_features_of_state_dict_units_guess_the_family():
     assert [(f.family, f.known_type) for f in fs] == [("norm", False), ("linear", False),
                                                       ("param", True)]
     assert fs[1].preds == ("norm[(4,), (4,), (4,), (4,)]",)
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=st.lists(st.sampled_from([A, B, C, N(1)]), max_size=12),
+       b=st.lists(st.sampled_from([A, B, C, N(1)]), max_size=12))
+def test_aligning_a_common_prefix_first_changes_nothing(a, b):
+    # align_sequences pairs the common prefix without the dynamic program: same pairs, same
+    # tie-breaking (gaps as late as they go) as the program on the whole sequences
+    assert align_sequences(a, b) == _align_rest(a, b)
+
+
+def test_identical_sequences_never_reach_the_dynamic_program(monkeypatch):
+    calls = []
+    real = features_module._align_rest
+
+    def counting(a, b):  # type: ignore[no-untyped-def]
+        calls.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(features_module, "_align_rest", counting)
+    sequence = [A, B, C] * 5000
+    assert align_sequences(sequence, list(sequence)) == [(k, k) for k in range(15000)]
+    assert calls == [(0, 0)]
+    # one renamed layer near the end: the program runs on the tail only
+    changed = [*sequence[:-2], D, sequence[-1]]
+    pairs = align_sequences(sequence, changed)
+    assert pairs == [(k, k) for k in range(15000)]  # C -> D is a same-family substitution
+    assert calls[-1] == (2, 2)

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from archalign import match as match_module
 from archalign.cost import CostWeights
 from archalign.features import extract_features
 from archalign.graph import Unit, chain_graph
@@ -340,3 +341,34 @@ def test_near_miss_empty_sides():
     fs, fd = features([linear("fc", 10, 4)], [linear("fc", 5, 4)])
     assert match_near_misses([], fd, W) == []
     assert match_near_misses(fs, [], W) == []
+
+
+# --------------------------------------------------------------------------- large classes
+
+
+@pytest.mark.parametrize("deleted", [None, 250])
+def test_a_large_class_solved_sparse_agrees_with_the_dense_solution(monkeypatch, deleted):
+    # 600 identical layers renamed (one deleted): the sparse problem over position windows finds
+    # the matches and margins the dense 600 x 600 problem finds
+    src = [linear(f"enc.{i}", 8, 8) for i in range(600)]
+    dst = [linear(f"blocks.{i}.fc", 8, 8) for i in range(600) if i != deleted]
+    s, d = features(src, dst)
+    assert len(s) * len(d) > match_module.SPARSE_ABOVE
+    sparse = match_units(s, d, W)
+    monkeypatch.setattr(match_module, "SPARSE_ABOVE", 10**9)
+    dense = match_units(s, d, W)
+    assert mapping(sparse) == mapping(dense)
+    # margins beyond the windows are bounded, never assumed: at most a little less confident
+    for a, b in zip(sparse, dense):
+        assert b.confidence - 0.01 <= a.confidence <= b.confidence + 1e-12
+    if deleted is None:
+        assert mapping(sparse) == [(f"enc.{i}", f"blocks.{i}.fc") for i in range(600)]
+
+
+def test_a_large_class_keeps_forbidden_pairs_apart():
+    src = [linear(f"enc.{i}", 8, 8) for i in range(600)]
+    dst = [linear(f"blocks.{i}.fc", 8, 8) for i in range(600)]
+    s, d = features(src, dst)
+    found = dict(mapping(match_units(s, d, W, forbidden=frozenset({("enc.7", "blocks.7.fc")}))))
+    assert found.get("enc.7") != "blocks.7.fc"
+    assert found["enc.100"] == "blocks.100.fc"

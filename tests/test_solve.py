@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from archalign.solve import Assignment, solve_assignment
+from archalign.solve import Assignment, solve_assignment, solve_sparse_assignment
 
 INF = np.inf
 
@@ -144,3 +144,81 @@ def test_solution_is_optimal_and_regret_nonnegative(cost, unmatched):
     assert (a.regret >= 0).all()
     # leaving both sides unmatched is always an alternative
     assert (a.regret <= 2 * unmatched - cost[a.rows, a.cols] + 1e-9).all()
+
+
+# --------------------------------------------------------------------------- sparse
+
+
+def _as_sparse(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows, cols = np.nonzero(np.isfinite(cost))
+    return rows, cols, cost[rows, cols]
+
+
+@settings(max_examples=200, deadline=None)
+@given(cost=costs, unmatched=st.floats(0.1, 2.0))
+def test_sparse_solves_the_same_problem(cost, unmatched):
+    # the dense matrix with its forbidden pairs left out: same optimum; where the same pairs are
+    # chosen, the same regrets (every alternative is a candidate)
+    cost = np.array(cost)
+    dense = solve_assignment(cost, unmatched)
+    rows, cols, values = _as_sparse(cost)
+    sparse = solve_sparse_assignment(rows, cols, values, cost.shape, unmatched)
+    n, m = cost.shape
+
+    def total(a: Assignment) -> float:
+        return float(cost[a.rows, a.cols].sum()) + unmatched * (n + m - 2 * len(a.rows))
+
+    assert total(sparse) == pytest.approx(total(dense))
+    assert list(sparse.rows) == sorted(sparse.rows)
+    if pairs(sparse) == pairs(dense):
+        np.testing.assert_allclose(sparse.regret, dense.regret, atol=1e-9)
+
+
+@pytest.mark.parametrize(("cost", "unmatched"), [c[:2] for c in [
+    ([[0.0, 0.4], [0.4, 0.0]], 5.0),
+    ([[INF, 1.0], [1.0, INF]], 5.0),
+    ([[0.0, 5.0, 5.0], [5.0, 0.0, 0.1]], 10.0),
+    ([[3.0, 0.5], [3.0, 3.0]], 1.0),
+    ([[0.5], [0.7]], 1.0),
+]])
+def test_sparse_matches_the_dense_table(cost, unmatched):
+    cost = np.array(cost)
+    dense = solve_assignment(cost, unmatched)
+    sparse = solve_sparse_assignment(*_as_sparse(cost), cost.shape, unmatched)
+    assert pairs(sparse) == pairs(dense)
+    np.testing.assert_allclose(sparse.regret, dense.regret, atol=1e-12)
+
+
+def test_sparse_regret_is_capped_by_what_lies_beyond_the_candidates():
+    # row 0's only candidate is column 0; any other pair would cost at least 0.3 more
+    a = solve_sparse_assignment(np.array([0, 1]), np.array([0, 1]), np.array([0.0, 0.0]),
+                                (2, 2), 5.0, beyond=np.array([0.3, 7.0]))
+    assert pairs(a) == [(0, 0), (1, 1)]
+    np.testing.assert_allclose(a.regret, [0.3, 7.0])
+
+
+def test_sparse_large_band_is_the_identity():
+    n = 5000
+    rows = np.repeat(np.arange(n), 3)
+    cols = np.clip(rows + np.tile([-1, 0, 1], n), 0, n - 1)
+    keep = np.unique(rows * n + cols)
+    rows, cols = keep // n, keep % n
+    a = solve_sparse_assignment(rows, cols, np.abs(rows - cols) * 0.5, (n, n), 1.25)
+    assert a.rows.tolist() == list(range(n)) and a.cols.tolist() == list(range(n))
+    np.testing.assert_allclose(a.regret, 1.0)  # swapping with a neighbour: 0.5 + 0.5
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ((np.array([0]), np.array([0, 1]), np.array([1.0]), (2, 2), 1.0), "one length"),
+    ((np.array([0]), np.array([0]), np.array([np.inf]), (1, 1), 1.0), "leave forbidden"),
+    ((np.array([0]), np.array([3]), np.array([1.0]), (1, 2), 1.0), "outside the 1 x 2"),
+    ((np.array([0]), np.array([0]), np.array([1.0]), (1, 1), 0.0), "unmatched must be > 0"),
+])
+def test_sparse_value_errors(args, message):
+    with pytest.raises(ValueError, match=message):
+        solve_sparse_assignment(*args)
+
+
+def test_sparse_nothing_to_match():
+    a = solve_sparse_assignment(np.zeros(0), np.zeros(0), np.zeros(0), (3, 2), 1.0)
+    assert pairs(a) == [] and a.regret.size == 0
