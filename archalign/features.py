@@ -8,6 +8,7 @@ extra blocks then become gaps instead of shifting every later layer.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -124,6 +125,7 @@ def infer_family(unit: Unit) -> str:
     return "norm"
 
 
+@functools.lru_cache(maxsize=4096)
 def _sig_text(sig: Signature) -> str:
     return f"{sig[0]}{list(sig[1])}"
 
@@ -152,8 +154,14 @@ _TOKEN_SPLIT = re.compile(r"[._\-/]+|(?<=[a-z])(?=[A-Z])")
 
 def name_tokens(key: str) -> frozenset[str]:
     """Lower-case name tokens with the numbers dropped: ``layers.0.ln_1`` -> {layers, ln}."""
+    return frozenset().union(*(_segment_tokens(part) for part in key.split(".")))
+
+
+@functools.lru_cache(maxsize=4096)
+def _segment_tokens(segment: str) -> frozenset[str]:
+    """`name_tokens` of one dotted segment (segments repeat across a model's keys)."""
     return frozenset(
-        t.lower().rstrip("0123456789") for t in _TOKEN_SPLIT.split(key)
+        t.lower().rstrip("0123456789") for t in _TOKEN_SPLIT.split(segment)
         if t and not t.isdigit() and t.lower().rstrip("0123456789")
     )
 
@@ -202,7 +210,7 @@ def align_sequences(a: Sequence[Signature], b: Sequence[Signature]) -> list[tupl
     of a stage are the ones left out ("first N blocks"). Every aligned pair is returned (equal
     signatures and substitutions: both are positional correspondents). The dynamic program runs
     row by row with numpy inside a band around the diagonal (`BAND_MIN`, `BAND_FRACTION`):
-    O(len(a) * band) time, one byte per cell of memory. A common prefix is aligned first, pair
+    O(len(a) * band) time and one byte per cell of the band. A common prefix is aligned first, pair
     by pair: an optimal alignment pairs it, and pairing it puts the gaps as late as they can go
     (two models that differ only in names never reach the dynamic program).
     """
@@ -226,17 +234,18 @@ def _align_rest(a: Sequence[Signature], b: Sequence[Signature]) -> list[tuple[in
     a_fam, b_fam = np.array([s[0] for s in a]), np.array([s[0] for s in b])
     a_main, a_rank = _main_shapes(a)
     b_main, b_rank = _main_shapes(b)
-    moves = np.zeros((n + 1, m + 1), dtype=np.int8)
-    moves[0, 1:] = _MOVE_LEFT
-    moves[1:, 0] = _MOVE_UP
     cols = np.arange(m + 1, dtype=float)
     prev = GAP * cols
     # only a band around the diagonal is computed: an alignment strays from it by at most the
-    # difference in length, plus local shifts
+    # difference in length, plus local shifts. Row i's moves are kept for its columns
+    # starts[i]..starts[i] + 2 * band only; row 0 is all left moves, column 0 all up moves
     band = BAND_MIN + abs(n - m) + int(BAND_FRACTION * max(n, m))
+    moves = np.full((n + 1, 2 * band + 1), _MOVE_DIAG, dtype=np.int8)
+    starts = np.zeros(n + 1, dtype=np.int64)
     for i in range(1, n + 1):
         centre = (i * m) // n
         lo, hi = max(0, centre - band), min(m, centre + band)
+        starts[i] = lo
         first = max(lo, 1)  # columns first..hi can come diagonally from b[first-1..hi-1]
         bs = slice(first - 1, hi)
         differing = (b_main[bs] != a_main[i - 1]).sum(axis=1) / np.maximum(b_rank[bs], 1)
@@ -255,16 +264,16 @@ def _align_rest(a: Sequence[Signature], b: Sequence[Signature]) -> list[tuple[in
         left = np.full(width, np.inf)
         left[1:] = np.minimum.accumulate(best - GAP * window)[:-1] + GAP * window[1:]
         row_band = np.minimum(best, left)
-        moves[i, lo:hi + 1] = np.where(row_band == up, _MOVE_UP,
-                                       np.where(row_band == left, _MOVE_LEFT, _MOVE_DIAG))
-        moves[i, 0] = _MOVE_UP
+        moves[i, :width] = np.where(row_band == up, _MOVE_UP,
+                                    np.where(row_band == left, _MOVE_LEFT, _MOVE_DIAG))
         row = np.full(m + 1, np.inf)
         row[lo:hi + 1] = row_band
         prev = row
     pairs: list[tuple[int, int]] = []
     i, j = n, m
     while i > 0 and j > 0:
-        move = moves[i, j]
+        at = j - int(starts[i])
+        move = moves[i, at] if 0 <= at < moves.shape[1] else _MOVE_DIAG
         if move == _MOVE_DIAG:
             pairs.append((i - 1, j - 1))
             i, j = i - 1, j - 1
