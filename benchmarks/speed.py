@@ -171,6 +171,10 @@ ALIGN_CASES = (
     AlignCase("moe_mixtral", "MoE 32L x 8E (Mixtral-8x7B topology)", "MoE (meta)", "moe",
               MOE_MIXTRAL_8X7B, sweep=True),
     AlignCase("moe_l16_e32", "MoE 16L x 32E", "MoE (meta)", "moe", MoeShape(16, 32), sweep=True),
+    AlignCase("moe_l64_e104", "MoE 64L x 104E", "MoE (meta)", "moe", MoeShape(64, 104),
+              sweep=True),
+    AlignCase("moe_l64_e256", "MoE 64L x 256E", "MoE (meta)", "moe", MoeShape(64, 256),
+              sweep=True),
 )
 
 
