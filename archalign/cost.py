@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .features import TYPE_ALIASES, UnitFeatures
-from .graph import INPUT, OUTPUT
+from .graph import INPUT, OUTPUT, size_order
 
 __all__ = ["COST_TERMS", "INCOMPATIBLE", "RECORDED_COST_TERMS", "CostMatrices", "CostWeights",
            "compute_costs", "shape_distance"]
@@ -177,7 +177,7 @@ def shape_distance(a: Sequence[tuple[int, ...]], b: Sequence[tuple[int, ...]]) -
     """
     if len(a) != len(b) or not a:
         return INCOMPATIBLE
-    pairs = list(zip(sorted(a, key=_size_rank), sorted(b, key=_size_rank)))
+    pairs = list(zip(sorted(a, key=size_order), sorted(b, key=size_order)))
     if any(len(sa) != len(sb) for sa, sb in pairs):
         return INCOMPATIBLE
     sa, sb = pairs[0]
@@ -187,10 +187,6 @@ def shape_distance(a: Sequence[tuple[int, ...]], b: Sequence[tuple[int, ...]]) -
 
 
 INCOMPATIBLE = 2.0  # shape_distance of units whose tensors cannot correspond at all
-
-
-def _size_rank(shape: tuple[int, ...]) -> tuple[int, int]:
-    return (-len(shape), -int(np.prod(shape)) if shape else 0)
 
 
 def _overlap(a: tuple[str, ...], b: tuple[str, ...]) -> float:

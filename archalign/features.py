@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .graph import INPUT, OUTPUT, Unit, UnitGraph
+from .graph import INPUT, OUTPUT, Unit, UnitGraph, size_order
 
 __all__ = ["UnitFeatures", "extract_features", "layer_family"]
 
@@ -294,7 +294,7 @@ def _main_shapes(sigs: Sequence[Signature]) -> tuple[np.ndarray, np.ndarray]:
     for k, (_, shapes) in enumerate(sigs):
         if not shapes:
             continue
-        shape = max(shapes, key=lambda sh: (len(sh), int(np.prod(sh)) if sh else 0))[:_MAX_RANK]
+        shape = min(shapes, key=size_order)[:_MAX_RANK]
         main[k, :len(shape)] = shape
         rank[k] = len(shape)
     return main, rank

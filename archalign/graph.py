@@ -9,6 +9,7 @@ two sentinel nodes for the model's inputs and outputs.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -19,12 +20,18 @@ import networkx as nx
 from .source import TensorSource
 
 __all__ = ["INPUT", "OUTPUT", "Unit", "UnitGraph", "build_units", "chain_graph", "natural_key",
-           "ordered_graph"]
+           "ordered_graph", "size_order"]
 
 INPUT = "<input>"
 OUTPUT = "<output>"
 
 Shape = tuple[int, ...]
+
+
+def size_order(shape: Shape) -> tuple[int, int]:
+    """Sort key that puts a unit's *main* tensor first: the highest rank, then the most elements
+    (a weight before its bias; the cost model and the sequence alignment both compare these)."""
+    return (-len(shape), -math.prod(shape))
 
 
 @dataclass(frozen=True)

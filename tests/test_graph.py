@@ -15,6 +15,7 @@ from archalign.graph import (
     chain_graph,
     natural_key,
     ordered_graph,
+    size_order,
 )
 from archalign.source import read_source
 
@@ -187,3 +188,13 @@ def test_predecessors_are_sorted():
     units = [unit("x"), unit("b"), unit("a")]
     g = ordered_graph(units, ["x", "b", "a"], [("x", "a"), ("b", "a"), (INPUT, "a")], "fx")
     assert g.predecessors("a") == sorted([INPUT, "b", "x"])
+
+
+@pytest.mark.parametrize(("shapes", "main"), [
+    ([(8,), (8, 4)], (8, 4)),  # the weight, not its bias
+    ([(3, 3, 3, 3), (100, 100)], (3, 3, 3, 3)),  # rank first
+    ([(2, 4), (4, 4), (4, 2)], (4, 4)),  # then size; the first of equal ones
+    ([(), (1,)], (1,)),
+])
+def test_size_order_puts_the_main_tensor_first(shapes, main):
+    assert sorted(shapes, key=size_order)[0] == main
