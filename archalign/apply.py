@@ -1,13 +1,17 @@
 """Apply a plan: the only module that writes into a model's tensors.
 
-Everything is checked before the first write (keys, shapes, the source's tensors), so a refused
-plan leaves the destination exactly as it was.
+Everything is checked before the first write (keys, shapes, the source's tensors, then every
+value), so a refused plan leaves the destination exactly as it was; see `apply_plan`'s ``atomic``
+for how a load is all or nothing without copying the destination.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
+import signal
+import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -19,7 +23,7 @@ from .ops import apply_ops, infer_shapes
 from .plan import Match, Mismatch, Plan
 from .policies import choose_policy, resize
 from .report import Adapted, LoadReport, Skipped
-from .source import TensorSource, read_source
+from .source import TensorSource, has_nonfinite, read_source
 
 __all__ = ["apply_plan", "split_by_confidence"]
 
@@ -50,12 +54,35 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
         "input_channels", "resample", "auto"; see `archalign.policies`), or a dict of destination
         key glob patterns to policy names. By default mismatches stay untouched.
     atomic : bool
-        Keep a copy of every tensor written until all writes succeeded, and restore them if one
-        fails, so that ``dst`` is either fully loaded or exactly as before (costs the memory of
-        the written tensors while applying).
+        All or nothing: ``dst`` ends fully loaded or exactly as before, without keeping copies
+        of its tensors. Every value is computed and checked (shape, writability) before the
+        first write, after which only in-place copies remain, which cannot fail on checked
+        values.
+
+        - In-memory source (module, state_dict, ``.pt`` file): the values are computed up
+          front (views of the source for plain copies, transposes and reshapes; the tensors that
+          concatenations, regroupings and shape policies build are held until written), then
+          copied. Costs nothing beyond those built tensors.
+        - Lazy source (``.safetensors`` file or sharded checkpoint) into a materialised
+          destination: two passes, one tensor in memory at a time: the first reads, adapts and
+          checks every value, the second reads it again and writes it (twice the reading).
+          Only a failure in the second pass (the files changed, a disk or memory error) can
+          leave ``dst`` partially written; the `ApplyError` then says so and names the tensors
+          written.
+        - Destination tensors on the meta device are replaced, not overwritten: a failure
+          puts the meta tensors back, so a lazy source into a meta destination takes one pass.
+
+        A Ctrl-C (SIGINT) arriving while writing is held back until the writes end, then
+        raised (on the main thread; a second Ctrl-C interrupts at once). With ``atomic=False``
+        each value is checked and written in one pass, and a failure leaves the tensors
+        written so far (the `ApplyError` names them).
     check_finite : bool
-        Scan every loaded value for NaN/Inf (warned and listed in ``report.nonfinite``); one
-        more pass over the data, which ``check_finite=False`` saves.
+        Report source values holding NaN/Inf (warned, and listed in ``report.nonfinite``; they
+        are loaded as they are). Each source tensor is summed once per state: an in-memory
+        tensor already scanned (by `archalign.align`, or a previous apply, through the source
+        the plan carries; an explicit ``src`` is read afresh) and not written since is not
+        scanned again (see `TensorSource.nonfinite`: writes through ``.data`` escape this); a
+        lazy source is scanned while it is read. ``check_finite=False`` skips the scan.
 
     Returns
     -------
@@ -66,7 +93,9 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
     PlanError
         If a key or shape in the plan no longer agrees with ``dst`` or the source.
     ApplyError
-        If ``strict`` and some destination tensor would stay unloaded.
+        If ``strict`` and some destination tensor would stay unloaded, or a value cannot be
+        computed or written (the message says whether ``dst`` is unchanged or which tensors
+        were written).
     SourceError
         If ``dst`` is not a module, or the source cannot be read.
     """
@@ -103,8 +132,18 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
                          f"{shown}{more}. Lower min_confidence, fix the plan, or pass strict=False")
 
     _refuse_unwritable(to_load, by_policy, source, target)
-    nonfinite = _write(_values(to_load, by_policy, source, target), target, dst, atomic=atomic,
-                       check_finite=check_finite)
+
+    def values(scan: bool) -> Iterator[tuple[str, torch.Tensor, bool]]:
+        return _values(to_load, by_policy, source, target, check_finite=scan)
+
+    with torch.no_grad(), source.reading():
+        if not atomic or (source.lazy and all(target.get(k).device.type == "meta"
+                                              for k in loaded_keys)):
+            nonfinite = _commit(values(check_finite), target, dst)  # meta: rollback is free
+        elif not source.lazy:
+            nonfinite = _prepare_then_commit(values(check_finite), target, dst)
+        else:
+            nonfinite = _two_passes(values, target, dst, check_finite=check_finite)
     if nonfinite:
         logger.warning("the source holds NaN or Inf in the tensors loaded into: %s",
                        ", ".join(nonfinite))
@@ -180,64 +219,197 @@ def _refuse_unwritable(matches: list[Match], by_policy: list[tuple[Mismatch, str
 
 
 def _values(matches: list[Match], by_policy: list[tuple[Mismatch, str]], source: TensorSource,
-            target: TensorSource) -> Iterator[tuple[str, torch.Tensor]]:
-    """(destination key, value) pairs, computed one match at a time (a lazy source is read one
-    tensor at a time: no second copy of the checkpoint is ever held)."""
+            target: TensorSource, *, check_finite: bool) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """(destination key, value, whether the value holds NaN/Inf), one match at a time (a lazy
+    source is read one tensor at a time: no second copy of the checkpoint is ever held).
+
+    The NaN/Inf answer comes from the source tensors (`TensorSource.nonfinite`, remembered for
+    in-memory tensors that did not change): the adaptations only rearrange elements, so a single
+    value made from finite tensors is finite and one made from a non-finite tensor is not; the
+    pieces of a split, and what a shape policy builds, are scanned themselves."""
     for match in matches:
-        yield from zip(match.dst, apply_ops([source.get(k) for k in match.src], match.ops))
+        try:
+            tensors = [source.get(k) for k in match.src]
+            values = apply_ops(tensors, match.ops)
+            if not check_finite or not any(source.nonfinite(k, t)
+                                           for k, t in zip(match.src, tensors)):
+                flags = [False] * len(values)
+            elif len(values) == 1:
+                flags = [True]
+            else:
+                flags = [has_nonfinite(v) for v in values]
+        except Exception as exc:
+            raise ApplyError(f"computing {', '.join(map(repr, match.dst))} from "
+                             f"{', '.join(map(repr, match.src))} failed: {exc}") from exc
+        yield from zip(match.dst, values, flags)
     for mm, policy in by_policy:
-        yield mm.dst[0], resize(source.get(mm.src[0]), target.get(mm.dst[0]), policy)
+        try:
+            value = resize(source.get(mm.src[0]), target.get(mm.dst[0]), policy)
+            bad = check_finite and has_nonfinite(value)
+        except Exception as exc:
+            raise ApplyError(f"computing {mm.dst[0]!r} from {mm.src[0]!r} by policy {policy!r} "
+                             f"failed: {exc}") from exc
+        yield mm.dst[0], value, bad
 
 
-def _write(values: Iterable[tuple[str, torch.Tensor]], target: TensorSource, dst: nn.Module, *,
-           atomic: bool, check_finite: bool = True) -> list[str]:
-    """Write every value into its destination tensor (in place; a meta tensor is replaced by a
-    materialised one, ties kept); on failure restore what was written. Returns the keys whose
-    values hold NaN or Inf."""
-    undo: list[Callable[[], None]] = []
+def _failed(doing: str, key: str, exc: Exception) -> str:
+    """What failed: an `ApplyError` names its tensor already; anything else is named here."""
+    return str(exc) if isinstance(exc, ApplyError) else f"{doing} {key!r} failed: {exc}"
+
+
+_UNCHANGED = "the destination is exactly as before (nothing was written, or it was restored)"
+
+
+def _prepare_then_commit(values: Iterable[tuple[str, torch.Tensor, bool]], target: TensorSource,
+                         dst: nn.Module) -> list[str]:
+    """All or nothing for in-memory sources, without copies of the destination: compute and
+    check every value first (views, for plain copies and most adaptations), then only write."""
+    prepared: list[tuple[str, torch.Tensor, bool]] = []
+    shared = {_storage(t) for t in map(target.get, target.specs)} - {None}
+    key = ""
+    try:
+        for key, value, bad in values:
+            _check_value(key, target.get(key), value)
+            if _storage(value) in shared:  # it views a destination tensor, which may be
+                value = value.clone()  # overwritten before this value is written
+            prepared.append((key, value, bad))
+    except Exception as exc:
+        raise ApplyError(f"{_failed('computing', key, exc)}; {_UNCHANGED}") from exc
+    with _sigint_deferred():
+        return _commit(prepared, target, dst, checked=True)
+
+
+def _storage(tensor: torch.Tensor) -> int | None:
+    """Where the memory of ``tensor`` starts (None for meta, empty or storage-less tensors)."""
+    if tensor.device.type == "meta" or not tensor.numel():
+        return None
+    try:
+        return int(tensor.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _two_passes(values: Callable[[bool], Iterable[tuple[str, torch.Tensor, bool]]],
+                target: TensorSource, dst: nn.Module, *, check_finite: bool) -> list[str]:
+    """All or nothing for lazy sources into a materialised destination, in the memory of one
+    tensor: read, adapt and check every value (shape, NaN/Inf) and drop it; then read again and
+    write. Only a failure between the passes (the file changed, a disk or memory error) can
+    leave the destination partially written, and the error says so."""
     nonfinite: list[str] = []
     key = ""
-    with torch.no_grad():
-        try:
-            for key, value in values:
-                into = target.get(key)
-                if check_finite and _has_nonfinite(value):
-                    nonfinite.append(key)
-                if into.device.type == "meta":
-                    undo.append(_assign(dst, target, key, into, value))
-                    continue
-                if atomic:
-                    undo.append(_restorer(into))
-                into.copy_(value)
-        except Exception as exc:
-            for step in reversed(undo):
-                step()
-            restored = "; the destination was restored" if atomic else ""
-            raise ApplyError(f"writing {key!r} failed: {exc}{restored}") from exc
+    try:
+        for key, value, bad in values(check_finite):
+            _check_value(key, target.get(key), value)
+            if bad:
+                nonfinite.append(key)
+            del value
+    except Exception as exc:
+        raise ApplyError(f"{_failed('reading', key, exc)}; {_UNCHANGED}") from exc
+    with _sigint_deferred():
+        _commit(values(False), target, dst)
     return nonfinite
 
 
-def _has_nonfinite(value: torch.Tensor) -> bool:
-    """NaN or Inf anywhere: one sum (NaN and Inf propagate), several times cheaper than
-    ``isfinite().all()``; half-precision tensors are summed in float32 so that finite values
-    do not overflow it. A float32 sum overflows only past 3e38: then a warning is too many."""
-    if not value.numel():
-        return False
-    if value.is_complex():
-        return not bool(torch.isfinite(value).all())
-    if not value.is_floating_point():
-        return False
-    wide = value.dtype if value.element_size() >= 4 else torch.float32
-    return not math.isfinite(float(value.sum(dtype=wide)))
+def _commit(values: Iterable[tuple[str, torch.Tensor, bool]], target: TensorSource,
+            dst: nn.Module, *, checked: bool = False) -> list[str]:
+    """Check (unless ``checked``: `_check_value` passed already) and write each value in turn (in
+    place; a meta tensor is replaced by a materialised one, ties kept). Returns the keys whose
+    values hold NaN or Inf.
+
+    Raises
+    ------
+    ApplyError
+        If a value cannot be computed or written: the meta tensors already replaced are put
+        back, and the message names the tensors already overwritten in place, if any.
+    """
+    undo: list[Callable[[], None]] = []
+    written: list[str] = []  # overwritten in place, in order
+    copying: str | None = None  # the key inside copy_ (interrupted there: perhaps partly written)
+    nonfinite: list[str] = []
+    key = ""
+    try:
+        for key, value, bad in values:
+            into = target.get(key)
+            if not checked:
+                _check_value(key, into, value)
+            if bad:
+                nonfinite.append(key)
+            if into.device.type == "meta":
+                undo.append(_assign(dst, target, key, into, value))
+            else:
+                copying = key
+                into.copy_(value)
+                written.append(key)
+                copying = None
+    except BaseException as exc:
+        for step in reversed(undo):
+            step()
+        touched = [*written, copying] if copying is not None else written
+        if not touched:
+            if isinstance(exc, Exception):
+                raise ApplyError(f"{_failed('writing', key, exc)}; {_UNCHANGED}") from exc
+            raise
+        shown = ", ".join(touched[:10]) + (f" and {len(touched) - 10} more"
+                                           if len(touched) > 10 else "")
+        partly = f"; {copying!r} perhaps only partly" if copying is not None else ""
+        partial = (f"the destination is partially written: {len(touched)} tensors were "
+                   f"overwritten ({shown}{partly}), the others (meta tensors included) are as "
+                   "before. Apply again, or reload the destination")
+        if isinstance(exc, Exception):
+            raise ApplyError(f"{_failed('writing', key, exc)}; {partial}") from exc
+        logger.error("interrupted while writing %r: %s", key, partial)
+        raise
+    return nonfinite
 
 
-def _restorer(into: torch.Tensor) -> Callable[[], None]:
-    before = into.detach().clone()
+def _check_value(key: str, into: torch.Tensor, value: torch.Tensor) -> None:
+    """Refuse what ``into.copy_(value)`` would refuse, before anything is written.
 
-    def undo() -> None:
-        into.copy_(before)
+    Raises
+    ------
+    ApplyError
+        If the shapes differ, or the destination tensor cannot be written in place.
+    """
+    if value.shape != into.shape:
+        raise ApplyError(f"{key!r}: a value of shape {tuple(value.shape)} for a destination "
+                         f"tensor of shape {tuple(into.shape)}; re-run align, or fix this match")
+    if into.device.type == "meta" or into.layout != torch.strided:
+        return
+    strides = into.stride()
+    if 0 in strides and any(st == 0 and n > 1 for n, st in zip(into.shape, strides)):
+        raise ApplyError(f"destination tensor {key!r} is expanded (its elements share memory, "
+                         f"strides {tuple(into.stride())}): give it its own memory, e.g. "
+                         ".contiguous(), before loading")
+    if into.is_inference() and not torch.is_inference_mode_enabled():
+        raise ApplyError(f"destination tensor {key!r} was made under torch.inference_mode and "
+                         "can only be written inside it: apply within torch.inference_mode()")
 
-    return undo
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) until the block ends, so that it never stops a write halfway;
+    then deliver it to the handler that was there (usually: KeyboardInterrupt). A second Ctrl-C
+    within the block interrupts at once. Only on the main thread (Python delivers signals
+    there); elsewhere, or when the handler was not set from Python, nothing changes."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield
+        return
+    pending: list[int] = []  # a SIGINT held back, to deliver at the end
+
+    def hold(signum: int, _frame: Any) -> None:
+        if pending:  # the second one: the user insists
+            pending.clear()
+            raise KeyboardInterrupt
+        pending.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending:  # delivered even if the block failed: a Ctrl-C is never lost
+            signal.raise_signal(signal.SIGINT)
 
 
 def _assign(dst: nn.Module, target: TensorSource, key: str, old: torch.Tensor,
@@ -295,8 +467,8 @@ def _check_plan(plan: Plan, source: TensorSource, target: TensorSource) -> None:
             _check_key(key, shape, target, "destination", problems)
         for key, shape in zip(mm.src, mm.src_shapes):
             _check_key(key, shape, source, "source", problems)
-    dst_keys = [target.aliases.get(d, d) for m in plan.matches for d in m.dst]
-    dups = sorted({k for k in dst_keys if dst_keys.count(k) > 1})
+    written = Counter(target.aliases.get(d, d) for m in plan.matches for d in m.dst)
+    dups = sorted(k for k, n in written.items() if n > 1)
     if dups:
         problems.append(f"destination keys written twice: {', '.join(dups)}")
     if problems:

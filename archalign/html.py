@@ -275,6 +275,7 @@ def _report_data(plan: Plan, title: str) -> dict[str, Any]:
         "verification": plan.verification,
         "tied_src": [list(t) for t in plan.tied_src],
         "tied_dst": [list(t) for t in plan.tied_dst],
+        "nonfinite": list(plan.nonfinite),
     }
     return {"title": title, "low": LOW, "high": HIGH, "summary": summary,
             "src": src_rows, "dst": dst_rows, "links": out_links}
@@ -606,6 +607,9 @@ svg#wires .link.hot { stroke-width: 4; opacity: 1; }
     metaItem("verification", v, /^outputs agree/i.test(v) ? "ok" : (/differ/i.test(v) ? "bad" : null));
   } else {
     metaItem("verification", "not run");
+  }
+  if (S.nonfinite && S.nonfinite.length) {
+    metaItem("NaN/Inf in the source", S.nonfinite.join(", "), "bad");
   }
   var tiedBox = document.getElementById("tied");
   if (S.tied_src.length || S.tied_dst.length) {

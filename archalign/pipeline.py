@@ -70,6 +70,8 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
     Returns
     -------
     Plan
+        With ``plan.nonfinite``: the source keys holding NaN or Inf (an in-memory source is
+        scanned once, with a warning; a lazy file source is scanned when applied).
 
     Raises
     ------
@@ -117,7 +119,12 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
                               weights, no)
 
     plan = _build_plan(found, near, source, target, src_graph.tracer, dst_graph.tracer)
-    plan = dataclasses.replace(plan, hints=hints or Hints())
+    step("scanning the source for NaN/Inf")
+    nonfinite = source.scan_nonfinite()  # remembered: apply does not scan these tensors again
+    if nonfinite:
+        logger.warning("the %s holds NaN or Inf in %d tensors (applying loads them as they are): "
+                       "%s", source.description, len(nonfinite), ", ".join(nonfinite))
+    plan = dataclasses.replace(plan, hints=hints or Hints(), nonfinite=nonfinite)
     inputs = example_inputs
     if inputs is None and source.module is not None and _cheap_to_run(target):
         inputs = dummy_inputs(source.module)

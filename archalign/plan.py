@@ -12,6 +12,7 @@ import html
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,10 @@ class Plan:
     src_tracer, dst_tracer : str
         How each side's structure was obtained: "fx", "hooks", "registration", "state_dict" or
         "sorted" (a file whose key order means nothing, compared in natural key order).
+    nonfinite : tuple of str
+        Source keys whose tensors held NaN or Inf when `align` scanned them (in-memory sources
+        only: a checkpoint read lazily is scanned when applied). Applying loads them as they
+        are, with a warning.
     """
 
     matches: tuple[Match, ...]
@@ -100,6 +105,7 @@ class Plan:
     dst_tracer: str = ""
     verification: str = ""  # what running both models on an input showed ("" when not run)
     hints: Hints = field(default_factory=Hints)  # the reviewer's pins, forbids and drops
+    nonfinite: tuple[str, ...] = ()  # source keys holding NaN/Inf when aligned (in-memory sources)
     source: TensorSource | None = field(default=None, compare=False, repr=False, hash=False)
 
     # ---------------------------------------------------------------- applying
@@ -201,12 +207,15 @@ class Plan:
                                   max_shard_bytes=max_shard_bytes)
 
     def to_records(self) -> list[dict[str, Any]]:
-        """One flat dict per match (for ``pandas.DataFrame(plan.to_records())``)."""
+        """One flat dict per match (for ``pandas.DataFrame(plan.to_records())``); ``nonfinite``
+        says whether a source tensor of the match held NaN/Inf when aligned."""
+        bad = set(self.nonfinite)
         return [{"dst": ", ".join(m.dst), "src": ", ".join(m.src),
                  "dst_shape": " ".join(map(str, m.dst_shapes)),
                  "src_shape": " ".join(map(str, m.src_shapes)),
                  "confidence": m.confidence, "ops": " ".join(map(str, m.ops)),
-                 "dst_unit": m.dst_unit, "src_unit": m.src_unit, **dict(m.costs)}
+                 "dst_unit": m.dst_unit, "src_unit": m.src_unit,
+                 "nonfinite": any(k in bad for k in m.src), **dict(m.costs)}
                 for m in self.matches]
 
     def _repr_html_(self) -> str:
@@ -251,6 +260,7 @@ class Plan:
             "unmatched_dst": list(self.unmatched_dst),
             "tied_src": [list(t) for t in self.tied_src],
             "tied_dst": [list(t) for t in self.tied_dst],
+            **({"nonfinite": list(self.nonfinite)} if self.nonfinite else {}),
         }
 
     def to_json(self) -> str:
@@ -306,13 +316,14 @@ class Plan:
                 dst_tracer=str(data.get("dst_tracer", "")),
                 verification=str(data.get("verification", "")),
                 hints=Hints.from_dict(data.get("hints", {})),
+                nonfinite=_keys(data.get("nonfinite", ())),
             )
         except PlanError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise PlanError(f"malformed plan: {type(exc).__name__}: {exc}") from exc
-        written = [k for m in plan.matches for k in m.dst]
-        twice = sorted({k for k in written if written.count(k) > 1})
+        written = Counter(k for m in plan.matches for k in m.dst)
+        twice = sorted(k for k, n in written.items() if n > 1)
         if twice:
             raise PlanError(f"the plan writes these destination keys twice: {', '.join(twice)}")
         for m in plan.matches:
@@ -333,7 +344,7 @@ class Plan:
 
 _PLAN_FIELDS = frozenset({"archalign_plan", "src_tracer", "dst_tracer", "verification", "hints",
                           "matches", "mismatches", "unmatched_src", "unmatched_dst", "tied_src",
-                          "tied_dst"})
+                          "tied_dst", "nonfinite"})
 _MATCH_FIELDS = frozenset({"src", "dst", "src_shapes", "dst_shapes", "confidence", "costs",
                            "src_unit", "dst_unit", "ops"})
 
@@ -366,6 +377,9 @@ def format_plan(plan: Plan, *, limit: int | None = None) -> str:
              f"(tracers: source {plan.src_tracer}, destination {plan.dst_tracer})"]
     if plan.verification:
         lines.append(f"verification: {plan.verification}")
+    if plan.nonfinite:
+        lines.append(f"WARNING: NaN/Inf in {len(plan.nonfinite)} source tensors (loaded as they "
+                     f"are): {', '.join(plan.nonfinite)}")
     lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
     lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in body)
     if limit is not None and len(plan.matches) > limit:

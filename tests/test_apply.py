@@ -555,3 +555,210 @@ def test_a_lazy_safetensors_source_applies_tensor_by_tensor(tmp_path) -> None:  
     assert plan.mapping() == {d: s for s, d in PAIRS}
     for src_key, dst_key in PAIRS:
         assert torch.equal(dst.state_dict()[dst_key], src.state_dict()[src_key])
+
+
+# --------------------------------------------------------------------------- prepare, then commit
+
+
+def _allocated_bytes(run) -> int:  # type: ignore[no-untyped-def]
+    """Bytes the CPU allocator handed out while ``run()`` ran (torch's memory profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    return sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+
+
+def test_an_in_memory_source_is_applied_without_copies_of_the_destination(monkeypatch):
+    torch.manual_seed(0)
+    src, dst = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256)), \
+        nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256))
+    plan = archalign.align(src, dst)
+    dst_bytes = sum(t.numel() * t.element_size() for t in dst.state_dict().values())
+    clones = []
+    real_clone = torch.Tensor.clone
+
+    def counting_clone(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        clones.append(tuple(self.shape))
+        return real_clone(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "clone", counting_clone)
+    allocated = _allocated_bytes(lambda: plan.apply(dst, strict=True))
+    assert clones == []
+    assert allocated < dst_bytes / 100, allocated  # a few scalars, not a second destination
+    assert loaded_correctly(src, dst, [(k, k) for k in src.state_dict()])
+
+
+def test_a_value_computed_from_the_destination_itself_is_taken_before_any_write():
+    """Swapping two tensors of one model through a plan: every value is computed (and copied
+    where it views the destination) before the first write, so neither reads a written one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    first, second = model[0].weight.detach().clone(), model[1].weight.detach().clone()
+    swap = [("0.weight", "1.weight"), ("1.weight", "0.weight")]
+    apply_plan(make_plan(model, model, swap), model)
+    assert torch.equal(model[0].weight, second) and torch.equal(model[1].weight, first)
+
+
+def test_a_shape_the_value_does_not_have_is_refused_naming_both_shapes(monkeypatch):
+    src, dst = models()
+    before = snapshot(dst)
+    real = archalign.apply.apply_ops
+
+    def wrong(tensors, ops):  # type: ignore[no-untyped-def]
+        out = real(tensors, ops)
+        return [torch.zeros(7)] if out[0].shape == (2,) and tensors[0] is src.enc[2].bias else out
+
+    monkeypatch.setattr(archalign.apply, "apply_ops", wrong)
+    for atomic in (True, False):
+        with pytest.raises(ApplyError, match=re.escape(
+                "'fc2.bias': a value of shape (7,) for a destination tensor of shape (2,)")):
+            apply_plan(make_plan(src, dst), dst, atomic=atomic)
+    # atomic: nothing written; atomic=False: what came before fc2.bias was written, and named
+    assert set(unchanged(dst, before)) == {"fc1.weight", "fc1.bias", "fc2.weight"}
+
+
+def test_atomic_false_names_the_tensors_written_before_a_failure(monkeypatch):
+    src, dst = models()
+    real = archalign.apply.apply_ops
+    calls = {"n": 0}
+
+    def broken(tensors, ops):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected")
+        return real(tensors, ops)
+
+    monkeypatch.setattr(archalign.apply, "apply_ops", broken)
+    with pytest.raises(ApplyError, match=r"computing 'fc2\.weight' from 'enc\.2\.weight' failed: "
+                                         r"injected; the destination is partially written: 2 "
+                                         r"tensors were overwritten \(fc1\.weight, fc1\.bias\)"):
+        apply_plan(make_plan(src, dst), dst, atomic=False)
+    calls["n"] = 0
+    before = snapshot(dst)
+    with pytest.raises(ApplyError, match=r"computing 'fc2\.weight' .* injected; the destination "
+                                         r"is exactly as before"):
+        apply_plan(make_plan(src, dst), dst)
+    assert unchanged(dst, before) == []
+
+
+# --------------------------------------------------------------------------- lazy sources, atomic
+
+
+def _save(model: nn.Module, path) -> None:  # type: ignore[no-untyped-def]
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def _fail_at(monkeypatch, n: int) -> None:  # type: ignore[no-untyped-def]
+    """Make the ``n``-th value apply computes one that cannot be written."""
+    real = archalign.apply.apply_ops
+    calls = {"n": 0}
+
+    def broken(tensors, ops):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        out = real(tensors, ops)
+        return [torch.zeros(99)] if calls["n"] == n else out
+
+    monkeypatch.setattr(archalign.apply, "apply_ops", broken)
+
+
+def test_a_lazy_source_applies_in_two_passes_reading_each_tensor_twice(tmp_path, monkeypatch):
+    src, dst = models()
+    path = tmp_path / "src.safetensors"
+    _save(src, path)
+    plan = make_plan(src, dst, carry=False)
+    source = read_source(path)
+    reads: list[str] = []
+    real_get = type(source._tensors).__getitem__
+
+    def counting(self, key):  # type: ignore[no-untyped-def]
+        reads.append(key)
+        return real_get(self, key)
+
+    monkeypatch.setattr(type(source._tensors), "__getitem__", counting)
+    assert apply_plan(plan, dst, path).complete
+    assert reads == [*SRC_KEYS, *SRC_KEYS]  # a checking pass, then a writing pass
+    assert loaded_correctly(src, dst)
+    reads.clear()
+    apply_plan(plan, dst, path, atomic=False)
+    assert reads == list(SRC_KEYS)
+
+
+def test_a_failure_in_the_writing_pass_of_a_lazy_source_says_what_was_written(tmp_path,
+                                                                             monkeypatch):
+    src, dst = models()
+    path = tmp_path / "src.safetensors"
+    _save(src, path)
+    _fail_at(monkeypatch, len(PAIRS) + 3)  # the checking pass went through; the file "changed"
+    with pytest.raises(ApplyError, match=r"partially written: 2 tensors were overwritten "
+                                         r"\(fc1\.weight, fc1\.bias\)"):
+        apply_plan(make_plan(src, dst, carry=False), dst, path)
+
+
+def test_a_lazy_source_into_a_meta_destination_takes_one_pass_and_rolls_back(tmp_path,
+                                                                            monkeypatch):
+    src, _ = models()
+    path = tmp_path / "src.safetensors"
+    _save(src, path)
+    with torch.device("meta"):
+        dst = Dst()
+    metas = dict(dst.state_dict(keep_vars=True))
+    _fail_at(monkeypatch, 5)
+    with pytest.raises(ApplyError, match="restored"):
+        apply_plan(make_plan(src, dst, carry=False), dst, path)
+    assert all(dst.state_dict(keep_vars=True)[k] is t for k, t in metas.items())
+    monkeypatch.undo()
+    apply_plan(make_plan(src, dst, carry=False), dst, path, strict=True)
+    assert loaded_correctly(src, dst)
+
+
+# --------------------------------------------------------------------------- NaN/Inf, scanned once
+
+
+def test_an_unchanged_source_is_not_scanned_again_and_a_changed_one_is(monkeypatch, caplog):
+    torch.manual_seed(0)
+    src, dst = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), \
+        nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    scanned: list[tuple[int, ...]] = []
+    real = archalign.source.has_nonfinite
+
+    def counting(tensor):  # type: ignore[no-untyped-def]
+        scanned.append(tuple(tensor.shape))
+        return real(tensor)
+
+    monkeypatch.setattr(archalign.source, "has_nonfinite", counting)
+    plan = archalign.align(src, dst, check_outputs=False)
+    assert len(scanned) == 4 and plan.nonfinite == ()  # align scanned every source tensor once
+    scanned.clear()
+    assert plan.apply(dst).nonfinite == ()
+    assert scanned == []  # unchanged since align: not scanned again
+    with torch.no_grad():
+        src[1].weight[0, 0] = float("nan")
+    report = plan.apply(dst)
+    assert scanned == [(2, 4)]  # only the tensor written since
+    assert report.nonfinite == ("1.weight",)
+    assert "NaN or Inf in the tensors loaded into: 1.weight" in caplog.text
+    scanned.clear()
+    assert plan.apply(dst).nonfinite == ("1.weight",) and scanned == []
+    assert plan.apply(dst, check_finite=False).nonfinite == ()
+
+
+def test_nonfinite_values_are_reported_per_destination_tensor(tmp_path):
+    torch.manual_seed(0)
+    src = {"q": torch.randn(2, 3), "k": torch.randn(2, 3), "qk": torch.randn(4, 3)}
+    src["k"][1, 1] = float("inf")
+    src["qk"][0, 0] = float("nan")  # in the first half only
+    dst = nn.ParameterDict({"fused": nn.Parameter(torch.zeros(4, 3)),
+                            "a": nn.Parameter(torch.zeros(2, 3)),
+                            "b": nn.Parameter(torch.zeros(2, 3))})
+    fused = Match(src=("q", "k"), dst=("fused",), src_shapes=((2, 3), (2, 3)),
+                  dst_shapes=((4, 3),), confidence=1.0, costs=(), src_unit="q+k", dst_unit="fused",
+                  ops=(Op("concat", sizes=(2, 2)),))
+    split = Match(src=("qk",), dst=("a", "b"), src_shapes=((4, 3),), dst_shapes=((2, 3), (2, 3)),
+                  confidence=1.0, costs=(), src_unit="qk", dst_unit="a+b",
+                  ops=(Op("split", sizes=(2, 2)),))
+    plan = Plan(matches=(fused, split))
+    path = tmp_path / "src.safetensors"
+    save_file(src, str(path))
+    for given in (src, path):
+        assert apply_plan(plan, dst, given).nonfinite == ("fused", "a")

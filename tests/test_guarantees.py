@@ -63,6 +63,112 @@ def test_a_failure_midway_leaves_the_destination_exactly_as_before(monkeypatch) 
     assert_unchanged(dst, before)
 
 
+def _fail_at_value(monkeypatch, n: int) -> None:  # type: ignore[no-untyped-def]
+    """The ``n``-th value apply computes cannot be written (the shape is wrong)."""
+    real = apply_module.apply_ops
+    calls = {"n": 0}
+
+    def broken(tensors, ops):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        out = real(tensors, ops)
+        return [torch.zeros(99)] if calls["n"] == n else out
+
+    monkeypatch.setattr(apply_module, "apply_ops", broken)
+
+
+def _save_sharded(model: nn.Module, folder: Path, per_shard: int) -> Path:
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    keys = list(state)
+    weight_map = {}
+    for n, start in enumerate(range(0, len(keys), per_shard)):
+        name = f"model-{n:05d}.safetensors"
+        save_file({k: state[k] for k in keys[start:start + per_shard]}, str(folder / name))
+        weight_map.update(dict.fromkeys(keys[start:start + per_shard], name))
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return index
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "sharded"])
+def test_a_failure_midway_from_a_lazy_file_leaves_the_destination_exactly_as_before(
+        monkeypatch, tmp_path: Path, layout: str) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    src, dst = mlp(4, 8, 8, 8, 2), mlp(4, 8, 8, 8, 2)
+    if layout == "safetensors":
+        path = tmp_path / "src.safetensors"
+        save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    else:
+        path = _save_sharded(src, tmp_path, per_shard=3)
+    plan = archalign.align(path, dst)
+    assert plan.source is not None and plan.source.lazy
+    before = snapshot(dst)
+    _fail_at_value(monkeypatch, 5)
+    with pytest.raises(ApplyError, match="restored"):
+        plan.apply(dst, min_confidence=0.0)
+    assert_unchanged(dst, before)
+    monkeypatch.undo()
+    assert plan.apply(dst, min_confidence=0.0, strict=True).complete
+    for key, value in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[key], value), key
+
+
+def test_ctrl_c_while_writing_is_held_until_every_tensor_is_written(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import signal
+
+    torch.manual_seed(0)
+    src, dst = mlp(4, 8, 8, 8, 2), mlp(4, 8, 8, 8, 2)
+    plan = archalign.align(src, dst)
+    handler = signal.getsignal(signal.SIGINT)
+    real_copy = torch.Tensor.copy_
+    writes = {"n": 0}
+
+    def copy_then_interrupt(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        out = real_copy(self, *args, **kwargs)
+        writes["n"] += 1
+        if writes["n"] == 3:  # the third write of the committing phase
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        plan.apply(dst)
+    monkeypatch.undo()
+    assert writes["n"] == len(src.state_dict())  # every write ran, the interrupt came after
+    assert signal.getsignal(signal.SIGINT) is handler
+    for key, value in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[key], value), key
+
+
+def test_a_second_ctrl_c_interrupts_the_writes_at_once(monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    import signal
+
+    torch.manual_seed(0)
+    src, dst = mlp(4, 8, 8, 8, 2), mlp(4, 8, 8, 8, 2)
+    plan = archalign.align(src, dst)
+    handler = signal.getsignal(signal.SIGINT)
+    real_copy = torch.Tensor.copy_
+    writes = {"n": 0}
+
+    def copy_then_interrupt(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        out = real_copy(self, *args, **kwargs)
+        writes["n"] += 1
+        if writes["n"] in (2, 3):
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        plan.apply(dst)
+    monkeypatch.undo()
+    assert writes["n"] == 3
+    assert "partially written: 3 tensors were overwritten" in caplog.text
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
 # ---------------------------------------------------------------------- no code execution
 
 class _Payload:
@@ -221,6 +327,9 @@ def test_nan_in_the_source_is_loaded_with_a_warning(caplog) -> None:  # type: ig
     assert report.nonfinite == ("weight",)
     assert "NaN or Inf" in caplog.text and "WARNING: NaN/Inf loaded into: weight" in str(report)
     assert archalign.align(src, dst).apply(dst, check_finite=False).nonfinite == ()
+    plan = archalign.align(src, dst)  # seen while reviewing, before anything is loaded
+    assert plan.nonfinite == ("weight",)
+    assert "holds NaN or Inf in 1 tensors" in caplog.text and "NaN/Inf in 1 source" in str(plan)
     half = nn.Linear(300, 300).half()  # a finite half tensor whose half-precision sum overflows
     with torch.no_grad():
         half.weight.fill_(60000.0)

@@ -3,6 +3,7 @@ Chromium is installed) how it renders in a real headless browser."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -155,6 +156,9 @@ def test_a_layer_is_one_row_and_a_unit_pair_one_line() -> None:
     assert (summary["unmatched_src"], summary["unmatched_dst"]) == (3, 2)
     assert (summary["src_tracer"], summary["dst_tracer"]) == ("fx", "hooks")
     assert summary["tied_src"] == [["head.weight", "tok"]]
+    assert summary["nonfinite"] == []
+    flagged = dataclasses.replace(small_plan(), nonfinite=("enc.0.weight",))
+    assert embedded(render_html(flagged))["summary"]["nonfinite"] == ["enc.0.weight"]
 
 
 def test_a_line_takes_the_lowest_confidence_of_its_tensors() -> None:

@@ -129,8 +129,10 @@ def test_to_dict_schema():
                                  src_unit="q+k", dst_unit="qkv",
                                  ops=(Op("concat", sizes=(2, 2)), Op("transpose"))),)),
         make_plan(verification="outputs agree (max abs diff 0)"),
+        make_plan(nonfinite=("enc.0.weight", "enc.2.bias")),
     ],
-    ids=["full", "empty", "no-extras", "infinite-regret", "scalar", "ops", "verification"],
+    ids=["full", "empty", "no-extras", "infinite-regret", "scalar", "ops", "verification",
+         "nonfinite"],
 )
 def test_json_round_trip(plan):
     text = plan.to_json()
@@ -310,3 +312,25 @@ def test_str_shows_adaptations():
     text = str(make_plan(matches=(adapted,), mismatches=()))
     assert text.splitlines()[0].startswith("Plan: 1 matches (1 adapted), 0 shape mismatches")
     assert text.splitlines()[2] == "0.90  fc1.weight   enc.0.weight  (4,3)  transpose"
+
+
+# --------------------------------------------------------------------------- NaN/Inf in the source
+
+
+def test_nonfinite_source_keys_are_saved_only_when_there_are_some():
+    assert "nonfinite" not in make_plan().to_dict()  # files of plans without them do not change
+    data = make_plan(nonfinite=("enc.0.weight",)).to_dict()
+    assert data["nonfinite"] == ["enc.0.weight"]
+    assert list(data)[-1] == "nonfinite"
+    assert Plan.from_dict(data).nonfinite == ("enc.0.weight",)
+    with pytest.raises(PlanError, match="malformed plan"):
+        Plan.from_dict({**data, "nonfinite": "enc.0.weight"})  # a bare string is not a key list
+
+
+def test_nonfinite_source_keys_are_listed_for_review():
+    plan = make_plan(nonfinite=("enc.0.weight",))
+    lines = str(plan).splitlines()
+    assert lines[1] == "WARNING: NaN/Inf in 1 source tensors (loaded as they are): enc.0.weight"
+    assert [r["nonfinite"] for r in plan.to_records()] == [True, False]
+    assert "nonfinite" not in str(make_plan())
+    assert plan.inverse().nonfinite == ()  # they are source keys: not the inverse's source

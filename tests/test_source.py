@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from archalign.errors import ArchalignError, SourceError
-from archalign.source import TensorSource, TensorSpec, read_source
+from archalign.source import TensorSource, TensorSpec, has_nonfinite, read_source
 
 # --------------------------------------------------------------------------- tiny models
 
@@ -397,3 +397,111 @@ def test_shards_merged_in_shard_order_count_as_unordered() -> None:
     source = read_source({k: torch.zeros(1) for k in merged})
     assert source.ordered is False
     assert read_source({k: torch.zeros(1) for k in keys}).ordered is True  # registration order
+
+
+# --------------------------------------------------------------------------- NaN/Inf scan
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16,
+                                   torch.float8_e5m2])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_has_nonfinite_finds_nan_and_inf_in_every_floating_dtype(dtype, bad) -> None:
+    t = torch.ones(64, 8).to(dtype)
+    assert not has_nonfinite(t)
+    t[5, 3] = bad
+    assert has_nonfinite(t)
+    assert has_nonfinite(t.T)  # any layout
+
+
+def test_has_nonfinite_is_exact_when_a_finite_half_tensor_overflows_its_sum() -> None:
+    for dtype in (torch.float16, torch.bfloat16):
+        big = torch.full((300, 300), 60000.0 if dtype == torch.float16 else 3e38, dtype=dtype)
+        assert not has_nonfinite(big)
+    assert not has_nonfinite(torch.tensor([6e4, -6e4, 6e4], dtype=torch.float16))
+
+
+def test_has_nonfinite_complex_integer_empty_meta() -> None:
+    c = torch.zeros(3, dtype=torch.complex64)
+    assert not has_nonfinite(c)
+    c[1] = complex(0.0, float("inf"))
+    assert has_nonfinite(c)
+    assert not has_nonfinite(torch.arange(5))
+    assert not has_nonfinite(torch.zeros(0))
+    assert not has_nonfinite(torch.empty(3, device="meta"))
+    p = nn.Parameter(torch.tensor([1.0, float("nan")]))
+    assert has_nonfinite(p) and p.grad is None
+
+
+def test_in_memory_tensors_are_scanned_once_per_state(monkeypatch) -> None:
+    import archalign.source as source_module
+
+    scanned: list[str] = []
+    real = source_module.has_nonfinite
+    monkeypatch.setattr(source_module, "has_nonfinite",
+                        lambda t: scanned.append(str(tuple(t.shape))) or real(t))
+    model = Tied()
+    source = read_source(model)
+    assert source.lazy is False
+    assert source.scan_nonfinite() == () and scanned == ["(10, 4)"]
+    assert source.nonfinite("head.weight") is False and len(scanned) == 1  # an alias: memoised
+    with torch.no_grad():
+        model.emb.weight[2, 2] = float("nan")  # bumps the version counter
+    assert source.scan_nonfinite() == ("emb.weight",) and len(scanned) == 2
+    assert source.nonfinite("emb.weight") is True and len(scanned) == 2
+    model.emb.weight.data = torch.ones(10, 4)  # a new data pointer
+    assert source.nonfinite("emb.weight") is False and len(scanned) == 3
+    state = model.state_dict()  # detached tensors share the version counter of the parameters
+    from_state = read_source(state)
+    assert from_state.scan_nonfinite() == ()
+    with torch.no_grad():
+        model.emb.weight[0, 0] = float("inf")
+    assert from_state.scan_nonfinite() == ("emb.weight",)
+
+
+def test_a_lazy_source_is_scanned_when_read_and_never_by_scan_nonfinite(tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.tensor([1.0, float("nan")]), "b": torch.ones(2)}, str(path))
+    source = read_source(path)
+    assert source.lazy is True
+    assert source.scan_nonfinite() == ()  # nothing read while aligning
+    assert source.nonfinite("w") is True and source.nonfinite("b") is False
+    assert source.nonfinite("w", torch.ones(2)) is False  # the tensor the caller read
+
+
+def test_reading_keeps_one_file_open_between_reads(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import safetensors
+
+    import archalign.source as source_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    index = _write_sharded(model, tmp_path, per_shard=3)  # 3 files
+    opened: list[str] = []
+    real = safetensors.safe_open
+
+    def counting(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        opened.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors, "safe_open", counting)
+    source = read_source(index)
+    opened.clear()
+    keys = list(model.state_dict())
+    for key in keys:
+        source.get(key)
+    assert len(opened) == len(keys)  # outside `reading`: a file opened per tensor
+    opened.clear()
+    with source.reading():
+        for key in keys:
+            assert torch.equal(source.get(key), model.state_dict()[key])
+    assert opened == ["model-00000.safetensors", "model-00001.safetensors",
+                      "model-00002.safetensors"]
+    assert source._tensors._handle is None  # closed at the end of the block
+    opened.clear()
+    monkeypatch.setattr(source_module, "_REOPEN_BYTES", 1)  # reopened after every read
+    with source.reading():
+        for key in keys:
+            source.get(key)
+    assert len(opened) == len(keys)
+    with read_source(model).reading():  # an in-memory source: nothing to open
+        pass
