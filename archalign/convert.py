@@ -63,16 +63,17 @@ def convert_checkpoint(plan: Plan, src: Any, out: str | os.PathLike[str], *,
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     written: list[Path] = []
-    for match in matches:
-        values = apply_ops([source.get(k) for k in match.src], match.ops)
-        for key, value in zip(match.dst, values):
-            nbytes = value.numel() * value.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                written.append(_flush(shards[-1], folder, len(shards), save_file))
-                shards.append({})
-                size = 0
-            shards[-1][key] = value.detach().contiguous()
-            size += nbytes
+    with source.reading():  # a lazy source keeps its file open between tensors
+        for match in matches:
+            values = apply_ops([source.get(k) for k in match.src], match.ops)
+            for key, value in zip(match.dst, values):
+                nbytes = value.numel() * value.element_size()
+                if shards[-1] and size + nbytes > max_shard_bytes:
+                    written.append(_flush(shards[-1], folder, len(shards), save_file))
+                    shards.append({})
+                    size = 0
+                shards[-1][key] = value.detach().contiguous()
+                size += nbytes
     if len(shards) == 1:
         path = folder / "model.safetensors"
         save_file(shards[0], str(path), metadata={"format": "pt"})
