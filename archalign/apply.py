@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 
 def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: float = 0.5,
                strict: bool = False, shape_policy: str | Mapping[str, str] | None = None,
-               atomic: bool = True, check_finite: bool = True) -> LoadReport:
+               atomic: bool = True, check_finite: bool = True,
+               progress: Callable[[int, int], None] | None = None) -> LoadReport:
     """Copy the planned source tensors into ``dst`` (parameters and buffers, in place).
 
     Dtype and device follow ``dst``; ties in ``dst`` are kept (a tied tensor is written once).
@@ -83,6 +84,11 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
         the plan carries; an explicit ``src`` is read afresh) and not written since is not
         scanned again (see `TensorSource.nonfinite`: writes through ``.data`` escape this); a
         lazy source is scanned while it is read. ``check_finite=False`` skips the scan.
+
+    progress : callable, optional
+        Called as ``progress(written, total)`` after each destination tensor is written (a
+        progress bar; the command line draws one). With ``atomic=True`` the writes come after
+        every value was computed and checked.
 
     Returns
     -------
@@ -136,14 +142,15 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
     def values(scan: bool) -> Iterator[tuple[str, torch.Tensor, bool]]:
         return _values(to_load, by_policy, source, target, check_finite=scan)
 
+    tick = _ticker(progress, len(loaded_keys))
     with torch.no_grad(), source.reading():
         if not atomic or (source.lazy and all(target.get(k).device.type == "meta"
                                               for k in loaded_keys)):
-            nonfinite = _commit(values(check_finite), target, dst)  # meta: rollback is free
+            nonfinite = _commit(values(check_finite), target, dst, tick)  # meta: free rollback
         elif not source.lazy:
-            nonfinite = _prepare_then_commit(values(check_finite), target, dst)
+            nonfinite = _prepare_then_commit(values(check_finite), target, dst, tick)
         else:
-            nonfinite = _two_passes(values, target, dst, check_finite=check_finite)
+            nonfinite = _two_passes(values, target, dst, tick, check_finite=check_finite)
     if nonfinite:
         logger.warning("the source holds NaN or Inf in the tensors loaded into: %s",
                        ", ".join(nonfinite))
@@ -260,8 +267,22 @@ def _failed(doing: str, key: str, exc: Exception) -> str:
 _UNCHANGED = "the destination is exactly as before (nothing was written, or it was restored)"
 
 
+def _ticker(progress: Callable[[int, int], None] | None, total: int) -> Callable[[], None]:
+    """A function to call after each write: it reports ``(written, total)`` to ``progress``."""
+    if progress is None:
+        return lambda: None
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        progress(done, total)
+
+    return tick
+
+
 def _prepare_then_commit(values: Iterable[tuple[str, torch.Tensor, bool]], target: TensorSource,
-                         dst: nn.Module) -> list[str]:
+                         dst: nn.Module, tick: Callable[[], None]) -> list[str]:
     """All or nothing for in-memory sources, without copies of the destination: compute and
     check every value first (views, for plain copies and most adaptations), then only write."""
     prepared: list[tuple[str, torch.Tensor, bool]] = []
@@ -276,7 +297,7 @@ def _prepare_then_commit(values: Iterable[tuple[str, torch.Tensor, bool]], targe
     except Exception as exc:
         raise ApplyError(f"{_failed('computing', key, exc)}; {_UNCHANGED}") from exc
     with _sigint_deferred():
-        return _commit(prepared, target, dst, checked=True)
+        return _commit(prepared, target, dst, tick, checked=True)
 
 
 def _storage(tensor: torch.Tensor) -> int | None:
@@ -290,7 +311,8 @@ def _storage(tensor: torch.Tensor) -> int | None:
 
 
 def _two_passes(values: Callable[[bool], Iterable[tuple[str, torch.Tensor, bool]]],
-                target: TensorSource, dst: nn.Module, *, check_finite: bool) -> list[str]:
+                target: TensorSource, dst: nn.Module, tick: Callable[[], None], *,
+                check_finite: bool) -> list[str]:
     """All or nothing for lazy sources into a materialised destination, in the memory of one
     tensor: read, adapt and check every value (shape, NaN/Inf) and drop it; then read again and
     write. Only a failure between the passes (the file changed, a disk or memory error) can
@@ -306,12 +328,12 @@ def _two_passes(values: Callable[[bool], Iterable[tuple[str, torch.Tensor, bool]
     except Exception as exc:
         raise ApplyError(f"{_failed('reading', key, exc)}; {_UNCHANGED}") from exc
     with _sigint_deferred():
-        _commit(values(False), target, dst)
+        _commit(values(False), target, dst, tick)
     return nonfinite
 
 
 def _commit(values: Iterable[tuple[str, torch.Tensor, bool]], target: TensorSource,
-            dst: nn.Module, *, checked: bool = False) -> list[str]:
+            dst: nn.Module, tick: Callable[[], None], *, checked: bool = False) -> list[str]:
     """Check (unless ``checked``: `_check_value` passed already) and write each value in turn (in
     place; a meta tensor is replaced by a materialised one, ties kept). Returns the keys whose
     values hold NaN or Inf.
@@ -341,6 +363,7 @@ def _commit(values: Iterable[tuple[str, torch.Tensor, bool]], target: TensorSour
                 into.copy_(value)
                 written.append(key)
                 copying = None
+            tick()
     except BaseException as exc:
         for step in reversed(undo):
             step()

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from torch import nn
 
@@ -143,8 +144,13 @@ def _apply(args: argparse.Namespace, console: Console) -> int:
 
     plan = load_plan(args.plan)
     src, dst = load_source(args.src), build_model(args.dst)
-    report = plan.apply(dst, src, min_confidence=args.min_confidence, strict=args.strict,
-                        shape_policy=args.shape_policy)
+    with Progress(TextColumn("loading"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("loading", total=None)
+        report = plan.apply(dst, src, min_confidence=args.min_confidence, strict=args.strict,
+                            shape_policy=args.shape_policy,
+                            progress=lambda done, total: bar.update(task, completed=done,
+                                                                    total=total))
     console.print(str(report), markup=False)
     aliases = dict(report.tied)
     state = {k: v.detach().contiguous() for k, v in dst.state_dict().items() if k not in aliases}

@@ -13,7 +13,7 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -111,12 +111,14 @@ class Plan:
     # ---------------------------------------------------------------- applying
     def apply(self, dst: nn.Module, src: Any = None, *, min_confidence: float = 0.5,
               strict: bool = False, shape_policy: str | Mapping[str, str] | None = None,
-              atomic: bool = True, check_finite: bool = True) -> LoadReport:
+              atomic: bool = True, check_finite: bool = True,
+              progress: Callable[[int, int], None] | None = None) -> LoadReport:
         """Load the planned tensors into ``dst``; see `archalign.apply.apply_plan`."""
         from .apply import apply_plan
 
         return apply_plan(self, dst, src, min_confidence=min_confidence, strict=strict,
-                          shape_policy=shape_policy, atomic=atomic, check_finite=check_finite)
+                          shape_policy=shape_policy, atomic=atomic, check_finite=check_finite,
+                          progress=progress)
 
     # ---------------------------------------------------------------- reviewing
     def pin(self, src: str, dst: str) -> Plan:

@@ -762,3 +762,34 @@ def test_nonfinite_values_are_reported_per_destination_tensor(tmp_path):
     save_file(src, str(path))
     for given in (src, path):
         assert apply_plan(plan, dst, given).nonfinite == ("fused", "a")
+
+
+# --------------------------------------------------------------------------- progress
+
+
+@pytest.mark.parametrize(("kind", "atomic"), [("module", True), ("module", False),
+                                              ("safetensors", True), ("safetensors", False),
+                                              ("meta", True)])
+def test_progress_counts_every_write_once(tmp_path, kind, atomic):
+    src, dst = models()
+    given: object = src
+    if kind == "safetensors":
+        given = tmp_path / "w.safetensors"
+        save_file(dict(src.state_dict()), str(given))
+    if kind == "meta":
+        with torch.device("meta"):
+            dst = Dst()
+    seen: list[tuple[int, int]] = []
+    apply_plan(make_plan(src, dst, carry=False), dst, given, atomic=atomic,
+               progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(k, len(PAIRS)) for k in range(1, len(PAIRS) + 1)]
+    assert loaded_correctly(src, dst)
+
+
+def test_no_progress_for_a_refused_plan():
+    src, dst = models()
+    plan = make_plan(src, dst, pairs=[("enc.0.weight", "fc2.weight")])  # shapes disagree
+    seen: list[tuple[int, int]] = []
+    with pytest.raises(PlanError):
+        apply_plan(plan, dst, progress=lambda done, total: seen.append((done, total)))
+    assert seen == []
