@@ -23,7 +23,7 @@ from .ops import apply_ops, infer_shapes
 from .plan import Match, Mismatch, Plan
 from .policies import choose_policy, resize
 from .report import Adapted, LoadReport, Skipped
-from .source import TensorSource, has_nonfinite, read_source
+from .source import TensorSource, has_nonfinite, read_destination, read_source
 
 __all__ = ["apply_plan", "split_by_confidence"]
 
@@ -112,7 +112,7 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
     if source is None:
         raise PlanError("this plan does not carry its source (it was loaded from a file): "
                         "pass it as plan.apply(dst, src)")
-    target = read_source(dst, role="destination")
+    target = read_destination(dst)
     _check_plan(plan, source, target)
 
     by_policy: list[tuple[Mismatch, str]] = []

@@ -21,7 +21,7 @@ from .errors import PlanError
 from .ops import apply_ops
 from .plan import Plan
 from .report import Adapted, LoadReport
-from .source import read_source
+from .source import read_destination
 
 __all__ = ["load_distributed_checkpoint"]
 
@@ -49,7 +49,7 @@ def load_distributed_checkpoint(plan: Plan, dst: nn.Module, checkpoint_id: str |
     matches, skipped = split_by_confidence(plan.matches, min_confidence)
     reader = FileSystemReader(str(checkpoint_id))
     metadata = reader.read_metadata().state_dict_metadata
-    target = read_source(dst, role="destination")
+    target = read_destination(dst)
     problems = []
     for match in matches:
         for key, shape in zip(match.src, match.src_shapes):

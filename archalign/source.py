@@ -8,6 +8,7 @@ hands out tensors only when `apply` asks for them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -16,22 +17,21 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from .errors import SourceError
 
-__all__ = ["TensorSource", "TensorSpec", "has_nonfinite", "read_source"]
+__all__ = ["TensorSource", "TensorSpec", "has_nonfinite", "read_destination", "read_source"]
 
 logger = logging.getLogger(__name__)
 
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
-@dataclass(frozen=True)
-class TensorSpec:
+class TensorSpec(NamedTuple):
     """What planning needs to know about one tensor."""
 
     key: str  # the name in the state_dict, e.g. "layer1.0.conv1.weight"
@@ -239,18 +239,36 @@ def read_source(obj: Any, *, role: str = "source") -> TensorSource:
     )
 
 
-def _read_module(module: nn.Module, role: str) -> TensorSource:
+def read_destination(module: nn.Module) -> TensorSource:
+    """What writing into ``module`` needs: its tensors, their shapes and its ties; not the layer
+    structure that planning reads (module classes, layer owners: left empty), which costs as
+    much again on every `apply`.
+
+    Raises
+    ------
+    SourceError
+        If ``module`` is not an ``nn.Module`` or holds no tensors.
+    """
+    if not isinstance(module, nn.Module):
+        raise SourceError(f"the destination must be an nn.Module, got {type(module).__name__}")
+    return _read_module(module, "destination", structure=False)
+
+
+def _read_module(module: nn.Module, role: str, *, structure: bool = True) -> TensorSource:
     state = module.state_dict(keep_vars=True)
     if not state:
         raise SourceError(
             f"the {role} module {type(module).__name__} has no parameters or buffers; "
             "there is nothing to align"
         )
-    modules = dict(module.named_modules(remove_duplicate=False))
-    module_types = {path: type(m).__name__ for path, m in modules.items()}
     specs, aliases = _specs_and_aliases(state, by_identity=True)
-    owners = {_owner(k) for k in specs}
-    layer_owners = frozenset(o for o in owners if o in modules and _is_layer(modules[o]))
+    module_types: dict[str, str] = {}
+    layer_owners: frozenset[str] = frozenset()
+    if structure:
+        modules = dict(module.named_modules(remove_duplicate=False))
+        module_types = {path: type(m).__name__ for path, m in modules.items()}
+        owners = {_owner(k) for k in specs}
+        layer_owners = frozenset(o for o in owners if o in modules and _is_layer(modules[o]))
     return TensorSource(
         specs=specs,
         aliases=aliases,
@@ -458,9 +476,14 @@ def _specs_and_aliases(
             continue
         if ident is not None:
             seen[ident] = key
-        specs[key] = TensorSpec(key=key, shape=tuple(tensor.shape), dtype=str(tensor.dtype),
-                                device=tensor.device.type)
+        specs[key] = TensorSpec(key, tuple(tensor.shape), _dtype_name(tensor.dtype),
+                                tensor.device.type)
     return specs, aliases
+
+
+@functools.cache
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype)
 
 
 def _identity(tensor: torch.Tensor, by_identity: bool) -> Any:

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from archalign.errors import ArchalignError, SourceError
-from archalign.source import TensorSource, TensorSpec, has_nonfinite, read_source
+from archalign.source import TensorSource, TensorSpec, has_nonfinite, read_destination, read_source
 
 # --------------------------------------------------------------------------- tiny models
 
@@ -505,3 +505,17 @@ def test_reading_keeps_one_file_open_between_reads(tmp_path: Path, monkeypatch) 
     assert len(opened) == len(keys)
     with read_source(model).reading():  # an in-memory source: nothing to open
         pass
+
+
+def test_read_destination_keeps_what_writing_needs():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    model[1].weight = model[0].bias  # a tie
+    light, full = read_destination(model), read_source(model, role="destination")
+    assert light.specs == full.specs and light.aliases == full.aliases
+    assert light.get("0.weight") is full.get("0.weight")
+    assert light.module_types == {} and light.layer_owners == frozenset()
+
+
+def test_read_destination_refuses_what_is_not_a_module():
+    with pytest.raises(SourceError, match=r"must be an nn\.Module, got dict"):
+        read_destination({"w": torch.zeros(1)})
