@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,7 +71,8 @@ def layer_family(type_name: str) -> str:
 
 
 def extract_features(
-    src: UnitGraph, dst: UnitGraph, anchors: Sequence[tuple[str, str]] = ()
+    src: UnitGraph, dst: UnitGraph, anchors: Sequence[tuple[str, str]] = (),
+    skip: Collection[str] = (),
 ) -> tuple[list[UnitFeatures], list[UnitFeatures]]:
     """Compute features of both models' units, source positions warped onto the destination.
 
@@ -80,6 +81,11 @@ def extract_features(
     anchors : sequence of (source unit key, destination unit key)
         Pairs known to correspond (pinned by a reviewer): the warp passes through them, and
         alignment pairs that cross them are dropped.
+    skip : collection of str
+        Destination units left out of the alignment (a reviewer dropped them: a layer the
+        source has no counterpart for). The source is aligned with the others, so that an added
+        block among identical ones is no longer a gap that could lie anywhere in their run;
+        positions stay in the destination's full rank space.
 
     Returns
     -------
@@ -89,13 +95,22 @@ def extract_features(
     src_units, dst_units = list(src.units.values()), list(dst.units.values())
     src_sig = {u.key: _signature(u) for u in src_units}
     dst_sig = {u.key: _signature(u) for u in dst_units}
+    kept = [i for i, u in enumerate(dst_units) if u.key not in skip]
+    aligned = [dst_units[i] for i in kept]
     src_rank = {u.key: i for i, u in enumerate(src_units)}
-    dst_rank = {u.key: i for i, u in enumerate(dst_units)}
-    pinned = [(src_rank[a], dst_rank[b]) for a, b in anchors]
-    warp = _warp(src_units, dst_units, src_sig, dst_sig, pinned)
+    dst_rank = {u.key: i for i, u in enumerate(aligned)}
+    pinned = [(src_rank[a], dst_rank[b]) for a, b in anchors if b in dst_rank]
+    # ranks among the aligned units -> ranks among all (interpolated between kept units)
+    to_full = np.array([-1.0, *kept, float(len(dst_units))])
+    inner = np.arange(-1.0, len(kept) + 1.0)
+
+    def full(warp: Callable[[int], float]) -> Callable[[int], float]:
+        return lambda i: float(np.interp(warp(i), inner, to_full))
+
+    warp = full(_warp(src_units, aligned, src_sig, dst_sig, pinned))
     # the same alignment with the gaps placed first: where the two disagree, structure cannot
     # tell which units were added or removed (a run of identical layers lost one)
-    other = _warp(src_units, dst_units, src_sig, dst_sig, pinned, gaps_last=False)
+    other = full(_warp(src_units, aligned, src_sig, dst_sig, pinned, gaps_last=False))
     return (
         [_features(u, i, warp(i), src, src_sig, spread=abs(warp(i) - other(i)))
          for i, u in enumerate(src_units)],

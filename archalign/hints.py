@@ -7,6 +7,7 @@ resolved against the models' units only when `archalign.align` re-solves with th
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -84,8 +85,8 @@ def resolve_hints(hints: Hints | None, src_units: Sequence[Unit],
                 f"({', '.join(right[:4])}...); make them cover the same number")
         pins.extend(zip(left, right))
     for side in (0, 1):
-        keys = [p[side] for p in pins]
-        twice = sorted({k for k in keys if keys.count(k) > 1})
+        counts = Counter(p[side] for p in pins)
+        twice = sorted(k for k, n in counts.items() if n > 1)
         if twice:
             raise AlignError(f"layers pinned twice: {', '.join(twice)}")
     forbidden = frozenset(

@@ -102,7 +102,9 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
         weights = dataclasses.replace(weights, order_trust=ORDER_ONLY_TRUST)
     rules = resolve_hints(hints, list(src_graph.units.values()), list(dst_graph.units.values()))
     step("aligning the layer sequences")
-    src_features, dst_features = extract_features(src_graph, dst_graph, anchors=rules.pins)
+    pinned_dst = {d for _, d in rules.pins}
+    src_features, dst_features = extract_features(
+        src_graph, dst_graph, anchors=rules.pins, skip=rules.dropped - pinned_dst)
     step("solving the assignment")
 
     found, near = match_pinned(src_features, dst_features, rules.pins)

@@ -268,3 +268,16 @@ def test_identical_sequences_never_reach_the_dynamic_program(monkeypatch):
     pairs = align_sequences(sequence, changed)
     assert pairs == [(k, k) for k in range(15000)]  # C -> D is a same-family substitution
     assert calls[-1] == (2, 2)
+
+
+def test_skipped_destination_units_leave_the_alignment_not_the_rank_space():
+    # one of four identical layers is new: aligned with all four, where the gap goes is a guess
+    # (spread); with the new one skipped, the three map onto the others exactly, in full ranks
+    src = [linear(f"a.{i}", 8, 8) for i in range(3)]
+    dst = [linear(f"b.{i}", 8, 8) for i in range(4)]
+    fs, _ = extract_features(chain_graph(src, "fx"), chain_graph(dst, "fx"))
+    assert max(f.spread for f in fs) > 0
+    fs, fd = extract_features(chain_graph(src, "fx"), chain_graph(dst, "fx"), skip={"b.1"})
+    assert [f.position for f in fs] == [0.0, 2.0, 3.0]
+    assert [f.spread for f in fs] == [0.0, 0.0, 0.0]
+    assert [f.position for f in fd] == [0.0, 1.0, 2.0, 3.0]

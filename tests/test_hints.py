@@ -70,6 +70,40 @@ def test_forbid_and_drop() -> None:
     assert torch.equal(dst[2].weight, before)
 
 
+class Stack(nn.Module):
+    """Identical blocks under renamed keys (a revised model that grew a block)."""
+
+    def __init__(self, n: int, name: str) -> None:
+        super().__init__()
+        torch.manual_seed(n)
+        setattr(self, name, nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+                                          for _ in range(n)))
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in getattr(self, self.name):
+            x = block(x)
+        return x
+
+
+def test_dropping_an_added_block_makes_the_others_certain() -> None:
+    # 6 identical blocks into 7: structure cannot tell which block is new, so every match of
+    # the run is uncertain; dropped, the new block leaves the alignment and the rest is certain
+    src, dst = Stack(6, "blocks"), Stack(7, "layers")
+    truth = {f"layers.{i}.{j}.{t}": f"blocks.{i}.{j}.{t}" for i in range(6) for j in (0, 1)
+             for t in ("weight", "bias")}  # plan.mapping(): destination -> source
+    plan = archalign.align(src, dst, check_outputs=False)
+    assert max(m.confidence for m in plan.matches) < 0.5
+    plan = archalign.align(src, dst, hints=Hints(drop=("layers.6",)), check_outputs=False)
+    assert plan.mapping() == truth
+    # all loaded by default; all certain but the last norm, which fed the output and now feeds
+    # the dropped block (its context differs)
+    assert min(m.confidence for m in plan.matches) >= 0.5
+    assert {m.dst[0] for m in plan.matches if m.confidence < 0.9} <= {
+        "layers.5.1.weight", "layers.5.1.bias"}
+    assert "layers.6.0.weight" in plan.unmatched_dst
+
+
 def test_drop_edits_the_plan_at_once() -> None:
     src, dst = chain(2), chain(2)
     plan = archalign.align(src, dst).drop("1")
