@@ -8,7 +8,9 @@ implementations of one architecture.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -65,3 +67,20 @@ def randomise_buffers(model: nn.Module, seed: int) -> None:
             assert module.running_mean is not None and module.running_var is not None
             module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=gen))
             module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen) + 0.5)
+
+
+def write_sharded(model: nn.Module, folder: Path, per_shard: int) -> Path:
+    """Save ``model``'s state_dict as a sharded Hugging Face checkpoint (``per_shard`` tensors per
+    safetensors file, plus ``model.safetensors.index.json``); returns the index."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    keys = list(state)
+    weight_map = {}
+    for n, start in enumerate(range(0, len(keys), per_shard)):
+        name = f"model-{n:05d}.safetensors"
+        save_file({k: state[k] for k in keys[start:start + per_shard]}, str(folder / name))
+        weight_map.update(dict.fromkeys(keys[start:start + per_shard], name))
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return index

@@ -25,6 +25,7 @@ import archalign
 from archalign import apply as apply_module
 from archalign.errors import ApplyError, ArchalignError, PlanError, SourceError
 from archalign.source import read_source
+from tests.models import write_sharded
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -76,21 +77,6 @@ def _fail_at_value(monkeypatch, n: int) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(apply_module, "apply_ops", broken)
 
 
-def _save_sharded(model: nn.Module, folder: Path, per_shard: int) -> Path:
-    from safetensors.torch import save_file
-
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    keys = list(state)
-    weight_map = {}
-    for n, start in enumerate(range(0, len(keys), per_shard)):
-        name = f"model-{n:05d}.safetensors"
-        save_file({k: state[k] for k in keys[start:start + per_shard]}, str(folder / name))
-        weight_map.update(dict.fromkeys(keys[start:start + per_shard], name))
-    index = folder / "model.safetensors.index.json"
-    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return index
-
-
 @pytest.mark.parametrize("layout", ["safetensors", "sharded"])
 def test_a_failure_midway_from_a_lazy_file_leaves_the_destination_exactly_as_before(
         monkeypatch, tmp_path: Path, layout: str) -> None:  # type: ignore[no-untyped-def]
@@ -102,7 +88,7 @@ def test_a_failure_midway_from_a_lazy_file_leaves_the_destination_exactly_as_bef
         path = tmp_path / "src.safetensors"
         save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
     else:
-        path = _save_sharded(src, tmp_path, per_shard=3)
+        path = write_sharded(src, tmp_path, per_shard=3)
     plan = archalign.align(path, dst)
     assert plan.source is not None and plan.source.lazy
     before = snapshot(dst)
@@ -116,6 +102,25 @@ def test_a_failure_midway_from_a_lazy_file_leaves_the_destination_exactly_as_bef
         assert torch.equal(dst.state_dict()[key], value), key
 
 
+def _interrupt_copies(monkeypatch, at: set[int]) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """Make the writes numbered ``at`` (1-based ``Tensor.copy_`` calls) raise SIGINT right after
+    they copied; returns the running count of writes."""
+    import signal
+
+    real_copy = torch.Tensor.copy_
+    writes = {"n": 0}
+
+    def copy_then_interrupt(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        out = real_copy(self, *args, **kwargs)
+        writes["n"] += 1
+        if writes["n"] in at:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_then_interrupt)
+    return writes
+
+
 def test_ctrl_c_while_writing_is_held_until_every_tensor_is_written(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import signal
 
@@ -123,17 +128,7 @@ def test_ctrl_c_while_writing_is_held_until_every_tensor_is_written(monkeypatch)
     src, dst = mlp(4, 8, 8, 8, 2), mlp(4, 8, 8, 8, 2)
     plan = archalign.align(src, dst)
     handler = signal.getsignal(signal.SIGINT)
-    real_copy = torch.Tensor.copy_
-    writes = {"n": 0}
-
-    def copy_then_interrupt(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        out = real_copy(self, *args, **kwargs)
-        writes["n"] += 1
-        if writes["n"] == 3:  # the third write of the committing phase
-            signal.raise_signal(signal.SIGINT)
-        return out
-
-    monkeypatch.setattr(torch.Tensor, "copy_", copy_then_interrupt)
+    writes = _interrupt_copies(monkeypatch, at={3})  # the third write of the committing phase
     with pytest.raises(KeyboardInterrupt):
         plan.apply(dst)
     monkeypatch.undo()
@@ -150,17 +145,7 @@ def test_a_second_ctrl_c_interrupts_the_writes_at_once(monkeypatch, caplog) -> N
     src, dst = mlp(4, 8, 8, 8, 2), mlp(4, 8, 8, 8, 2)
     plan = archalign.align(src, dst)
     handler = signal.getsignal(signal.SIGINT)
-    real_copy = torch.Tensor.copy_
-    writes = {"n": 0}
-
-    def copy_then_interrupt(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        out = real_copy(self, *args, **kwargs)
-        writes["n"] += 1
-        if writes["n"] in (2, 3):
-            signal.raise_signal(signal.SIGINT)
-        return out
-
-    monkeypatch.setattr(torch.Tensor, "copy_", copy_then_interrupt)
+    writes = _interrupt_copies(monkeypatch, at={2, 3})
     with pytest.raises(KeyboardInterrupt):
         plan.apply(dst)
     monkeypatch.undo()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from torch import nn
 
 from archalign.errors import ArchalignError, SourceError
 from archalign.source import TensorSource, TensorSpec, has_nonfinite, read_destination, read_source
+from tests.models import write_sharded
 
 # --------------------------------------------------------------------------- tiny models
 
@@ -354,25 +354,10 @@ def test_get_unknown_key_raises_key_error():
 # --------------------------------------------------------------------------- lazy and sharded files
 
 
-def _write_sharded(model: nn.Module, folder: Path, per_shard: int) -> Path:
-    from safetensors.torch import save_file
-
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    keys = list(state)
-    weight_map = {}
-    for n, start in enumerate(range(0, len(keys), per_shard)):
-        name = f"model-{n:05d}.safetensors"
-        save_file({k: state[k] for k in keys[start:start + per_shard]}, str(folder / name))
-        weight_map.update({k: name for k in keys[start:start + per_shard]})
-    index = folder / "model.safetensors.index.json"
-    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return index
-
-
 def test_sharded_checkpoint_reads_headers_and_loads_lazily(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
-    index = _write_sharded(model, tmp_path, per_shard=3)
+    index = write_sharded(model, tmp_path, per_shard=3)
     for where in (index, tmp_path):  # the index, or the folder holding it
         source = read_source(where)
         assert set(source.specs) == set(model.state_dict())
@@ -382,7 +367,7 @@ def test_sharded_checkpoint_reads_headers_and_loads_lazily(tmp_path: Path) -> No
 
 
 def test_a_broken_index_names_the_missing_shard(tmp_path: Path) -> None:
-    index = _write_sharded(nn.Linear(2, 2), tmp_path, per_shard=1)
+    index = write_sharded(nn.Linear(2, 2), tmp_path, per_shard=1)
     (tmp_path / "model-00001.safetensors").unlink()
     with pytest.raises(SourceError, match="missing shards"):
         read_source(index)
@@ -475,7 +460,7 @@ def test_reading_keeps_one_file_open_between_reads(tmp_path: Path, monkeypatch) 
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
-    index = _write_sharded(model, tmp_path, per_shard=3)  # 3 files
+    index = write_sharded(model, tmp_path, per_shard=3)  # 3 files
     opened: list[str] = []
     real = safetensors.safe_open
 
