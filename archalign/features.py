@@ -100,20 +100,24 @@ def extract_features(
     src_rank = {u.key: i for i, u in enumerate(src_units)}
     dst_rank = {u.key: i for i, u in enumerate(aligned)}
     pinned = [(src_rank[a], dst_rank[b]) for a, b in anchors if b in dst_rank]
-    # ranks among the aligned units -> ranks among all (interpolated between kept units)
-    to_full = np.array([-1.0, *kept, float(len(dst_units))])
-    inner = np.arange(-1.0, len(kept) + 1.0)
+    ranks = range(len(src_units))
 
-    def full(warp: Callable[[int], float]) -> Callable[[int], float]:
-        return lambda i: float(np.interp(warp(i), inner, to_full))
+    def positions(gaps_last: bool) -> np.ndarray:
+        warp = _warp(src_units, aligned, src_sig, dst_sig, pinned, gaps_last=gaps_last)
+        found = np.array([warp(i) for i in ranks], dtype=float)
+        if len(aligned) == len(dst_units):
+            return found
+        # ranks among the aligned units -> ranks among all (interpolated between kept units)
+        return np.interp(found, np.arange(-1.0, len(kept) + 1.0),
+                         np.array([-1.0, *kept, float(len(dst_units))]))
 
-    warp = full(_warp(src_units, aligned, src_sig, dst_sig, pinned))
+    last = positions(gaps_last=True)
     # the same alignment with the gaps placed first: where the two disagree, structure cannot
     # tell which units were added or removed (a run of identical layers lost one)
-    other = full(_warp(src_units, aligned, src_sig, dst_sig, pinned, gaps_last=False))
+    first = positions(gaps_last=False)
     return (
-        [_features(u, i, warp(i), src, src_sig, spread=abs(warp(i) - other(i)))
-         for i, u in enumerate(src_units)],
+        [_features(u, i, float(last[i]), src, src_sig, spread=float(abs(last[i] - first[i])))
+         for i, u in zip(ranks, src_units)],
         [_features(u, i, float(i), dst, dst_sig) for i, u in enumerate(dst_units)],
     )
 

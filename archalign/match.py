@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from math import prod
 from typing import NamedTuple
 
@@ -117,22 +117,14 @@ def match_fused(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weight
     for fused_is_dst in (True, False):
         singles, parts = (dst, src) if fused_is_dst else (src, dst)
         by_key: dict[object, list[tuple[UnitFeatures, ...]]] = defaultdict(list)
-        layouts: dict[tuple[object, ...], object] = {}  # groups of one layout share a key
         for group in _candidate_groups(parts):
-            layout = tuple((g.unit.local_names(), g.unit.canonical_shapes) for g in group)
-            if layout not in layouts:
-                layouts[layout] = _fused_key([g.unit for g in group])
-            pieces = layouts[layout]
+            pieces = _fused_key([g.unit for g in group])
             if pieces is not None:
                 by_key[(group[0].family, pieces)].append(group)
         nearest = {k: _Nearest(np.array([sum(p.position for p in g) / len(g) for g in groups]))
                    for k, groups in by_key.items()}
-        keys: dict[tuple[object, ...], object] = {}  # units of one layout share their fused key
         for single in singles:
-            own = (single.family, single.unit.local_names(), single.unit.canonical_shapes)
-            if own not in keys:
-                keys[own] = (single.family, _fused_key([single.unit]))
-            wanted = keys[own]
+            wanted = (single.family, _fused_key([single.unit]))
             if wanted not in by_key:
                 continue
             for g in nearest[wanted].around(single.position, FUSED_NEIGHBOURS):
@@ -265,14 +257,22 @@ def _adoption_delta(candidate: _Candidate, kept: _Kept, unmatched: float) -> flo
 def _fused_key(units: Sequence[Unit]) -> tuple[tuple[str, tuple[tuple[int, ...], int]], ...] | None:
     """Per tensor name: the trailing dimensions and the summed leading one, when the units could
     be the axis-0 pieces of one tensor (None otherwise). A fused unit has the key of its pieces."""
+    return _fused_key_of(tuple((u.local_names(), u.canonical_shapes) for u in units))
+
+
+@lru_cache(maxsize=4096)
+def _fused_key_of(layouts: tuple[tuple[tuple[str, ...], tuple[tuple[int, ...], ...]], ...]
+                  ) -> tuple[tuple[str, tuple[tuple[int, ...], int]], ...] | None:
+    """`_fused_key` of units given by their (local names, canonical shapes): the key depends on
+    nothing else, and a model's thousands of layers share a few layouts."""
     names: list[str] | None = None
     entries: dict[str, tuple[tuple[int, ...], int]] = {}
-    for unit in units:
-        local = [_canonical(n) for n in unit.local_names()]
+    for local_names, shapes in layouts:
+        local = [_canonical(n) for n in local_names]
         if len(set(local)) != len(local) or (names is not None and sorted(local) != names):
             return None
         names = sorted(local)
-        for name, shape in zip(local, unit.canonical_shapes):
+        for name, shape in zip(local, shapes):
             if not shape:
                 return None
             trailing, rows = entries.get(name, (shape[1:], 0))
