@@ -103,8 +103,8 @@ def extract_features(
     ranks = range(len(src_units))
 
     def positions(gaps_last: bool) -> np.ndarray:
-        warp = _warp(src_units, aligned, src_sig, dst_sig, pinned, gaps_last=gaps_last)
-        found = np.array([warp(i) for i in ranks], dtype=float)
+        found = _warp(src_units, aligned, src_sig, dst_sig, pinned, gaps_last=gaps_last)(
+            np.arange(len(src_units), dtype=float))
         if len(aligned) == len(dst_units):
             return found
         # ranks among the aligned units -> ranks among all (interpolated between kept units)
@@ -187,7 +187,7 @@ def _segment_tokens(segment: str) -> frozenset[str]:
 
 def _warp(src_units: list[Unit], dst_units: list[Unit], src_sig: dict[str, Signature],
           dst_sig: dict[str, Signature], pinned: Sequence[tuple[int, int]] = (),
-          gaps_last: bool = True) -> Callable[[int], float]:
+          gaps_last: bool = True) -> Callable[[np.ndarray], np.ndarray]:
     """A monotone piecewise-linear map from source ranks to destination ranks.
 
     Its anchors are the pairs of an optimal monotone alignment of the two signature sequences
@@ -207,8 +207,8 @@ def _warp(src_units: list[Unit], dst_units: list[Unit], src_sig: dict[str, Signa
     xs = np.array([-1.0, *(a for a, _ in pairs), float(len(src_units))])
     ys = np.array([-1.0, *(b for _, b in pairs), float(len(dst_units))])
 
-    def warp(rank: int) -> float:
-        return float(np.interp(rank, xs, ys))
+    def warp(ranks: np.ndarray) -> np.ndarray:
+        return np.interp(ranks, xs, ys)
 
     return warp
 

@@ -127,13 +127,13 @@ def match_fused(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weight
             wanted = (single.family, _fused_key([single.unit]))
             if wanted not in by_key:
                 continue
-            for g in nearest[wanted].around(single.position, FUSED_NEIGHBOURS):
+            near = nearest[wanted]
+            for g in near.around(single.position, FUSED_NEIGHBOURS):
                 group = by_key[wanted][g]
                 if any(((p.unit.key, single.unit.key) if fused_is_dst
                         else (single.unit.key, p.unit.key)) in forbidden for p in group):
                     continue
-                position = weights.position * np.log1p(
-                    abs(single.position - sum(p.position for p in group) / len(group)))
+                position = weights.position * np.log1p(abs(single.position - near.centres[g]))
                 structural = position + weights.fused
                 name = weights.name * (0.0 if single.tokens & group[0].tokens else 1.0)
                 src_side, dst_side = ((tuple(group), (single,)) if fused_is_dst
@@ -205,8 +205,7 @@ class _Candidate:
 
     @cached_property
     def units(self) -> frozenset[tuple[str, str]]:
-        return frozenset({("src", f.unit.key) for f in self.src}
-                         | {("dst", f.unit.key) for f in self.dst})
+        return frozenset(_units_of(self.src, self.dst))
 
     @cached_property
     def pairs(self) -> tuple[TensorPair, ...] | None:
@@ -217,8 +216,13 @@ class _Candidate:
         return None if pairs is None else tuple(pairs)
 
 
+def _units_of(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures]) -> set[tuple[str, str]]:
+    """The units of a match or candidate, tagged with their side."""
+    return {("src", f.unit.key) for f in src} | {("dst", f.unit.key) for f in dst}
+
+
 def _units_of_match(match: UnitMatch) -> set[tuple[str, str]]:
-    return {("src", f.unit.key) for f in match.src} | {("dst", f.unit.key) for f in match.dst}
+    return _units_of(match.src, match.dst)
 
 
 class _Kept:
@@ -318,13 +322,11 @@ def match_near_misses(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
     if not src or not dst:
         return []
     costs = compute_costs(src, dst, weights)
-    shape = np.array([[weights.shape * shape_distance(s.unit.canonical_shapes,
-                                                      d.unit.canonical_shapes) for d in dst]
-                      for s in src])
-    allowed = np.array([[s.family == d.family and len(s.unit.shapes) == len(d.unit.shapes)
-                         and shape_distance(s.unit.canonical_shapes, d.unit.canonical_shapes)
-                         <= 1.0
-                         for d in dst] for s in src])
+    # INCOMPATIBLE (> 1) where the tensor counts or ranks differ
+    distance = np.array([[shape_distance(s.unit.canonical_shapes, d.unit.canonical_shapes)
+                          for d in dst] for s in src])
+    shape = weights.shape * distance
+    allowed = np.array([[s.family == d.family for d in dst] for s in src]) & (distance <= 1.0)
     total = _forbid(np.where(allowed, costs.total() + shape, np.inf), src, dst, forbidden)
     return _collect(src, dst, costs, total, weights, mode="near", extra=("shape", shape))
 
@@ -398,10 +400,8 @@ def _solve_class_sparse(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures]
         total = costs.total() + extra[1]
     solved = solve_sparse_assignment(rows, cols, total, (len(src), len(dst)), weights.unmatched,
                                      beyond=beyond)
-    edge = {(int(i), int(j)): e for e, (i, j) in enumerate(zip(rows, cols))}
-    at: list[int | tuple[int, int]] = [edge[int(i), int(j)]
-                                       for i, j in zip(solved.rows, solved.cols)]
-    return _matches(src, dst, costs, solved, at, weights, mode, extra)
+    assert solved.edges is not None  # a sparse solve says where its pairs sit
+    return _matches(src, dst, costs, solved, [int(e) for e in solved.edges], weights, mode, extra)
 
 
 def _candidate_pairs(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],

@@ -34,6 +34,7 @@ class Assignment:
     rows: np.ndarray  # row (source) index of each pair
     cols: np.ndarray  # column (destination) index of each pair, same order
     regret: np.ndarray  # cost increase of the cheapest alternative that breaks the pair (>= 0)
+    edges: np.ndarray | None = None  # sparse problems: each pair's index among the candidates
 
 
 def solve_assignment(cost: np.ndarray, unmatched: float) -> Assignment:
@@ -174,41 +175,44 @@ def solve_sparse_assignment(rows: np.ndarray, cols: np.ndarray, cost: np.ndarray
     chosen_rows, chosen_cols = left[real].astype(np.int64), right[real].astype(np.int64)
     order = np.argsort(chosen_rows, kind="stable")
     chosen_rows, chosen_cols = chosen_rows[order], chosen_cols[order]
-    regret = _sparse_regret(rows, cols, cost, shape, chosen_rows, chosen_cols, unmatched)
+    table = _EdgeIndex(rows, cols, m)
+    edges = table.find(chosen_rows, chosen_cols)
+    regret = _sparse_regret(rows, cols, cost, n, m, chosen_rows, chosen_cols, cost[edges], table,
+                            unmatched)
     if beyond is not None:
-        edge = _edge_index(rows, cols, m)
-        chosen_cost = cost[edge[np.searchsorted(edge[:, 0], chosen_rows * m + chosen_cols), 1]]
-        regret = np.minimum(regret, np.maximum(beyond[chosen_rows] - chosen_cost, 0.0))
-    return Assignment(rows=chosen_rows, cols=chosen_cols, regret=regret)
+        regret = np.minimum(regret, np.maximum(beyond[chosen_rows] - cost[edges], 0.0))
+    return Assignment(rows=chosen_rows, cols=chosen_cols, regret=regret, edges=edges)
 
 
-def _edge_index(rows: np.ndarray, cols: np.ndarray, m: int) -> np.ndarray:
-    """(code, position) of every candidate pair sorted by code = row * m + col: a lookup table."""
-    code = rows * m + cols
-    order = np.argsort(code, kind="stable")
-    return np.stack([code[order], order], axis=1)
+class _EdgeIndex:
+    """Where each candidate pair sits in the candidate arrays, found by bisection."""
+
+    def __init__(self, rows: np.ndarray, cols: np.ndarray, m: int) -> None:
+        code = rows * m + cols
+        self.m = m  # number of columns (a pair's code is row * m + col)
+        self.order = np.argsort(code, kind="stable")  # candidate positions by code
+        self.codes = code[self.order]  # the codes, ascending
+
+    def find(self, r: np.ndarray, c: np.ndarray) -> np.ndarray:
+        """Positions of the pairs (r, c), each of which must be a candidate."""
+        return self.order[np.searchsorted(self.codes, r * self.m + c)]
+
+    def cost(self, cost: np.ndarray, r: np.ndarray, c: np.ndarray) -> np.ndarray:
+        """Cost of the pairs (r, c); inf where (r, c) is not a candidate."""
+        code = r * self.m + c
+        at = np.minimum(np.searchsorted(self.codes, code), len(self.codes) - 1)
+        return np.where(self.codes[at] == code, cost[self.order[at]], np.inf)
 
 
-def _sparse_regret(rows: np.ndarray, cols: np.ndarray, cost: np.ndarray, shape: tuple[int, int],
-                   chosen_rows: np.ndarray, chosen_cols: np.ndarray, unmatched: float
-                   ) -> np.ndarray:
+def _sparse_regret(rows: np.ndarray, cols: np.ndarray, cost: np.ndarray, n: int, m: int,
+                   chosen_rows: np.ndarray, chosen_cols: np.ndarray, chosen: np.ndarray,
+                   table: _EdgeIndex, unmatched: float) -> np.ndarray:
     """`_regret` over candidate pairs only, one vectorised pass over the edges."""
-    n, m = shape
-    table = _edge_index(rows, cols, m)
-
-    def lookup(r: np.ndarray, c: np.ndarray) -> np.ndarray:
-        """Cost of pairs (r, c); inf where (r, c) is not a candidate."""
-        code = r * m + c
-        at = np.minimum(np.searchsorted(table[:, 0], code), len(table) - 1)
-        found = table[at, 0] == code
-        return np.where(found, cost[table[at, 1]], np.inf)
-
     k = chosen_rows.size
     partner_of_row = np.full(n, -1, dtype=np.int64)
     partner_of_row[chosen_rows] = np.arange(k)
     partner_of_col = np.full(m, -1, dtype=np.int64)
     partner_of_col[chosen_cols] = np.arange(k)
-    chosen = lookup(chosen_rows, chosen_cols)
     regret = 2 * unmatched - chosen
     pair_of_edge_row = partner_of_row[rows]  # the pair whose row this edge leaves from
     pair_of_edge_col = partner_of_col[cols]  # the pair whose column this edge enters
@@ -221,6 +225,6 @@ def _sparse_regret(rows: np.ndarray, cols: np.ndarray, cost: np.ndarray, shape: 
     both = (pair_of_edge_row >= 0) & (pair_of_edge_col >= 0) & (
         pair_of_edge_row != pair_of_edge_col)
     a, b = pair_of_edge_row[both], pair_of_edge_col[both]
-    swap = cost[both] + lookup(chosen_rows[b], chosen_cols[a]) - chosen[a] - chosen[b]
+    swap = cost[both] + table.cost(cost, chosen_rows[b], chosen_cols[a]) - chosen[a] - chosen[b]
     np.minimum.at(regret, a, swap)
     return np.maximum(regret, 0.0)
