@@ -347,7 +347,7 @@ def _collapsed_order(module: nn.Module, modules: Mapping[str, nn.Module], units:
     """
     name = type(module).__name__
     inside = _units_by_module(units)
-    runs = _find_runs(module, inside)
+    runs = _find_runs(modules, inside)
     if not runs:
         return None
     skipped = sum(len(inside.get(run.child(i), ())) for run in runs for i in range(run.start + 2, run.stop))
@@ -378,14 +378,14 @@ class _Unsafe(Exception):
     """The run with cut containers cannot stand for a full one (the message says why)."""
 
 
-def _find_runs(module: nn.Module, inside: Mapping[str, list[str]]) -> list[_Run]:
+def _find_runs(modules: Mapping[str, nn.Module], inside: Mapping[str, list[str]]) -> list[_Run]:
     """Runs of at least `_MIN_RUN` structurally identical children (whose first holds units) of
     every ``ModuleList`` and ``Sequential`` named ``0..n-1``, outer containers first. Containers
     inside a child that will not run are not looked at: the renamed copy of their run covers them."""
     cache: dict[int, _Signature] = {}
     runs: list[_Run] = []
     dropped: set[str] = set()
-    for path, container in module.named_modules():
+    for path, container in modules.items():  # named_modules() order: outer first
         children = container._modules
         if (not isinstance(container, (nn.ModuleList, nn.Sequential)) or len(children) < _MIN_RUN
                 or _has_ancestor(path, dropped)
