@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ApplyError, PlanError, SourceError, UsageError
+from .errors import ApplyError, PlanError, UsageError
 from .ops import apply_ops, infer_shapes
 from .plan import Match, Mismatch, Plan
 from .policies import choose_policy, resize
 from .report import Adapted, LoadReport, Skipped
-from .source import TensorSource, has_nonfinite, read_destination, read_source
+from .source import TensorSource, has_nonfinite, read_destination, read_source, storage_start
 
 __all__ = ["apply_plan", "split_by_confidence"]
 
@@ -105,14 +105,12 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
     SourceError
         If ``dst`` is not a module, or the source cannot be read.
     """
-    if not isinstance(dst, nn.Module):
-        raise SourceError(f"the destination must be an nn.Module, got {type(dst).__name__}")
+    target = read_destination(dst)  # refuses what is not a module
     to_load, skipped = split_by_confidence(plan.matches, min_confidence)
     source = read_source(src, role="source") if src is not None else plan.source
     if source is None:
         raise PlanError("this plan does not carry its source (it was loaded from a file): "
                         "pass it as plan.apply(dst, src)")
-    target = read_destination(dst)
     _check_plan(plan, source, target)
 
     by_policy: list[tuple[Mismatch, str]] = []
@@ -286,28 +284,18 @@ def _prepare_then_commit(values: Iterable[tuple[str, torch.Tensor, bool]], targe
     """All or nothing for in-memory sources, without copies of the destination: compute and
     check every value first (views, for plain copies and most adaptations), then only write."""
     prepared: list[tuple[str, torch.Tensor, bool]] = []
-    shared = {_storage(t) for t in map(target.get, target.specs)} - {None}
+    shared = {storage_start(t) for t in map(target.get, target.specs)} - {None}
     key = ""
     try:
         for key, value, bad in values:
             _check_value(key, target.get(key), value)
-            if _storage(value) in shared:  # it views a destination tensor, which may be
+            if storage_start(value) in shared:  # it views a destination tensor, which may be
                 value = value.clone()  # overwritten before this value is written
             prepared.append((key, value, bad))
     except Exception as exc:
         raise ApplyError(f"{_failed('computing', key, exc)}; {_UNCHANGED}") from exc
     with _sigint_deferred():
         return _commit(prepared, target, dst, tick, checked=True)
-
-
-def _storage(tensor: torch.Tensor) -> int | None:
-    """Where the memory of ``tensor`` starts (None for meta, empty or storage-less tensors)."""
-    if tensor.device.type == "meta" or not tensor.numel():
-        return None
-    try:  # the data pointer less the offset: no storage object is built (a few us per call)
-        return int(tensor.data_ptr()) - int(tensor.storage_offset()) * tensor.element_size()
-    except (RuntimeError, NotImplementedError):
-        return None
 
 
 def _two_passes(values: Callable[[bool], Iterable[tuple[str, torch.Tensor, bool]]],
@@ -438,10 +426,7 @@ def _sigint_deferred() -> Iterator[None]:
 def _assign(dst: nn.Module, target: TensorSource, key: str, old: torch.Tensor,
             value: torch.Tensor) -> Callable[[], None]:
     """Replace the meta tensor at ``key`` (and at every key tied to it) by a materialised copy of
-    ``value``; returns how to put the meta tensor back."""
-    if tuple(value.shape) != tuple(old.shape):
-        raise ApplyError(f"{key!r}: a value of shape {tuple(value.shape)} for a tensor of shape "
-                         f"{tuple(old.shape)}")
+    ``value`` (whose shape `_check_value` checked); returns how to put the meta tensor back."""
     data = value.detach().to(dtype=old.dtype, copy=True)
     new: torch.Tensor = (nn.Parameter(data, requires_grad=old.requires_grad)
                          if isinstance(old, nn.Parameter) else data)

@@ -62,7 +62,7 @@ def convert_checkpoint(plan: Plan, src: Any, out: str | os.PathLike[str], *,
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    written: list[Path] = []
+    written: list[tuple[Path, list[str]]] = []  # each shard's temporary file and its keys
     with source.reading():  # a lazy source keeps its file open between tensors
         for match in matches:
             values = apply_ops([source.get(k) for k in match.src], match.ops)
@@ -82,15 +82,12 @@ def convert_checkpoint(plan: Plan, src: Any, out: str | os.PathLike[str], *,
     total = len(written)
     final: list[Path] = []
     weight_map: dict[str, str] = {}
-    for n, temporary in enumerate(written, start=1):
+    for n, (temporary, keys) in enumerate(written, start=1):
         name = f"model-{n:05d}-of-{total:05d}.safetensors"
         target = folder / name
         temporary.replace(target)
         final.append(target)
-        from safetensors import safe_open
-
-        with safe_open(str(target), framework="pt") as handle:
-            weight_map.update(dict.fromkeys(handle.keys(), name))
+        weight_map.update(dict.fromkeys(keys, name))
     index = folder / "model.safetensors.index.json"
     total_size = sum(p.stat().st_size for p in final)
     index.write_text(json.dumps({"metadata": {"total_size": total_size},
@@ -100,8 +97,11 @@ def convert_checkpoint(plan: Plan, src: Any, out: str | os.PathLike[str], *,
     return [*final, index]
 
 
-def _flush(shard: dict[str, torch.Tensor], folder: Path, number: int, save_file: Any) -> Path:
+def _flush(shard: dict[str, torch.Tensor], folder: Path, number: int, save_file: Any
+           ) -> tuple[Path, list[str]]:
+    """Write ``shard`` to a temporary file and empty it; returns the file and the keys it holds."""
     path = folder / f".archalign-shard-{number:05d}.safetensors"
     save_file(shard, str(path), metadata={"format": "pt"})
+    keys = list(shard)
     shard.clear()
-    return path
+    return path, keys

@@ -141,8 +141,9 @@ class Plan:
         Also removes the matches of ``dst`` from this plan right away, so that applying it
         without re-solving already leaves those tensors alone.
         """
-        keep = tuple(m for m in self.matches if not covers(dst, m.dst_unit, m.dst))
-        dropped = tuple(k for m in self.matches if m not in keep for k in m.dst)
+        gone = [covers(dst, m.dst_unit, m.dst) for m in self.matches]
+        keep = tuple(m for m, g in zip(self.matches, gone) if not g)
+        dropped = tuple(k for m, g in zip(self.matches, gone) if g for k in m.dst)
         return dataclasses.replace(
             self, matches=keep, unmatched_dst=(*self.unmatched_dst, *dropped),
             hints=dataclasses.replace(self.hints, drop=(*self.hints.drop, dst)))

@@ -24,7 +24,8 @@ from torch import nn
 
 from .errors import SourceError
 
-__all__ = ["TensorSource", "TensorSpec", "has_nonfinite", "read_destination", "read_source"]
+__all__ = ["TensorSource", "TensorSpec", "has_nonfinite", "read_destination", "read_source",
+           "storage_start"]
 
 logger = logging.getLogger(__name__)
 
@@ -486,16 +487,25 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype)
 
 
+def storage_start(tensor: torch.Tensor) -> int | None:
+    """Where the memory of ``tensor``'s storage starts: one value for every view of it. None for
+    meta, empty or storage-less tensors (some subclasses)."""
+    if tensor.device.type == "meta" or not tensor.numel():
+        return None
+    try:  # the data pointer less the offset: no storage object is built (a few us per call)
+        return int(tensor.data_ptr()) - int(tensor.storage_offset()) * tensor.element_size()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 def _identity(tensor: torch.Tensor, by_identity: bool) -> Any:
     if by_identity:
         return id(tensor)
-    if tensor.device.type == "meta" or tensor.numel() == 0:
+    start = storage_start(tensor)
+    if start is None:
         return None
-    try:
-        ptr = tensor.untyped_storage().data_ptr()
-    except RuntimeError:  # tensors without storage (e.g. some subclasses)
-        return None
-    return (ptr, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+    return (start, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()),
+            tensor.dtype)
 
 
 def _is_sorted(keys: list[str]) -> bool:
