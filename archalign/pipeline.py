@@ -127,13 +127,13 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
         logger.warning("the %s holds NaN or Inf in %d tensors (applying loads them as they are): "
                        "%s", source.description, len(nonfinite), ", ".join(nonfinite))
     plan = dataclasses.replace(plan, hints=hints or Hints(), nonfinite=nonfinite)
-    inputs = example_inputs
-    if inputs is None and source.module is not None and _cheap_to_run(target):
-        inputs = dummy_inputs(source.module)
-    if check_outputs and inputs is not None and source.module is not None and isinstance(
-            dst, nn.Module):
-        step("checking the plan by running both models")
-        plan = decide_by_activations(plan, source.module, dst, inputs)
+    if check_outputs and source.module is not None and isinstance(dst, nn.Module):
+        inputs = example_inputs
+        if inputs is None and _cheap_to_run(target):
+            inputs = dummy_inputs(source.module)
+        if inputs is not None:
+            step("checking the plan by running both models")
+            plan = decide_by_activations(plan, source.module, dst, inputs)
     logger.info("aligned %s -> %s: %d matches, %d mismatches, %d destination keys unmatched",
                 source.description, target.description, len(plan.matches),
                 len(plan.mismatches), len(plan.unmatched_dst))

@@ -203,16 +203,19 @@ def decide_by_activations(plan: Plan, src: nn.Module, dst: nn.Module, inputs: Ex
     """
     from .apply import apply_plan
 
-    def trial(candidate: Plan) -> Verification:
+    def trial(candidate: Plan, *, locate: bool) -> Verification:
+        """Outputs of ``dst`` loaded by ``candidate``; with ``locate``, where a failure starts
+        (only the plan's own failure is reported: the layouts tried after it need just ok)."""
         copy_of_dst = copy.deepcopy(dst)
         apply_plan(candidate, copy_of_dst, min_confidence=0.0)
-        return verify(src, copy_of_dst, inputs, plan=candidate, atol=atol, rtol=rtol)
+        return verify(src, copy_of_dst, inputs, plan=candidate if locate else None, atol=atol,
+                      rtol=rtol)
 
-    result = trial(plan)
+    result = trial(plan, locate=True)
     chosen = plan
     if not result.ok:
         for candidate in _layout_candidates(plan, src, dst):
-            attempt = trial(candidate)
+            attempt = trial(candidate, locate=False)
             if attempt.ok:
                 chosen, result = candidate, attempt
                 break
@@ -246,8 +249,9 @@ def _layout_candidates(plan: Plan, src: nn.Module, dst: nn.Module) -> Iterator[P
     fused = [i for i, m in enumerate(plan.matches) if _looks_fused(m)]
     if not fused:
         return
+    head_counts = _head_counts(src, dst)
     for k in (3, 2):
-        for heads in _head_counts(src, dst):
+        for heads in head_counts:
             for groups in ((k, heads), (heads, k)):
                 matches = list(plan.matches)
                 changed = False
