@@ -166,13 +166,13 @@ def _verify(args: argparse.Namespace, console: Console) -> int:
     src, dst = load_source(args.src), build_model(args.dst)
     if not isinstance(src, nn.Module):
         raise SourceError("verify runs both models: SRC must be a factory, not a checkpoint")
+    inputs = parse_input(args.example, dst)
+    if inputs is None:
+        raise SourceError("verify needs --input (e.g. --input randn:1,3,224,224)")
     plan = None
     if args.plan:
         plan = load_plan(args.plan)
         console.print(str(plan.apply(dst, src)), markup=False)
-    inputs = parse_input(args.example, dst)
-    if inputs is None:
-        raise SourceError("verify needs --input (e.g. --input randn:1,3,224,224)")
     result = verify(src, dst, inputs, plan=plan)
     console.print(str(result), markup=False)
     return 0 if result.ok else 1

@@ -11,7 +11,7 @@ import re
 from collections import defaultdict
 
 from .errors import PlanError
-from .plan import Plan
+from .plan import Match, Plan
 
 __all__ = ["to_key_mapping", "to_python"]
 
@@ -34,7 +34,7 @@ def to_key_mapping(plan: Plan, *, min_confidence: float = 0.0) -> dict[str, str]
         with `to_python` instead), or if the renames cannot be expressed without chaining.
     """
     matches = [m for m in plan.matches if m.confidence >= min_confidence]
-    adapted = [m for m in matches if m.ops or len(m.src) != 1 or len(m.dst) != 1]
+    adapted = [m for m in matches if not _is_rename(m)]
     if adapted:
         shown = ", ".join(f"{m.dst[0]} ({' '.join(map(str, m.ops)) or 'fused'})"
                           for m in adapted[:4])
@@ -176,11 +176,15 @@ def to_python(plan: Plan, *, min_confidence: float = 0.0,
     Matches below ``min_confidence`` are left out, as `Plan.apply` would skip them.
     """
     matches = [m for m in plan.matches if m.confidence >= min_confidence]
-    plain = {m.dst[0]: m.src[0] for m in matches
-             if not m.ops and len(m.src) == 1 and len(m.dst) == 1}
+    plain = {m.dst[0]: m.src[0] for m in matches if _is_rename(m)}
     adapted = [(m.dst, m.src, [op.to_dict() for op in m.ops])
-               for m in matches if m.ops or len(m.src) != 1 or len(m.dst) != 1]
+               for m in matches if not _is_rename(m)]
     return _TEMPLATE.format(
         dst_description=description, n=len(matches), n_plain=len(plain), n_adapted=len(adapted),
         renames=pprint.pformat(plain, width=100, sort_dicts=False),
         adapted=pprint.pformat(adapted, width=100, sort_dicts=False))
+
+
+def _is_rename(match: Match) -> bool:
+    """One source tensor copied as it is into one destination tensor: a plain rename."""
+    return not match.ops and len(match.src) == 1 and len(match.dst) == 1

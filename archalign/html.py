@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .graph import natural_key
 from .plan import Match, Mismatch, Plan
 
 __all__ = ["render_html", "save_html"]
@@ -178,10 +179,10 @@ class _Landmarks:
         self.count = len(units)
         self.trie: dict[str, Any] = {}  # part -> (child trie, landmark numbers under it)
         self.stems: dict[str, list[int]] = {}
-        self.natural: list[tuple[tuple[int, int, str], ...]] = []
+        self.natural: list[tuple[tuple[int, int | str], ...]] = []
         for n, unit in enumerate(units):
             members = unit.split("+")
-            self.natural.append(min(_natural(m) for m in members))
+            self.natural.append(min(natural_key(m) for m in members))
             for member in members:
                 stem = self.stems.setdefault(_stem(member), [])
                 if not stem or stem[-1] != n:
@@ -206,7 +207,7 @@ class _Landmarks:
             kin = self.stems.get(stem, []) if stem else []
             if not kin:
                 return self.count
-        mine = _natural(unit)
+        mine = natural_key(unit)
         for n in reversed(kin):
             if self.natural[n] <= mine:
                 return n + 1
@@ -348,12 +349,6 @@ def _common_prefix(a: Sequence[str], b: Sequence[str]) -> int:
             break
         n += 1
     return n
-
-
-def _natural(text: str) -> tuple[tuple[int, int, str], ...]:
-    """A natural sort key: ``layer.10`` after ``layer.9``."""
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p)
-                 for p in re.split(r"(\d+)", text) if p)
 
 
 # --------------------------------------------------------------------------- escaping
