@@ -23,7 +23,7 @@ from rich.table import Table
 from torch import nn
 
 from .errors import ApplyError, ArchalignError, SourceError
-from .plan import Plan, describe_leftovers, load_plan
+from .plan import HIGH_CONFIDENCE, LOW_CONFIDENCE, Plan, describe_leftovers, load_plan
 
 __all__ = ["main"]
 
@@ -203,14 +203,15 @@ def _report(args: argparse.Namespace, console: Console) -> int:
 def print_plan(plan: Plan, console: Console, *, limit: int = 0) -> None:
     """The review table: lowest confidence first, low and adapted rows highlighted."""
     adapted = sum(m.adapted for m in plan.matches)
-    loaded = sum(m.confidence >= 0.5 for m in plan.matches)
+    loaded = sum(m.confidence >= LOW_CONFIDENCE for m in plan.matches)
     table = Table(title=f"{len(plan.matches)} matches (tracers: {plan.src_tracer} -> "
                         f"{plan.dst_tracer})", title_justify="left")
     for column in ("conf", "destination", "source", "shape", "adaptation"):
         table.add_column(column, overflow="fold")
     rows = sorted(plan.matches, key=lambda m: (m.confidence, m.dst))
     for m in rows[:limit or None]:
-        style = "red" if m.confidence < 0.5 else "yellow" if m.adapted or m.confidence < 0.9 else ""
+        style = ("red" if m.confidence < LOW_CONFIDENCE
+                 else "yellow" if m.adapted or m.confidence < HIGH_CONFIDENCE else "")
         table.add_row(f"{m.confidence:.2f}", ", ".join(m.dst), ", ".join(m.src),
                       " ".join(str(tuple(s)) for s in m.dst_shapes),
                       " ".join(map(str, m.ops)), style=style)
@@ -223,7 +224,7 @@ def print_plan(plan: Plan, console: Console, *, limit: int = 0) -> None:
     if plan.verification:
         console.print(f"verification: {plan.verification}")
     console.print(f"[bold]{loaded} to load ({adapted} adapted), "
-                  f"{len(plan.matches) - loaded} below confidence 0.5, "
+                  f"{len(plan.matches) - loaded} below confidence {LOW_CONFIDENCE}, "
                   f"{len(plan.unmatched_dst)} destination tensors left untouched[/bold]")
 
 

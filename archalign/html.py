@@ -35,13 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from .graph import natural_key
-from .plan import Match, Mismatch, Plan
+from .plan import HIGH_CONFIDENCE, LOW_CONFIDENCE, Match, Mismatch, Plan
 
 __all__ = ["render_html", "save_html"]
 
-#: Confidence bands of the lines: red below ``LOW``, amber below ``HIGH``, green from ``HIGH`` up.
-LOW = 0.5
-HIGH = 0.9
 
 Shape = tuple[int, ...]
 
@@ -278,7 +275,7 @@ def _report_data(plan: Plan, title: str) -> dict[str, Any]:
         "tied_dst": [list(t) for t in plan.tied_dst],
         "nonfinite": list(plan.nonfinite),
     }
-    return {"title": title, "low": LOW, "high": HIGH, "summary": summary,
+    return {"title": title, "low": LOW_CONFIDENCE, "high": HIGH_CONFIDENCE, "summary": summary,
             "src": src_rows, "dst": dst_rows, "links": out_links}
 
 

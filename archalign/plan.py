@@ -28,7 +28,13 @@ if TYPE_CHECKING:
     from .report import LoadReport
     from .source import TensorSource
 
-__all__ = ["PLAN_VERSION", "Match", "Mismatch", "Plan", "load_plan"]
+__all__ = ["HIGH_CONFIDENCE", "LOW_CONFIDENCE", "PLAN_VERSION", "Match", "Mismatch", "Plan",
+           "load_plan"]
+
+# the bands every review shows (table, notebook, HTML report): red below LOW_CONFIDENCE (not
+# loaded at apply's default min_confidence), amber below HIGH_CONFIDENCE, green from it up
+LOW_CONFIDENCE = 0.5
+HIGH_CONFIDENCE = 0.9
 
 PLAN_VERSION = 1
 
@@ -408,7 +414,8 @@ def describe_leftovers(plan: Plan) -> list[str]:
 
 
 def _colour(confidence: float) -> str:
-    return "#fdd" if confidence < 0.5 else "#ffc" if confidence < 0.9 else "#efe"
+    return ("#fdd" if confidence < LOW_CONFIDENCE else "#ffc" if confidence < HIGH_CONFIDENCE
+            else "#efe")
 
 
 def _fmt_shape(shape: Shape) -> str:
