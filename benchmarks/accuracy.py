@@ -1,6 +1,6 @@
 """Accuracy benchmark: archalign against the naive baselines and the published peers.
 
-Every method runs in this process on the same pairs (`benchmarks/corpus.py`): real models written
+Every method runs in this process on the same pairs (`corpus/`): real models written
 by others, random init, with a hand-written ground truth proved by a converter. Per pair and
 method it prints the destination tensors mapped to the right source (precision and recall
 against the truth; a mapping whose shapes do not fit counts, as the peers' mappings do), wrong
@@ -35,8 +35,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import archalign  # noqa: E402
-from benchmarks.corpus import PAIRS, Pair, run_model  # noqa: E402
 from benchmarks.peers import PEERS, apply_peer  # noqa: E402
+from corpus import PAIRS, Pair, run_model  # noqa: E402
 
 TOLERANCE = 1e-4  # max abs output difference that counts as "reproduces the source"
 HIGH = 0.9  # a wrong load scored at least this is "confident and wrong"

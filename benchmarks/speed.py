@@ -363,7 +363,7 @@ def truth_of(case: AlignCase, src: nn.Module, dst: nn.Module) -> dict[str, str] 
     """The right destination key of every source key, where this benchmark knows it.
 
     Llama and Mistral share their key names; the MoE pair's renames are `_MOE_RENAMES`. The vision
-    pairs' truth lives in ``benchmarks/corpus.py`` (see ``benchmarks/accuracy.py``): None here.
+    pairs' truth lives in ``corpus/`` (see ``benchmarks/accuracy.py``): None here.
     """
     if case.kind == "llama":
         return {k: k for k in src.state_dict()}

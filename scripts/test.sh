@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-python -m ruff check archalign tests examples benchmarks
+python -m ruff check archalign corpus tests examples benchmarks
 python -m mypy
 python -m pytest -q "$@"

@@ -9,7 +9,7 @@ import torch
 
 import archalign
 from archalign.errors import PlanError, UsageError
-from benchmarks.corpus import get_pair, run_model
+from corpus import get_pair, run_model
 
 
 @pytest.mark.parametrize("max_shard_bytes", [1 << 30, 20_000])

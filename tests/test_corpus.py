@@ -6,21 +6,15 @@ Slow pairs (building the models and running them takes a few seconds on 2 CPU co
 
 from __future__ import annotations
 
-import importlib
-import sys
 from collections.abc import Iterable
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `benchmarks` is a plain directory next to `tests`
-    sys.path.insert(0, str(ROOT))
-corpus = importlib.import_module("benchmarks.corpus")
+import corpus
 
 TOLERANCE = 1e-4  # max abs output difference allowed for an exact port (float32)
 SLOW = frozenset({

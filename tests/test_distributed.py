@@ -28,7 +28,7 @@ def _free_port() -> int:
 
 def _worker(rank: int, world: int, port: int, folder: str, results: str) -> None:
     sys.path.insert(0, str(ROOT))
-    from benchmarks.corpus import get_pair, run_model
+    from corpus import get_pair, run_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -60,7 +60,7 @@ def test_two_gloo_ranks_load_a_dcp_checkpoint_through_a_plan(tmp_path: Path) -> 
 
 
 def test_a_checkpoint_that_lacks_a_key_is_refused(tmp_path: Path) -> None:
-    from benchmarks.corpus import get_pair
+    from corpus import get_pair
 
     pair = get_pair("mlp->mlp_identical")
     src = pair.make_src()

@@ -10,7 +10,7 @@ import torch
 import archalign
 from archalign.errors import PlanError
 from archalign.exports import _replay
-from benchmarks.corpus import get_pair, run_model
+from corpus import get_pair, run_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -189,7 +189,7 @@ def test_truncated_safetensors_is_a_clear_error(tmp_path: Path) -> None:
 def test_same_inputs_give_the_same_plan_bytes_across_processes(tmp_path: Path) -> None:
     script = textwrap.dedent("""
         import sys, torch, archalign
-        from benchmarks.corpus import get_pair
+        from corpus import get_pair
         pair = get_pair(sys.argv[1])
         plan = archalign.align(pair.make_src(), pair.make_dst())
         sys.stdout.write(plan.to_json())
@@ -341,7 +341,7 @@ def test_destination_dtype_and_device_are_kept() -> None:
 
 
 def test_tied_weights_load_once_and_stay_tied() -> None:
-    from benchmarks.corpus import get_pair
+    from corpus import get_pair
 
     pair = get_pair("hf_gpt2->hf_gpt_bigcode")
     src, dst = pair.make_src(), pair.make_dst()

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import archalign
-from benchmarks.corpus import MLP, RenamedMLP
+from corpus import MLP, RenamedMLP
 from tests.models import SpecNet, make_layers, randomise_buffers
 
 # ---------------------------------------------------------------- the seed's three scenarios

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import archalign
-from benchmarks.corpus import PAIRS, Pair, get_pair, run_model
+from corpus import PAIRS, Pair, get_pair, run_model
 
 pytest.importorskip("timm")
 pytest.importorskip("transformers")
