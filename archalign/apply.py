@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .confidence import DEFAULT_MIN_CONFIDENCE
 from .errors import ApplyError, PlanError, UsageError
 from .ops import apply_ops, infer_shapes
 from .plan import Match, Mismatch, Plan
@@ -30,7 +31,7 @@ __all__ = ["apply_plan", "split_by_confidence"]
 logger = logging.getLogger(__name__)
 
 
-def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: float = 0.5,
+def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: float = DEFAULT_MIN_CONFIDENCE,
                strict: bool = False, shape_policy: str | Mapping[str, str] | None = None,
                atomic: bool = True, check_finite: bool = True,
                progress: Callable[[int, int], None] | None = None) -> LoadReport:

@@ -22,8 +22,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import nn
 
+from .confidence import DEFAULT_MIN_CONFIDENCE, HIGH_CONFIDENCE, LOW_CONFIDENCE
 from .errors import ApplyError, ArchalignError, SourceError
-from .plan import HIGH_CONFIDENCE, LOW_CONFIDENCE, Plan, describe_leftovers, load_plan
+from .plan import Plan, describe_leftovers, load_plan
 
 __all__ = ["main"]
 
@@ -75,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("plan", type=Path, help="plan JSON from 'propose'")
     p.add_argument("dst", help="destination factory")
     p.add_argument("-o", "--output", type=Path, required=True, help="write .safetensors here")
-    p.add_argument("--min-confidence", type=float, default=0.5)
+    p.add_argument("--min-confidence", type=float, default=DEFAULT_MIN_CONFIDENCE)
     p.add_argument("--strict", action="store_true", help="exit 1 unless every tensor loads")
     p.add_argument("--shape-policy", choices=["slice", "input_channels", "resample", "auto"],
                    help="load shape mismatches with this policy")

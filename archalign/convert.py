@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .confidence import DEFAULT_MIN_CONFIDENCE
 from .errors import PlanError, UsageError
 from .ops import apply_ops
 from .plan import Plan
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 
 def convert_checkpoint(plan: Plan, src: Any, out: str | os.PathLike[str], *,
-                       min_confidence: float = 0.5, max_shard_bytes: int = 2 * 1024**3
+                       min_confidence: float = DEFAULT_MIN_CONFIDENCE, max_shard_bytes: int = 2 * 1024**3
                        ) -> list[Path]:
     """Convert ``src`` with ``plan`` into safetensors files under ``out``.
 

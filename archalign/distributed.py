@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .apply import split_by_confidence
+from .confidence import DEFAULT_MIN_CONFIDENCE
 from .errors import PlanError
 from .ops import apply_ops
 from .plan import Plan
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 
 def load_distributed_checkpoint(plan: Plan, dst: nn.Module, checkpoint_id: str | os.PathLike[str],
-                                *, min_confidence: float = 0.5,
+                                *, min_confidence: float = DEFAULT_MIN_CONFIDENCE,
                                 process_group: Any = None) -> LoadReport:
     """Load the source checkpoint at ``checkpoint_id`` (a DCP directory) into ``dst`` by ``plan``.
 

@@ -34,8 +34,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .confidence import HIGH_CONFIDENCE, LOW_CONFIDENCE
 from .graph import natural_key
-from .plan import HIGH_CONFIDENCE, LOW_CONFIDENCE, Match, Mismatch, Plan
+from .plan import Match, Mismatch, Plan
 
 __all__ = ["render_html", "save_html"]
 

@@ -23,27 +23,23 @@ from typing import NamedTuple
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from .confidence import ORDER_ONLY_GROUP, SAME_NAME_IN_TIE, SAME_NAME_MARGIN, confidence
 from .cost import RECORDED_COST_TERMS, CostMatrices, CostWeights, compute_costs, shape_distance
 from .features import UnitFeatures
 from .graph import Unit
 from .ops import Op, derive_ops
 from .solve import Assignment, solve_assignment, solve_sparse_assignment
 
-__all__ = ["AMBIGUOUS_INSIDE", "REGRET_SCALE", "TensorPair", "UnitMatch", "confidence",
+__all__ = ["TensorPair", "UnitMatch",
            "match_adapted", "match_fused", "match_near_misses", "match_pinned", "match_units",
            "pair_tensors"]
 
-REGRET_SCALE = 0.25  # a regret of this size leaves ~63% of the margin factor; 4x that, ~98%
-AMBIGUOUS_INSIDE = 0.5  # factor when equal-shaped tensors inside a unit are paired by order only
 FUSED_NEIGHBOURS = 3  # candidate groups per fused unit: the nearest ones in the aligned order
-SAME_NAME_IN_TIE = 0.7  # where the alignment is ambiguous, a match between identically named
-SAME_NAME_MARGIN = 0.5  # layers keeps this much of its confidence, with this extra margin
 
 Forbidden = frozenset[tuple[str, str]]  # (source unit key, destination unit key) pairs
 
 SPARSE_ABOVE = 250_000  # a class with more candidate pairs than this is solved sparse,
 SPARSE_WINDOW = 16  # over the pairs within this many units of each other's aligned position
-ORDER_ONLY_GROUP = 0.8  # factor when equal-shaped members of a fused group are ordered by execution
 
 
 class TensorPair(NamedTuple):
@@ -64,16 +60,6 @@ class UnitMatch(NamedTuple):
     confidence: float  # in [0, 1], before the tensor-pairing factor
     pairs: tuple[TensorPair, ...]  # the tensors, paired
 
-
-def confidence(structural: float, regret: float) -> float:
-    """Confidence of a match from its structural cost and its margin to the runner-up.
-
-    ``exp(-structural)`` falls as the pair fits worse; ``1 - exp(-regret / REGRET_SCALE)`` falls to
-    0 as the best alternative comes as cheap as the pair itself (a tie).
-    """
-    fit = float(np.exp(-max(structural, 0.0)))
-    margin = float(1.0 - np.exp(-max(regret, 0.0) / REGRET_SCALE))
-    return fit * margin
 
 
 # ------------------------------------------------------------------------------------ stages

@@ -10,13 +10,13 @@ from typing import Any
 
 from torch import nn
 
+from .confidence import AMBIGUOUS_INSIDE, DEFAULT_MIN_CONFIDENCE, ORDER_ONLY_TRUST
 from .cost import CostWeights
 from .errors import SourceError
 from .features import UnitFeatures, extract_features
 from .graph import Unit, UnitGraph, build_units
 from .hints import Hints, resolve_hints
 from .match import (
-    AMBIGUOUS_INSIDE,
     UnitMatch,
     match_adapted,
     match_fused,
@@ -141,7 +141,7 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
 
 
 def align_and_load(src: Any, dst: nn.Module, *, example_inputs: ExampleInputs = None,
-                   min_confidence: float = 0.5, strict: bool = False,
+                   min_confidence: float = DEFAULT_MIN_CONFIDENCE, strict: bool = False,
                    shape_policy: str | Mapping[str, str] | None = None,
                    verify: ExampleInputs = None,
                    weights: CostWeights | None = None) -> LoadReport:
@@ -170,9 +170,6 @@ def align_and_load(src: Any, dst: nn.Module, *, example_inputs: ExampleInputs = 
     check = run_verification(src, dst, verify, plan=plan)
     return dataclasses.replace(report, verification=check)
 
-
-ORDER_ONLY_TRUST = 0.85  # confidence factor between same-shaped rivals told apart by a non-
-# execution order (registration or names); keeps such matches below the "certain" 0.9
 
 AUTO_CHECK_LIMIT = 200_000_000  # elements: above this, outputs are checked only when asked
 

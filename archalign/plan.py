@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .confidence import DEFAULT_MIN_CONFIDENCE, HIGH_CONFIDENCE, LOW_CONFIDENCE
 from .errors import PlanError
 from .hints import Hints, covers
 from .ops import Op, invert_ops
@@ -28,13 +29,8 @@ if TYPE_CHECKING:
     from .report import LoadReport
     from .source import TensorSource
 
-__all__ = ["HIGH_CONFIDENCE", "LOW_CONFIDENCE", "PLAN_VERSION", "Match", "Mismatch", "Plan",
+__all__ = ["PLAN_VERSION", "Match", "Mismatch", "Plan",
            "load_plan"]
-
-# the bands every review shows (table, notebook, HTML report): red below LOW_CONFIDENCE (not
-# loaded at apply's default min_confidence), amber below HIGH_CONFIDENCE, green from it up
-LOW_CONFIDENCE = 0.5
-HIGH_CONFIDENCE = 0.9
 
 PLAN_VERSION = 1
 
@@ -115,7 +111,7 @@ class Plan:
     source: TensorSource | None = field(default=None, compare=False, repr=False, hash=False)
 
     # ---------------------------------------------------------------- applying
-    def apply(self, dst: nn.Module, src: Any = None, *, min_confidence: float = 0.5,
+    def apply(self, dst: nn.Module, src: Any = None, *, min_confidence: float = DEFAULT_MIN_CONFIDENCE,
               strict: bool = False, shape_policy: str | Mapping[str, str] | None = None,
               atomic: bool = True, check_finite: bool = True,
               progress: Callable[[int, int], None] | None = None) -> LoadReport:
@@ -206,7 +202,7 @@ class Plan:
         save_html(self, path, title=title)
 
     def convert_checkpoint(self, src: Any, out: str | os.PathLike[str], *,
-                           min_confidence: float = 0.5,
+                           min_confidence: float = DEFAULT_MIN_CONFIDENCE,
                            max_shard_bytes: int = 2 * 1024**3) -> list[Path]:
         """Write the converted checkpoint as (sharded) safetensors without building the model;
         see `archalign.convert.convert_checkpoint`."""

@@ -16,14 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .confidence import VERIFIED_CONFIDENCE
 from .errors import SourceError
 from .ops import Op
 from .plan import Match, Plan
 from .trace import ExampleInputs, run_in_eval
 
 __all__ = ["Divergence", "Verification", "decide_by_activations", "verify"]
-
-VERIFIED_CONFIDENCE = 0.95  # floor for the matches of a plan whose load reproduced the outputs
 
 logger = logging.getLogger(__name__)
 

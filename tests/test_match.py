@@ -1,22 +1,19 @@
-"""Tests for archalign.match: unit matching per shape class, near misses, tensor pairing, confidence."""
+"""Tests for archalign.match: unit matching per shape class, near misses, tensor pairing."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from archalign import match as match_module
+from archalign.confidence import confidence
 from archalign.cost import CostWeights
 from archalign.features import extract_features
 from archalign.graph import Unit, chain_graph
 from archalign.match import (
-    REGRET_SCALE,
     TensorPair,
     UnitMatch,
-    confidence,
     match_adapted,
     match_near_misses,
     match_units,
@@ -45,47 +42,6 @@ def mapping(matches: list[UnitMatch]) -> list[tuple[str, str]]:
         assert len(m.src) == len(m.dst) == 1
         out.append((m.src[0].unit.key, m.dst[0].unit.key))
     return out
-
-
-# --------------------------------------------------------------------------- confidence
-
-
-@pytest.mark.parametrize(
-    ("structural", "regret", "expected"),
-    [
-        (0.0, 0.0, 0.0),  # a tie: no confidence however good the fit
-        (5.0, 0.0, 0.0),
-        (0.0, math.inf, 1.0),
-        (0.0, REGRET_SCALE, 1 - math.exp(-1)),
-        (0.0, 4 * REGRET_SCALE, 1 - math.exp(-4)),
-        (1.0, math.inf, math.exp(-1)),
-        (0.5, 0.5, math.exp(-0.5) * (1 - math.exp(-2))),
-        (-1.0, math.inf, 1.0),  # negative costs are clamped to 0
-        (0.0, -1.0, 0.0),
-    ],
-)
-def test_confidence_values(structural, regret, expected):
-    assert confidence(structural, regret) == pytest.approx(expected)
-
-
-finite = st.floats(0, 50, allow_nan=False)
-
-
-@given(s1=finite, s2=finite, r1=finite, r2=finite)
-def test_confidence_is_monotone_and_bounded(s1, s2, r1, r2):
-    c = confidence(s1, r1)
-    assert 0.0 <= c <= 1.0
-    lo_s, hi_s = sorted((s1, s2))
-    lo_r, hi_r = sorted((r1, r2))
-    # worse fit, less confidence; bigger margin, more confidence
-    assert confidence(hi_s, r1) <= confidence(lo_s, r1)
-    assert confidence(s1, lo_r) <= confidence(s1, hi_r)
-
-
-def test_confidence_strictly_decreasing_in_structural_cost():
-    values = [confidence(s, 1.0) for s in (0.0, 0.1, 0.5, 1.0, 3.0)]
-    assert values == sorted(values, reverse=True)
-    assert len(set(values)) == len(values)
 
 
 # --------------------------------------------------------------------------- pair_tensors

@@ -1,0 +1,60 @@
+"""Confidence: every factor, band and default threshold, and the formula that combines them.
+
+A match's confidence is ``exp(-structural cost) * (1 - exp(-regret / REGRET_SCALE))``, times the
+factors below where the evidence is weaker than it looks (order alone, tensors paired by order).
+It is what `apply` compares with ``min_confidence``, and what every review shows in three bands:
+below `LOW_CONFIDENCE` (not loaded by default), below `HIGH_CONFIDENCE` (loaded, worth a look),
+and from `HIGH_CONFIDENCE` up ("certain": a wrong match must never get there).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "AMBIGUOUS_INSIDE",
+    "DEFAULT_MIN_CONFIDENCE",
+    "HIGH_CONFIDENCE",
+    "LOW_CONFIDENCE",
+    "ORDER_ONLY_GROUP",
+    "ORDER_ONLY_TRUST",
+    "REGRET_SCALE",
+    "SAME_NAME_IN_TIE",
+    "SAME_NAME_MARGIN",
+    "VERIFIED_CONFIDENCE",
+    "confidence",
+]
+
+# ------------------------------------------------------------------------ thresholds and bands
+
+DEFAULT_MIN_CONFIDENCE = 0.5  # `apply` loads matches at or above this unless told otherwise
+LOW_CONFIDENCE = DEFAULT_MIN_CONFIDENCE  # reviews show rows below it in red: not loaded by default
+HIGH_CONFIDENCE = 0.9  # reviews show rows from it up as certain; a wrong match must stay below it
+
+# ------------------------------------------------------------------------ the formula
+
+REGRET_SCALE = 0.25  # a regret of this size leaves ~63% of the margin factor; 4x that, ~98%
+
+# ------------------------------------------------------------------------ factors
+
+AMBIGUOUS_INSIDE = 0.5  # equal-shaped tensors inside a unit were paired by their order only
+ORDER_ONLY_GROUP = 0.8  # equal-shaped members of a fused group were ordered by execution alone
+ORDER_ONLY_TRUST = 0.85  # a match beat same-shaped rivals on a non-execution order (registration
+# or names): such an order is a guess, so the match stays below HIGH_CONFIDENCE
+SAME_NAME_IN_TIE = 0.7  # where the alignment is ambiguous, a match between identically named
+SAME_NAME_MARGIN = 0.5  # layers keeps at least this fit factor, with this much extra margin
+VERIFIED_CONFIDENCE = 0.95  # floor for the matches of a plan whose trial reproduced the outputs
+
+
+def confidence(structural: float, regret: float) -> float:
+    """Confidence of a match from its structural cost and its margin to the runner-up.
+
+    ``exp(-structural)`` falls as the pair fits worse; ``1 - exp(-regret / REGRET_SCALE)`` falls to
+    0 as the best alternative comes as cheap as the pair itself (a tie).
+
+    >>> round(confidence(0.0, 1.0), 3), confidence(0.3, 0.0)
+    (0.982, 0.0)
+    """
+    fit = float(np.exp(-max(structural, 0.0)))
+    margin = float(1.0 - np.exp(-max(regret, 0.0) / REGRET_SCALE))
+    return fit * margin
