@@ -6,8 +6,8 @@ from .errors import AlignError, ApplyError, ArchalignError, PlanError, SourceErr
 from .hints import Hints
 from .pipeline import align, align_and_load
 from .plan import Match, Mismatch, Plan, load_plan
-from .report import LoadReport, Skipped
-from .verify import Divergence, Verification, verify
+from .report import Divergence, LoadReport, Skipped, Verification
+from .verify import verify
 
 __all__ = [
     "AlignError",

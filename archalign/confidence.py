@@ -9,20 +9,28 @@ and from `HIGH_CONFIDENCE` up ("certain": a wrong match must never get there).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+from .graph import Tracer
 
 __all__ = [
     "AMBIGUOUS_INSIDE",
     "DEFAULT_MIN_CONFIDENCE",
+    "FULL_TRUST",
     "HIGH_CONFIDENCE",
     "LOW_CONFIDENCE",
+    "NAMES_ONLY_ORDER_WEIGHT",
     "ORDER_ONLY_GROUP",
     "ORDER_ONLY_TRUST",
     "REGRET_SCALE",
     "SAME_NAME_IN_TIE",
     "SAME_NAME_MARGIN",
     "VERIFIED_CONFIDENCE",
+    "Trust",
     "confidence",
+    "trust_in",
 ]
 
 # ------------------------------------------------------------------------ thresholds and bands
@@ -44,6 +52,38 @@ ORDER_ONLY_TRUST = 0.85  # a match beat same-shaped rivals on a non-execution or
 SAME_NAME_IN_TIE = 0.7  # where the alignment is ambiguous, a match between identically named
 SAME_NAME_MARGIN = 0.5  # layers keeps at least this fit factor, with this much extra margin
 VERIFIED_CONFIDENCE = 0.95  # floor for the matches of a plan whose trial reproduced the outputs
+NAMES_ONLY_ORDER_WEIGHT = 0.25  # position and context costs are scaled by this when the order
+# is names only (`Tracer.SORTED`): tie-breakers, no longer evidence
+
+
+# ------------------------------------------------------------------------ what the order is worth
+
+@dataclass(frozen=True)
+class Trust:
+    """What the two graphs' order may count for in costs and confidences (`trust_in`)."""
+
+    order_weight: float = 1.0  # scales the position and context cost terms
+    order_in_fit: bool = True  # position and context count against a match's fit
+    order_trust: float = 1.0  # factor of a match that beat same-shaped rivals on order alone
+
+
+FULL_TRUST = Trust()  # execution order on both sides: the order is evidence, at full weight
+
+
+def trust_in(src: Tracer, dst: Tracer) -> Trust:
+    """What order is worth between two harmonised graphs: the weaker side decides.
+
+    Execution order (`Tracer.FX`, `Tracer.HOOKS` on both sides) is evidence. Registration or
+    state_dict order is a guess: matches decided by it keep `ORDER_ONLY_TRUST`. An order that is
+    names only (`Tracer.SORTED`) enters no fit, and its costs are tie-breakers
+    (`NAMES_ONLY_ORDER_WEIGHT`).
+    """
+    if not (src.ordered and dst.ordered):
+        return Trust(order_weight=NAMES_ONLY_ORDER_WEIGHT, order_in_fit=False,
+                     order_trust=ORDER_ONLY_TRUST)
+    if not (src.executes and dst.executes):
+        return Trust(order_trust=ORDER_ONLY_TRUST)
+    return FULL_TRUST
 
 
 def confidence(structural: float, regret: float) -> float:

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .confidence import FULL_TRUST, Trust
 from .features import TYPE_ALIASES, UnitFeatures
 from .graph import INPUT, OUTPUT, size_order
 
@@ -49,10 +50,6 @@ class CostWeights:
     adapt: float = 0.3  # a match that needs a reshape, or a transpose only the shapes suggest
     fused: float = 0.3  # a fused tensor matched to a group of separate ones (concat / split)
     unmatched: float = 1.25  # cost of leaving one unit unmatched (per side)
-    order_in_fit: bool = True  # position and context count against a match's fit (False when the
-    # order is no evidence: a .safetensors file stores its keys sorted)
-    order_trust: float = 1.0  # confidence factor of a match that beat rivals of its own kind on
-    # order alone; below 1 when the order is registration (or name) order, not execution order
 
 
 class CostMatrices(NamedTuple):
@@ -76,8 +73,8 @@ class CostMatrices(NamedTuple):
 
 
 def compute_costs(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
-                  weights: CostWeights, pairs: tuple[np.ndarray, np.ndarray] | None = None
-                  ) -> CostMatrices:
+                  weights: CostWeights, pairs: tuple[np.ndarray, np.ndarray] | None = None, *,
+                  trust: Trust = FULL_TRUST) -> CostMatrices:
     """Cost of matching source units with destination units (shapes are not checked here).
 
     Vectorised: each categorical feature (class, family, neighbour signatures, name tokens,
@@ -90,6 +87,8 @@ def compute_costs(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
         Row (source) and column (destination) indices of the pairs wanted, two 1-d arrays of one
         length: the matrices are then 1-d, one entry per pair (a sparse problem). By default
         every pair: n x m matrices.
+    trust : Trust
+        What the order is worth: its ``order_weight`` scales the position and context terms.
     """
     if pairs is None:
         rows: np.ndarray = np.arange(len(src))[:, None]
@@ -113,7 +112,7 @@ def compute_costs(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
 
     preds = _pairwise([s.preds for s in src], [d.preds for d in dst], _overlap, rows, cols)
     succs = _pairwise([s.succs for s in src], [d.succs for d in dst], _overlap, rows, cols)
-    context = weights.context * (1.0 - 0.5 * (preds + succs))
+    context = weights.context * trust.order_weight * (1.0 - 0.5 * (preds + succs))
     # the model's first and last layers are special: reading the input is a strong cue
     src_in = np.array([INPUT in s.preds for s in src], dtype=bool)
     dst_in = np.array([INPUT in d.preds for d in dst], dtype=bool)
@@ -129,7 +128,7 @@ def compute_costs(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
 
     src_pos = np.array([s.position for s in src], dtype=float)
     dst_pos = np.array([d.position for d in dst], dtype=float)
-    position = weights.position * np.log1p(np.abs(src_pos[rows] - dst_pos[cols]))
+    position = weights.position * trust.order_weight * np.log1p(np.abs(src_pos[rows] - dst_pos[cols]))
     return CostMatrices(type=type_cost, position=position, context=context, name=name)
 
 

@@ -8,6 +8,7 @@ two sentinel nodes for the model's inputs and outputs.
 
 from __future__ import annotations
 
+import enum
 import itertools
 import math
 import re
@@ -19,8 +20,8 @@ import networkx as nx
 
 from .source import TensorSource
 
-__all__ = ["INPUT", "OUTPUT", "Unit", "UnitGraph", "build_units", "chain_graph", "natural_key",
-           "ordered_graph", "size_order"]
+__all__ = ["INPUT", "OUTPUT", "Tracer", "Unit", "UnitGraph", "build_units", "chain_graph",
+           "natural_key", "ordered_graph", "size_order", "units_by_module"]
 
 INPUT = "<input>"
 OUTPUT = "<output>"
@@ -70,13 +71,41 @@ class Unit:
         return tuple(t[prefix:] for t in self.tensors)
 
 
+class Tracer(str, enum.Enum):
+    """How one side's unit order was obtained, and so what evidence its graph carries."""
+
+    FX = "fx"  # torch.fx: execution order and data flow, without running the model
+    HOOKS = "hooks"  # forward pre-hooks during one eval forward: execution order, no data flow
+    REGISTRATION = "registration"  # a module's registration order: a guess at execution order
+    STATE_DICT = "state_dict"  # a state_dict's key order: the registration order of its model
+    SORTED = "sorted"  # a key order that means nothing (a safetensors file): names only
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def executes(self) -> bool:
+        """Whether the order is the order in which layers run (observed, not guessed)."""
+        return self in (Tracer.FX, Tracer.HOOKS)
+
+    @property
+    def data_flow(self) -> bool:
+        """Whether the graph's edges are data flow (otherwise they only chain the order)."""
+        return self is Tracer.FX
+
+    @property
+    def ordered(self) -> bool:
+        """Whether the order carries any structure at all (False: only names are left)."""
+        return self is not Tracer.SORTED
+
+
 @dataclass
 class UnitGraph:
     """Units in execution order and the data flow between them."""
 
     units: dict[str, Unit]  # unit key -> Unit, in execution (or registration) order
     graph: nx.DiGraph  # edges between unit keys, plus the INPUT and OUTPUT sentinels
-    tracer: str  # how the order was obtained: "fx", "hooks", "registration" or "state_dict"
+    tracer: Tracer  # how the order was obtained, and so what the graph can be trusted for
 
     @property
     def order(self) -> list[str]:
@@ -119,7 +148,7 @@ def natural_key(key: str) -> tuple[tuple[int, int | str], ...]:
                  for part in re.split(r"(\d+)", key) if part)
 
 
-def chain_graph(units: Sequence[Unit], tracer: str) -> UnitGraph:
+def chain_graph(units: Sequence[Unit], tracer: Tracer) -> UnitGraph:
     """A graph that knows only an order: each unit feeds the next one."""
     graph = nx.DiGraph()
     keys = [INPUT, *(u.key for u in units), OUTPUT]
@@ -129,7 +158,7 @@ def chain_graph(units: Sequence[Unit], tracer: str) -> UnitGraph:
 
 
 def ordered_graph(
-    units: Sequence[Unit], order: Iterable[str], edges: Iterable[tuple[str, str]], tracer: str
+    units: Sequence[Unit], order: Iterable[str], edges: Iterable[tuple[str, str]], tracer: Tracer
 ) -> UnitGraph:
     """A graph with the units put in ``order`` (units never reached go last, in registration order)."""
     by_key = {u.key: u for u in units}
@@ -143,3 +172,17 @@ def ordered_graph(
     graph.add_nodes_from([INPUT, *ordered, OUTPUT])
     graph.add_edges_from((a, b) for a, b in edges if a != b)
     return UnitGraph(units=ordered, graph=graph, tracer=tracer)
+
+
+def units_by_module(units: Sequence[Unit]) -> dict[str, list[str]]:
+    """Module path -> the units it owns (itself and its children), in registration order: layers
+    first, then free tensors inside it. One pass over the units and their ancestors."""
+    layers: dict[str, list[str]] = {}
+    free: dict[str, list[str]] = {}
+    for u in units:
+        parts = u.key.split(".")
+        is_free = u.type_name == "Parameter"
+        # a layer belongs to itself and its ancestors; a free tensor to its owner's ancestors
+        for depth in range(1, len(parts) + (0 if is_free else 1)):
+            (free if is_free else layers).setdefault(".".join(parts[:depth]), []).append(u.key)
+    return {path: layers.get(path, []) + free.get(path, []) for path in {*layers, *free}}

@@ -16,47 +16,57 @@ regroup    rows laid out (a, b, rest) -> (b, a, rest)  regroup with a and b swap
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import enum
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from math import prod
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .errors import PlanError
 
-__all__ = ["Op", "apply_ops", "derive_ops", "infer_shapes", "invert_ops", "squeeze_shape"]
+__all__ = ["Op", "OpKind", "apply_ops", "derive_ops", "infer_shapes", "invert_ops", "squeeze_shape"]
 
 Shape = tuple[int, ...]
 
-_KINDS = ("transpose", "reshape", "concat", "split", "regroup")
+
+class OpKind(str, enum.Enum):
+    """The adaptations a match can apply (`Op.kind`); what each does is in `_KINDS`."""
+
+    TRANSPOSE = "transpose"
+    RESHAPE = "reshape"
+    CONCAT = "concat"
+    SPLIT = "split"
+    REGROUP = "regroup"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
 class Op:
     """One adaptation step."""
 
-    kind: str  # one of "transpose", "reshape", "concat", "split", "regroup"
+    kind: OpKind  # what it does (a plain string is accepted and checked: "transpose", ...)
     shape: Shape = ()  # reshape: the target shape
     from_shape: Shape = ()  # reshape: the shape it reshapes from (for the inverse)
     sizes: Shape = ()  # split: sizes along axis 0; concat: sizes of its inputs along axis 0
     groups: Shape = ()  # regroup: (a, b): rows laid out as (a, b, rest) become (b, a, rest)
 
     def __post_init__(self) -> None:
-        if self.kind not in _KINDS:
-            raise PlanError(f"unknown adaptation {self.kind!r}; known: {', '.join(_KINDS)}")
+        try:
+            kind = OpKind(self.kind)
+        except ValueError:
+            raise PlanError(f"unknown adaptation {self.kind!r}; known: "
+                            f"{', '.join(k.value for k in OpKind)}") from None
+        object.__setattr__(self, "kind", kind)
 
     def __str__(self) -> str:
-        if self.kind == "reshape":
-            return f"reshape{self.shape}"
-        if self.kind in ("split", "concat"):
-            return f"{self.kind}{list(self.sizes)}"
-        if self.kind == "regroup":
-            return f"regroup{self.groups[0]}x{self.groups[1]}"
-        return self.kind
+        return _KINDS[self.kind].text(self)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"op": self.kind}
+        out: dict[str, Any] = {"op": self.kind.value}
         for name in ("shape", "from_shape", "sizes", "groups"):
             value = getattr(self, name)
             if value:
@@ -68,7 +78,7 @@ class Op:
         unknown = set(data) - {"op", "shape", "from_shape", "sizes", "groups"}
         if unknown:
             raise PlanError(f"unknown fields {sorted(unknown)} in adaptation {dict(data)!r}")
-        return cls(kind=str(data["op"]),
+        return cls(kind=str(data["op"]),  # type: ignore[arg-type]  # checked in __post_init__
                    **{k: tuple(int(v) for v in data[k])
                       for k in ("shape", "from_shape", "sizes", "groups") if k in data})
 
@@ -93,7 +103,7 @@ def derive_ops(src: Shape, dst: Shape, *, transpose: bool = False,
     ops: list[Op] = []
     shape = tuple(src)
     if transpose and len(shape) >= 2:
-        ops.append(Op("transpose"))
+        ops.append(Op(OpKind.TRANSPOSE))
         shape = (shape[1], shape[0], *shape[2:])
     if shape == dst:
         return tuple(ops)
@@ -101,16 +111,16 @@ def derive_ops(src: Shape, dst: Shape, *, transpose: bool = False,
         return None
     if squeeze_shape(shape) == squeeze_shape(dst) or (
             len(shape) != len(dst) and shape[0] == dst[0] and len(shape) >= 2 and len(dst) >= 2):
-        return (*ops, Op("reshape", shape=tuple(dst), from_shape=shape))
+        return (*ops, Op(OpKind.RESHAPE, shape=tuple(dst), from_shape=shape))
     if allow_shape_transpose and not transpose and len(squeeze_shape(shape)) == 2:
         core = squeeze_shape(shape)
         if (core[1], core[0]) == squeeze_shape(dst):
             out: list[Op] = []
             if len(shape) != 2:
-                out.append(Op("reshape", shape=core, from_shape=shape))
-            out.append(Op("transpose"))
+                out.append(Op(OpKind.RESHAPE, shape=core, from_shape=shape))
+            out.append(Op(OpKind.TRANSPOSE))
             if (core[1], core[0]) != dst:
-                out.append(Op("reshape", shape=tuple(dst), from_shape=(core[1], core[0])))
+                out.append(Op(OpKind.RESHAPE, shape=tuple(dst), from_shape=(core[1], core[0])))
             return tuple(out)
     return None
 
@@ -125,26 +135,7 @@ def infer_shapes(shapes: Sequence[Shape], ops: Sequence[Op]) -> list[Shape]:
     """
     current = [tuple(s) for s in shapes]
     for op in ops:
-        if op.kind == "transpose":
-            if any(len(s) < 2 for s in current):
-                raise PlanError(f"{op} needs tensors of rank >= 2, got shapes {current}")
-            current = [(s[1], s[0], *s[2:]) for s in current]
-        elif op.kind == "reshape":
-            if len(current) != 1 or prod(current[0]) != prod(op.shape):
-                raise PlanError(f"{op} does not fit shapes {current}")
-            current = [op.shape]
-        elif op.kind == "concat":
-            if not current or any(s[1:] != current[0][1:] for s in current):
-                raise PlanError(f"{op} needs tensors that agree beyond axis 0, got {current}")
-            current = [(sum(s[0] for s in current), *current[0][1:])]
-        elif op.kind == "split":
-            if len(current) != 1 or sum(op.sizes) != current[0][0]:
-                raise PlanError(f"{op} does not fit shape {current}")
-            current = [(n, *current[0][1:]) for n in op.sizes]
-        elif op.kind == "regroup":
-            a, b = op.groups
-            if len(current) != 1 or current[0][0] % (a * b):
-                raise PlanError(f"{op} does not fit shape {current}")
+        current = _KINDS[op.kind].infer(op, current)
     return current
 
 
@@ -152,19 +143,7 @@ def apply_ops(tensors: Sequence[torch.Tensor], ops: Sequence[Op]) -> list[torch.
     """Run the adaptations on source tensors; returns the destination tensors, in order."""
     current = list(tensors)
     for op in ops:
-        if op.kind == "transpose":
-            current = [t.transpose(0, 1) for t in current]
-        elif op.kind == "reshape":
-            current = [current[0].reshape(op.shape)]
-        elif op.kind == "concat":
-            current = [torch.cat(current, dim=0)]
-        elif op.kind == "split":
-            current = list(torch.split(current[0], list(op.sizes), dim=0))
-        elif op.kind == "regroup":
-            a, b = op.groups
-            t = current[0]
-            rows = t.shape[0] // (a * b)
-            current = [t.reshape(a, b, rows, *t.shape[1:]).transpose(0, 1).reshape(t.shape)]
+        current = _KINDS[op.kind].apply(op, current)
     return current
 
 
@@ -175,16 +154,79 @@ def invert_ops(ops: Sequence[Op], src_shapes: Sequence[Shape]) -> tuple[Op, ...]
     for op in ops:
         shapes_before.append(current)
         current = infer_shapes(current, [op])
-    inverse: list[Op] = []
-    for op, before in zip(reversed(ops), reversed(shapes_before)):
-        if op.kind == "transpose":
-            inverse.append(op)
-        elif op.kind == "reshape":
-            inverse.append(Op("reshape", shape=op.from_shape, from_shape=op.shape))
-        elif op.kind == "concat":
-            inverse.append(Op("split", sizes=tuple(s[0] for s in before)))
-        elif op.kind == "split":
-            inverse.append(Op("concat", sizes=op.sizes))
-        elif op.kind == "regroup":
-            inverse.append(Op("regroup", groups=(op.groups[1], op.groups[0])))
-    return tuple(inverse)
+    return tuple(_KINDS[op.kind].invert(op, before)
+                 for op, before in zip(reversed(ops), reversed(shapes_before)))
+
+
+# --------------------------------------------------------------------------- the kinds
+
+
+class _Kind(NamedTuple):
+    """What one kind of adaptation does, on shapes and on tensors."""
+
+    text: Callable[[Op], str]  # how a plan shows it
+    infer: Callable[[Op, list[Shape]], list[Shape]]  # shapes out from shapes in (PlanError)
+    apply: Callable[[Op, list[torch.Tensor]], list[torch.Tensor]]  # tensors out from tensors in
+    invert: Callable[[Op, list[Shape]], Op]  # the op that undoes it, given its input shapes
+
+
+def _infer_transpose(op: Op, current: list[Shape]) -> list[Shape]:
+    if any(len(s) < 2 for s in current):
+        raise PlanError(f"{op} needs tensors of rank >= 2, got shapes {current}")
+    return [(s[1], s[0], *s[2:]) for s in current]
+
+
+def _infer_reshape(op: Op, current: list[Shape]) -> list[Shape]:
+    if len(current) != 1 or prod(current[0]) != prod(op.shape):
+        raise PlanError(f"{op} does not fit shapes {current}")
+    return [op.shape]
+
+
+def _infer_concat(op: Op, current: list[Shape]) -> list[Shape]:
+    if not current or any(s[1:] != current[0][1:] for s in current):
+        raise PlanError(f"{op} needs tensors that agree beyond axis 0, got {current}")
+    return [(sum(s[0] for s in current), *current[0][1:])]
+
+
+def _infer_split(op: Op, current: list[Shape]) -> list[Shape]:
+    if len(current) != 1 or sum(op.sizes) != current[0][0]:
+        raise PlanError(f"{op} does not fit shape {current}")
+    return [(n, *current[0][1:]) for n in op.sizes]
+
+
+def _infer_regroup(op: Op, current: list[Shape]) -> list[Shape]:
+    a, b = op.groups
+    if len(current) != 1 or current[0][0] % (a * b):
+        raise PlanError(f"{op} does not fit shape {current}")
+    return current
+
+
+def _regroup(op: Op, current: list[torch.Tensor]) -> list[torch.Tensor]:
+    a, b = op.groups
+    t = current[0]
+    rows = t.shape[0] // (a * b)
+    return [t.reshape(a, b, rows, *t.shape[1:]).transpose(0, 1).reshape(t.shape)]
+
+
+_KINDS: dict[OpKind, _Kind] = {
+    OpKind.TRANSPOSE: _Kind(
+        text=lambda op: "transpose", infer=_infer_transpose,
+        apply=lambda op, ts: [t.transpose(0, 1) for t in ts],
+        invert=lambda op, before: op),
+    OpKind.RESHAPE: _Kind(
+        text=lambda op: f"reshape{op.shape}", infer=_infer_reshape,
+        apply=lambda op, ts: [ts[0].reshape(op.shape)],
+        invert=lambda op, before: Op(OpKind.RESHAPE, shape=op.from_shape, from_shape=op.shape)),
+    OpKind.CONCAT: _Kind(
+        text=lambda op: f"concat{list(op.sizes)}", infer=_infer_concat,
+        apply=lambda op, ts: [torch.cat(ts, dim=0)],
+        invert=lambda op, before: Op(OpKind.SPLIT, sizes=tuple(s[0] for s in before))),
+    OpKind.SPLIT: _Kind(
+        text=lambda op: f"split{list(op.sizes)}", infer=_infer_split,
+        apply=lambda op, ts: list(torch.split(ts[0], list(op.sizes), dim=0)),
+        invert=lambda op, before: Op(OpKind.CONCAT, sizes=op.sizes)),
+    OpKind.REGROUP: _Kind(
+        text=lambda op: f"regroup{op.groups[0]}x{op.groups[1]}", infer=_infer_regroup,
+        apply=_regroup,
+        invert=lambda op, before: Op(OpKind.REGROUP, groups=(op.groups[1], op.groups[0]))),
+}

@@ -10,25 +10,20 @@ from typing import Any
 
 from torch import nn
 
-from .confidence import AMBIGUOUS_INSIDE, DEFAULT_MIN_CONFIDENCE, ORDER_ONLY_TRUST
+from .confidence import AMBIGUOUS_INSIDE, DEFAULT_MIN_CONFIDENCE, trust_in
 from .cost import CostWeights
 from .errors import SourceError
 from .features import UnitFeatures, extract_features
+from .fused import match_fused
 from .graph import Unit, UnitGraph, build_units
 from .hints import Hints, resolve_hints
-from .match import (
-    UnitMatch,
-    match_adapted,
-    match_fused,
-    match_near_misses,
-    match_pinned,
-    match_units,
-)
+from .match import UnitMatch, match_adapted, match_near_misses, match_pinned, match_units
 from .plan import Match, Mismatch, Plan
 from .report import LoadReport
+from .running import ExampleInputs, dummy_inputs
 from .source import TensorSource, read_source
-from .trace import ExampleInputs, dummy_inputs, harmonise_graphs, trace_graph
-from .verify import decide_by_activations
+from .trace import harmonise_graphs, trace_graph
+from .trial import decide_by_activations
 from .verify import verify as run_verification
 
 __all__ = ["align", "align_and_load"]
@@ -93,13 +88,7 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
     src_graph, dst_graph = harmonise_graphs(
         src_traced, dst_traced, _in_registration_order(src_traced, source),
         _in_registration_order(dst_traced, target))
-    if "sorted" in (src_graph.tracer, dst_graph.tracer):
-        # positions are name order, not evidence: tie-breakers only, out of every confidence
-        weights = dataclasses.replace(weights, order_in_fit=False, position=weights.position / 4,
-                                      context=weights.context / 4, order_trust=ORDER_ONLY_TRUST)
-    elif {src_graph.tracer, dst_graph.tracer} & {"registration", "state_dict"}:
-        # registration order is not execution order: never certain between same-shaped layers
-        weights = dataclasses.replace(weights, order_trust=ORDER_ONLY_TRUST)
+    trust = trust_in(src_graph.tracer, dst_graph.tracer)  # what the order is worth
     rules = resolve_hints(hints, list(src_graph.units.values()), list(dst_graph.units.values()))
     step("aligning the layer sequences")
     pinned_dst = {d for _, d in rules.pins}
@@ -112,13 +101,14 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
     dst_left = [f for f in _left(dst_features, found + near, "dst")
                 if f.unit.key not in rules.dropped]
     no = rules.forbidden
-    exact = match_units(src_left, dst_left, weights, no)
-    exact, fused = match_fused(src_left, dst_left, weights, exact, no)
+    exact = match_units(src_left, dst_left, weights, no, trust=trust)
+    exact, fused = match_fused(src_left, dst_left, weights, exact, no, trust=trust)
     found += exact + fused
     for stage in (match_units, match_adapted):  # units displaced by fused matches, then leftovers
-        found += stage(_left(src_left, found, "src"), _left(dst_left, found, "dst"), weights, no)
+        found += stage(_left(src_left, found, "src"), _left(dst_left, found, "dst"), weights, no,
+                       trust=trust)
     near += match_near_misses(_left(src_left, found, "src"), _left(dst_left, found + near, "dst"),
-                              weights, no)
+                              weights, no, trust=trust)
 
     plan = _build_plan(found, near, source, target, src_graph.tracer, dst_graph.tracer)
     step("scanning the source for NaN/Inf")

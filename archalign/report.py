@@ -1,14 +1,46 @@
-"""What `apply` did: loaded, skipped (and why), left untouched, and source tensors not used."""
+"""The records of what happened: what `apply` did (loaded, skipped and why, left untouched, source
+tensors not used) and what running both models showed (`Verification`, `Divergence`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
-if TYPE_CHECKING:
-    from .verify import Verification
+__all__ = ["Adapted", "Divergence", "LoadReport", "Skipped", "Verification"]
 
-__all__ = ["Adapted", "LoadReport", "Skipped"]
+
+@dataclass(frozen=True)
+class Divergence:
+    """The first matched layer whose outputs differ."""
+
+    src: str  # source module path
+    dst: str  # destination module path
+    max_abs_diff: float  # largest absolute difference of the two layers' outputs
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The result of running both models on the same input."""
+
+    ok: bool  # True when every compared output agrees within tolerance
+    max_abs_diff: float  # largest absolute difference over all compared outputs (inf: not comparable)
+    outputs_compared: int  # how many output tensors were compared
+    tolerance: float  # the absolute tolerance used (atol + rtol * max |source output|)
+    first_divergence: Divergence | None  # the first matched layer that differs, when found
+    problem: str = ""  # why outputs could not be compared, if they could not
+
+    def __str__(self) -> str:
+        verdict = "outputs agree" if self.ok else "OUTPUTS DIFFER"
+        text = (f"{verdict}: max |src - dst| = {self.max_abs_diff:.3g} over "
+                f"{self.outputs_compared} output tensors (tolerance {self.tolerance:.3g})")
+        if self.problem:
+            text += f"; {self.problem}"
+        if self.first_divergence is not None:
+            d = self.first_divergence
+            text += (f"; first diverging layer: {d.dst} <- {d.src} "
+                     f"(max diff {d.max_abs_diff:.3g})")
+        return text
+
 
 
 class Skipped(NamedTuple):

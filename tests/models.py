@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -84,3 +85,134 @@ def write_sharded(model: nn.Module, folder: Path, per_shard: int) -> Path:
     index = folder / "model.safetensors.index.json"
     index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return index
+
+
+# --------------------------------------------------------------------------- tiny traced models
+# (tracer tests: fx order and data flow, hooks and registration fallbacks)
+
+
+class Reversed(nn.Module):
+    """Registers ``b`` before ``a`` but runs ``a`` first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = nn.Linear(4, 2)
+        self.a = nn.Linear(3, 4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 4)
+        self.fc2 = nn.Linear(4, 4)
+        self.fc3 = nn.Linear(4, 4)
+
+    def forward(self, x):
+        x = x + self.fc1(x)
+        x = x + self.fc2(x)
+        return self.fc3(x)
+
+
+class Branches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(3, 4)
+        self.left = nn.Linear(4, 4)
+        self.right = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        return self.head(self.left(h) + self.right(h))
+
+
+class Metadata(nn.Module):
+    """fc2 reads only fc1's *size*, which is no data flow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 4)
+        self.fc2 = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        y = self.fc2(x * h.size(-1))
+        return y + h
+
+
+class WithToken(nn.Module):
+    """A bare Parameter on the root, read with get_attr between two layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 2)
+        self.pos = nn.Parameter(torch.zeros(4))
+        self.proj = nn.Linear(3, 4)
+
+    def forward(self, x):
+        return self.head(self.proj(x) + self.pos)
+
+
+class Nested(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x):
+        return self.norm(self.body(x))
+
+
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h, _ = self.attn(x, x, x)
+        return self.fc(h)
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.mid = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(self.mid(self.emb(x)))
+
+
+class DataDependent(nn.Module):
+    """``if x.sum() > 0`` defeats torch.fx; registration order (b, a) is not execution order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = nn.Linear(4, 2)
+        self.a = nn.Linear(3, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.sum() > 0:
+            return self.b(h)
+        return self.b(-h)
+
+
+class DataDependentKwargs(DataDependent):
+    def forward(self, x=None):  # type: ignore[override]
+        return super().forward(x)
+
+
+class WithDummy(DataDependent):
+    @property
+    def dummy_inputs(self):
+        return {"x": torch.ones(2, 3)}
+
+    def forward(self, x=None):  # type: ignore[override]
+        return super().forward(x)

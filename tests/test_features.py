@@ -18,7 +18,7 @@ from archalign.features import (
     layer_family,
     name_tokens,
 )
-from archalign.graph import INPUT, OUTPUT, Unit, chain_graph, ordered_graph
+from archalign.graph import INPUT, OUTPUT, Tracer, Unit, chain_graph, ordered_graph
 
 
 def linear(key: str, out: int, inp: int, type_name: str = "Linear") -> Unit:
@@ -201,7 +201,7 @@ def test_warp_family_is_part_of_the_signature():
 def test_extract_features_exact():
     src = [linear("enc.fc1", 8, 4), linear("enc.fc2", 2, 8)]
     dst = [linear("fc_in", 8, 4), linear("fc_mid", 8, 8), linear("fc_out", 2, 8)]
-    fs, fd = extract_features(chain_graph(src, "fx"), chain_graph(dst, "fx"))
+    fs, fd = extract_features(chain_graph(src, Tracer.FX), chain_graph(dst, Tracer.FX))
     assert fs == [
         UnitFeatures(unit=src[0], family="linear", known_type=True, rank=0, position=0.0,
                      preds=(INPUT,), succs=("linear[(2,), (2, 8)]",),
@@ -222,7 +222,7 @@ def test_extract_features_neighbours_are_sorted_signatures():
              linear("c", 2, 4)]
     g = ordered_graph(units, ["a", "b", "p", "c"],
                       [(INPUT, "a"), ("a", "b"), ("b", "c"), ("p", "c"), (INPUT, "c"),
-                       ("c", OUTPUT)], "fx")
+                       ("c", OUTPUT)], Tracer.FX)
     _, fd = extract_features(g, g)
     c = fd[3]
     assert c.preds == tuple(sorted([INPUT, "linear[(4,), (4, 4)]", "param[(4,)]"]))
@@ -236,7 +236,7 @@ def test_extract_features_of_state_dict_units_guess_the_family():
                   ((4,), (4,), (4,), (4,)), ""),
              Unit("fc", ("fc.weight",), ((2, 4),), ""),
              Unit("tok", ("tok",), ((1, 4),), "Parameter")]
-    fs, _ = extract_features(chain_graph(units, "state_dict"), chain_graph(units, "state_dict"))
+    fs, _ = extract_features(chain_graph(units, Tracer.STATE_DICT), chain_graph(units, Tracer.STATE_DICT))
     assert [(f.family, f.known_type) for f in fs] == [("norm", False), ("linear", False),
                                                       ("param", True)]
     assert fs[1].preds == ("norm[(4,), (4,), (4,), (4,)]",)
@@ -275,9 +275,9 @@ def test_skipped_destination_units_leave_the_alignment_not_the_rank_space():
     # (spread); with the new one skipped, the three map onto the others exactly, in full ranks
     src = [linear(f"a.{i}", 8, 8) for i in range(3)]
     dst = [linear(f"b.{i}", 8, 8) for i in range(4)]
-    fs, _ = extract_features(chain_graph(src, "fx"), chain_graph(dst, "fx"))
+    fs, _ = extract_features(chain_graph(src, Tracer.FX), chain_graph(dst, Tracer.FX))
     assert max(f.spread for f in fs) > 0
-    fs, fd = extract_features(chain_graph(src, "fx"), chain_graph(dst, "fx"), skip={"b.1"})
+    fs, fd = extract_features(chain_graph(src, Tracer.FX), chain_graph(dst, Tracer.FX), skip={"b.1"})
     assert [f.position for f in fs] == [0.0, 2.0, 3.0]
     assert [f.spread for f in fs] == [0.0, 0.0, 0.0]
     assert [f.position for f in fd] == [0.0, 1.0, 2.0, 3.0]

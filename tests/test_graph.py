@@ -9,6 +9,7 @@ from torch import nn
 from archalign.graph import (
     INPUT,
     OUTPUT,
+    Tracer,
     Unit,
     UnitGraph,
     build_units,
@@ -146,7 +147,7 @@ def test_natural_key_orders_numbers_by_value():
 
 def test_chain_graph_links_each_unit_to_the_next():
     units = [unit("a"), unit("b"), unit("c")]
-    g = chain_graph(units, "registration")
+    g = chain_graph(units, Tracer.REGISTRATION)
     assert isinstance(g, UnitGraph)
     assert g.tracer == "registration"
     assert g.order == ["a", "b", "c"]
@@ -161,13 +162,13 @@ def test_chain_graph_links_each_unit_to_the_next():
 
 
 def test_chain_graph_keeps_the_given_order():
-    g = chain_graph([unit("z"), unit("a")], "hooks")
+    g = chain_graph([unit("z"), unit("a")], Tracer.HOOKS)
     assert g.order == ["z", "a"]
     assert g.predecessors("a") == ["z"]
 
 
 def test_chain_graph_of_no_units():
-    g = chain_graph([], "state_dict")
+    g = chain_graph([], Tracer.STATE_DICT)
     assert g.order == []
     assert list(g.graph.edges) == [(INPUT, OUTPUT)]
 
@@ -175,7 +176,7 @@ def test_chain_graph_of_no_units():
 def test_ordered_graph_puts_unreached_units_last_in_registration_order():
     units = [unit("a"), unit("b"), unit("c"), unit("d")]
     g = ordered_graph(units, ["c", "a", "c", "zzz"], [(INPUT, "c"), ("c", "a"), ("a", "a"),
-                                                      ("a", OUTPUT)], "fx")
+                                                      ("a", OUTPUT)], Tracer.FX)
     assert g.order == ["c", "a", "b", "d"]
     assert sorted(g.graph.nodes) == sorted([INPUT, "a", "b", "c", "d", OUTPUT])
     # self-loops are dropped
@@ -186,7 +187,7 @@ def test_ordered_graph_puts_unreached_units_last_in_registration_order():
 
 def test_predecessors_are_sorted():
     units = [unit("x"), unit("b"), unit("a")]
-    g = ordered_graph(units, ["x", "b", "a"], [("x", "a"), ("b", "a"), (INPUT, "a")], "fx")
+    g = ordered_graph(units, ["x", "b", "a"], [("x", "a"), ("b", "a"), (INPUT, "a")], Tracer.FX)
     assert g.predecessors("a") == sorted([INPUT, "b", "x"])
 
 

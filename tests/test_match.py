@@ -10,16 +10,10 @@ from archalign import match as match_module
 from archalign.confidence import confidence
 from archalign.cost import CostWeights
 from archalign.features import extract_features
-from archalign.graph import Unit, chain_graph
-from archalign.match import (
-    TensorPair,
-    UnitMatch,
-    match_adapted,
-    match_near_misses,
-    match_units,
-    pair_tensors,
-)
+from archalign.graph import Tracer, Unit, chain_graph
+from archalign.match import UnitMatch, match_adapted, match_near_misses, match_units
 from archalign.ops import Op
+from archalign.pairing import TensorPair
 
 W = CostWeights()
 
@@ -32,8 +26,12 @@ def unit(key: str, names: list[str], shapes: list[tuple[int, ...]], type_name: s
     return Unit(key, tuple(f"{key}.{n}" for n in names), tuple(shapes), type_name)
 
 
-def features(src: list[Unit], dst: list[Unit], tracer: str = "fx"):
+def features(src: list[Unit], dst: list[Unit], tracer: Tracer = Tracer.FX):
     return extract_features(chain_graph(src, tracer), chain_graph(dst, tracer))
+
+
+def tp(src: str, dst: str, by_name: bool = True, ops: tuple[Op, ...] = ()) -> TensorPair:
+    return TensorPair(src=(src,), dst=(dst,), ops=ops, by_name=by_name)
 
 
 def mapping(matches: list[UnitMatch]) -> list[tuple[str, str]]:
@@ -42,124 +40,6 @@ def mapping(matches: list[UnitMatch]) -> list[tuple[str, str]]:
         assert len(m.src) == len(m.dst) == 1
         out.append((m.src[0].unit.key, m.dst[0].unit.key))
     return out
-
-
-# --------------------------------------------------------------------------- pair_tensors
-
-
-BN_NAMES = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
-BN_SHAPES = [(4,), (4,), (4,), (4,), ()]
-
-
-def tp(src: str, dst: str, by_name: bool = True, ops: tuple[Op, ...] = ()) -> TensorPair:
-    return TensorPair(src=(src,), dst=(dst,), ops=ops, by_name=by_name)
-
-
-@pytest.mark.parametrize(
-    ("src", "dst", "expected"),
-    [
-        pytest.param(
-            unit("bn", BN_NAMES, BN_SHAPES, "BatchNorm2d"),
-            unit("norm", BN_NAMES, BN_SHAPES, "BatchNorm2d"),
-            [tp(f"bn.{n}", f"norm.{n}") for n in BN_NAMES],
-            id="batchnorm"),
-        pytest.param(
-            unit("bn", BN_NAMES, BN_SHAPES, "BatchNorm2d"),
-            unit("norm", ["gamma", "beta", "moving_mean", "moving_variance", "num_batches_tracked"],
-                 BN_SHAPES),
-            [tp("bn.weight", "norm.gamma"), tp("bn.bias", "norm.beta"),
-             tp("bn.running_mean", "norm.moving_mean"), tp("bn.running_var", "norm.moving_variance"),
-             tp("bn.num_batches_tracked", "norm.num_batches_tracked")],
-            id="batchnorm-synonyms"),
-        pytest.param(
-            unit("bn", BN_NAMES, BN_SHAPES, "BatchNorm2d"),
-            unit("norm", ["running_var", "num_batches_tracked", "bias", "running_mean", "weight"],
-                 [(4,), (), (4,), (4,), (4,)]),
-            [tp("bn.running_var", "norm.running_var"),
-             tp("bn.num_batches_tracked", "norm.num_batches_tracked"),
-             tp("bn.bias", "norm.bias"), tp("bn.running_mean", "norm.running_mean"),
-             tp("bn.weight", "norm.weight")],
-            id="batchnorm-reordered"),
-        pytest.param(
-            unit("attn", ["in_proj_weight", "in_proj_bias"], [(12, 4), (12,)], "MultiheadAttention"),
-            linear("qkv", 12, 4),
-            [tp("attn.in_proj_weight", "qkv.weight"), tp("attn.in_proj_bias", "qkv.bias")],
-            id="mha-in-proj-vs-linear"),
-        pytest.param(
-            unit("ln", ["weight", "bias"], [(4,), (4,)], "LayerNorm"),
-            unit("norm", ["bias", "weight"], [(4,), (4,)], "LayerNorm"),
-            [tp("ln.bias", "norm.bias"), tp("ln.weight", "norm.weight")],
-            id="equal-shapes-by-name"),
-        pytest.param(
-            unit("ln", ["weight", "bias"], [(4,), (4,)], "LayerNorm"),
-            unit("norm", ["g", "b"], [(4,), (4,)]),
-            [tp("ln.weight", "norm.g"), tp("ln.bias", "norm.b")],
-            id="short-synonyms"),
-        pytest.param(
-            unit("x", ["alpha", "delta"], [(4,), (4,)]),
-            unit("y", ["foo", "bar"], [(4,), (4,)]),
-            [tp("x.alpha", "y.foo", False), tp("x.delta", "y.bar", False)],
-            id="equal-shapes-unrelated-names"),
-        pytest.param(
-            unit("x", ["alpha", "delta"], [(4, 2), (4,)]),
-            unit("y", ["foo", "bar"], [(4, 2), (4,)]),
-            [tp("x.alpha", "y.foo"), tp("x.delta", "y.bar")],
-            id="unique-shapes-unrelated-names"),
-        pytest.param(
-            Unit("c", ("c.weight", "c.bias"), ((4, 8), (8,)), "Conv1D", (True, False)),
-            linear("l", 8, 4),
-            [tp("c.weight", "l.weight", ops=(Op("transpose"),)), tp("c.bias", "l.bias")],
-            id="transposed-layout"),
-        pytest.param(
-            unit("x", ["weight"], [(4, 2)]),
-            unit("y", ["weight", "bias"], [(4, 2), (4,)]),
-            None,
-            id="extra-destination-tensor"),
-        pytest.param(
-            unit("x", ["weight", "bias"], [(4, 2), (4,)]),
-            unit("y", ["weight", "bias"], [(5, 2), (5,)]),
-            None,
-            id="no-shape-agrees"),
-        pytest.param(
-            unit("ls", ["gamma"], [(4, 1, 1)]),
-            unit("ls", ["weight"], [(4,)]),
-            None,
-            id="reshape-is-not-exact"),
-    ],
-)
-def test_pair_tensors_exact(src, dst, expected):
-    assert pair_tensors(src, dst) == expected
-
-
-def test_pair_tensors_follow_destination_order():
-    src = unit("s", ["a", "b", "c"], [(1,), (2,), (3,)])
-    dst = unit("d", ["z", "y", "x"], [(3,), (1,), (2,)])
-    assert [(p.src, p.dst) for p in pair_tensors(src, dst)] == [
-        (("s.c",), ("d.z",)), (("s.a",), ("d.y",)), (("s.b",), ("d.x",))]
-
-
-def test_pair_tensors_adapt_allows_a_reshape():
-    src, dst = unit("ls", ["gamma"], [(4, 1, 1)]), unit("ls", ["weight"], [(4,)])
-    assert pair_tensors(src, dst, "adapt") == [
-        tp("ls.gamma", "ls.weight", ops=(Op("reshape", shape=(4,), from_shape=(4, 1, 1)),))]
-
-
-def test_pair_tensors_near_pairs_by_name_across_shapes():
-    src = linear("s", 10, 4)
-    dst = unit("d", ["bias", "weight"], [(5,), (5, 4)], "Linear")
-    assert pair_tensors(src, dst) is None
-    assert pair_tensors(src, dst, "near") == [tp("s.bias", "d.bias"), tp("s.weight", "d.weight")]
-
-
-def test_pair_tensors_near_leaves_extra_tensors_unpaired():
-    src, dst = unit("x", ["weight"], [(4, 2)]), unit("y", ["weight", "bias"], [(4, 2), (4,)])
-    assert pair_tensors(src, dst, "near") == [tp("x.weight", "y.weight")]
-
-
-def test_pair_tensors_near_needs_equal_ranks():
-    src = unit("s", ["weight"], [(4, 4, 1)])
-    dst = unit("d", ["weight"], [(4, 4)])
-    assert pair_tensors(src, dst, "near") == []
 
 
 # --------------------------------------------------------------------------- match_units

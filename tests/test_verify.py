@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import archalign
-from archalign.verify import _compare, _leaves
+from archalign.verify import _leaves, compare_outputs
 
 
 class Chain(nn.Module):
@@ -53,7 +53,7 @@ def test_hugging_face_model_output_is_compared_by_field() -> None:
     transformers = pytest.importorskip("transformers")
     out = transformers.modeling_outputs.CausalLMOutput(logits=torch.ones(2, 3))
     assert [k for k, _ in _leaves(out)] == ["logits"]
-    diff, count, scale, problem = _compare(out, {"logits": torch.ones(2, 3) * 1.5})
+    diff, count, scale, problem = compare_outputs(out, {"logits": torch.ones(2, 3) * 1.5})
     assert (diff, count, scale, problem) == (0.5, 1, 1.0, "")
 
 

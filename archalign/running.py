@@ -1,0 +1,65 @@
+"""Running a model on example inputs: in eval mode, without gradients, training flags restored.
+
+Tracing (the hooks tracer), layout probing, the trial of a plan and `verify` all run models; this
+module is the one place that knows how example inputs become arguments and where they go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["ExampleInputs", "device_of", "dummy_inputs", "first_line", "run_in_eval", "split_inputs"]
+
+ExampleInputs = torch.Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any] | None
+
+
+def run_in_eval(module: nn.Module, inputs: Any) -> Any:
+    """Run ``module`` once on example inputs in eval mode without gradients; every submodule's
+    training flag is put back afterwards."""
+    args, kwargs = split_inputs(inputs, device_of(module))
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()
+        with torch.no_grad():
+            return module(*args, **kwargs)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def dummy_inputs(module: nn.Module) -> Any:
+    """Hugging Face models carry ``dummy_inputs``; use them when the user gave none."""
+    dummy = getattr(module, "dummy_inputs", None)
+    if isinstance(dummy, Mapping) and all(isinstance(v, torch.Tensor) for v in dummy.values()):
+        return dict(dummy)
+    return None
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """The device of a module's first tensor (CPU for a module without tensors)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def split_inputs(inputs: Any, device: torch.device) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Positional and keyword arguments from example inputs, tensors moved to ``device``."""
+    def move(value: Any) -> Any:
+        return value.to(device) if isinstance(value, torch.Tensor) else value
+
+    if isinstance(inputs, torch.Tensor):
+        return (move(inputs),), {}
+    if isinstance(inputs, Mapping):
+        return (), {k: move(v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return tuple(move(v) for v in inputs), {}
+    return (inputs,), {}
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, at most 200 characters."""
+    return (str(exc).splitlines() or [""])[0][:200]

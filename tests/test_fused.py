@@ -1,0 +1,55 @@
+"""Tests for archalign.fused: one unit against a run of units opposite (concat and split)."""
+
+from __future__ import annotations
+
+from archalign.cost import CostWeights
+from archalign.features import extract_features
+from archalign.fused import match_fused
+from archalign.graph import Tracer, Unit, chain_graph
+from archalign.match import match_units
+from archalign.ops import Op
+
+W = CostWeights()
+
+
+def linear(key: str, out: int, inp: int) -> Unit:
+    return Unit(key, (f"{key}.weight", f"{key}.bias"), ((out, inp), (out,)), "Linear")
+
+
+def solve(src: list[Unit], dst: list[Unit], forbidden=frozenset()):
+    fs, fd = extract_features(chain_graph(src, Tracer.FX), chain_graph(dst, Tracer.FX))
+    exact = match_units(fs, fd, W, forbidden)
+    return match_fused(fs, fd, W, exact, forbidden)
+
+
+def groups(fused) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    return [(tuple(f.unit.key for f in m.src), tuple(f.unit.key for f in m.dst)) for m in fused]
+
+
+SEPARATE = [linear("q", 8, 8), linear("k", 4, 8), linear("v", 4, 8), linear("o", 8, 8)]
+FUSED = [linear("qkv", 16, 8), linear("proj", 8, 8)]
+
+
+def test_separate_projections_concatenate_into_a_fused_one() -> None:
+    kept, fused = solve(SEPARATE, FUSED)
+    assert groups(fused) == [(("q", "k", "v"), ("qkv",))]
+    (match,) = fused
+    assert [p.ops for p in match.pairs] == [(Op("concat", sizes=(8, 4, 4)),)] * 2
+    assert [(m.src[0].unit.key, m.dst[0].unit.key) for m in kept] == [("o", "proj")]
+    assert 0.0 < match.confidence < 1.0 and match.terms["fused"] == W.fused
+
+
+def test_a_fused_projection_splits_into_separate_ones() -> None:
+    _, fused = solve(FUSED, SEPARATE)
+    assert groups(fused) == [(("qkv",), ("q", "k", "v"))]
+    assert [p.ops for p in fused[0].pairs] == [(Op("split", sizes=(8, 4, 4)),)] * 2
+
+
+def test_a_forbidden_member_keeps_the_group_apart() -> None:
+    _, fused = solve(SEPARATE, FUSED, forbidden=frozenset({("k", "qkv")}))
+    assert all("qkv" not in dst for _, dst in groups(fused))
+
+
+def test_pieces_that_do_not_add_up_are_not_fused() -> None:
+    _, fused = solve([linear("q", 8, 8), linear("k", 8, 8)], [linear("qk", 12, 8)])
+    assert fused == []
