@@ -11,16 +11,16 @@ import contextlib
 import logging
 import signal
 import threading
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from .checks import check_plan, check_value, refuse_unwritable
 from .confidence import DEFAULT_MIN_CONFIDENCE
 from .errors import ApplyError, PlanError, UsageError
-from .ops import apply_ops, infer_shapes
+from .ops import apply_ops
 from .plan import Match, Mismatch, Plan
 from .policies import choose_policy, resize
 from .report import Adapted, LoadReport, Skipped
@@ -112,7 +112,7 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
     if source is None:
         raise PlanError("this plan does not carry its source (it was loaded from a file): "
                         "pass it as plan.apply(dst, src)")
-    _check_plan(plan, source, target)
+    check_plan(plan, source, target)
 
     by_policy: list[tuple[Mismatch, str]] = []
     for mm in plan.mismatches:
@@ -136,7 +136,7 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
         raise ApplyError(f"strict: {len(missing)} destination tensors would stay unloaded: "
                          f"{shown}{more}. Lower min_confidence, fix the plan, or pass strict=False")
 
-    _refuse_unwritable(to_load, by_policy, source, target)
+    refuse_unwritable(to_load, by_policy, source, target)
 
     def values(scan: bool) -> Iterator[tuple[str, torch.Tensor, bool]]:
         return _values(to_load, by_policy, source, target, check_finite=scan)
@@ -193,35 +193,6 @@ def split_by_confidence(matches: Sequence[Match], min_confidence: float
         else:
             to_load.append(match)
     return to_load, skipped
-
-
-def _refuse_unwritable(matches: list[Match], by_policy: list[tuple[Mismatch, str]],
-                      source: TensorSource, target: TensorSource) -> None:
-    """Refuse, before any write, what cannot be written: from specs alone, no tensor is read."""
-    problems: list[str] = []
-    for key in {k for m in matches for k in m.src} | {mm.src[0] for mm, _ in by_policy}:
-        spec = source.specs[source.aliases.get(key, key)]
-        if spec.device == "meta":
-            problems.append(f"source tensor {key!r} is on the meta device (it has no values)")
-        elif spec.dtype.startswith("torch.q"):
-            problems.append(f"source tensor {key!r} is quantized ({spec.dtype}); dequantize "
-                            "the checkpoint first")
-    for mm, _ in by_policy:
-        if target.get(mm.dst[0]).device.type == "meta":
-            problems.append(f"a shape policy keeps part of {mm.dst[0]!r}, which is on the meta "
-                            "device (no values to keep): materialise it first")
-    for match in matches:
-        for dst_key in match.dst:
-            if target.get(dst_key).is_quantized:
-                problems.append(f"destination tensor {dst_key!r} is quantized")
-        for src_key, dst_key in zip(match.src, match.dst):
-            spec, into = source.specs[source.aliases.get(src_key, src_key)], target.get(dst_key)
-            floating = any(t in spec.dtype for t in ("float", "bfloat", "complex"))
-            if floating and not (into.is_floating_point() or into.is_complex()):
-                problems.append(f"{src_key!r} ({spec.dtype}) would be truncated into "
-                                f"{dst_key!r} ({into.dtype})")
-    if problems:
-        raise ApplyError("refused before writing anything: " + "; ".join(sorted(problems)[:10]))
 
 
 def _values(matches: list[Match], by_policy: list[tuple[Mismatch, str]], source: TensorSource,
@@ -289,7 +260,7 @@ def _prepare_then_commit(values: Iterable[tuple[str, torch.Tensor, bool]], targe
     key = ""
     try:
         for key, value, bad in values:
-            _check_value(key, target.get(key), value)
+            check_value(key, target.get(key), value)
             if storage_start(value) in shared:  # it views a destination tensor, which may be
                 value = value.clone()  # overwritten before this value is written
             prepared.append((key, value, bad))
@@ -310,7 +281,7 @@ def _two_passes(values: Callable[[bool], Iterable[tuple[str, torch.Tensor, bool]
     key = ""
     try:
         for key, value, bad in values(check_finite):
-            _check_value(key, target.get(key), value)
+            check_value(key, target.get(key), value)
             if bad:
                 nonfinite.append(key)
             del value
@@ -323,7 +294,7 @@ def _two_passes(values: Callable[[bool], Iterable[tuple[str, torch.Tensor, bool]
 
 def _commit(values: Iterable[tuple[str, torch.Tensor, bool]], target: TensorSource,
             dst: nn.Module, tick: Callable[[], None], *, checked: bool = False) -> list[str]:
-    """Check (unless ``checked``: `_check_value` passed already) and write each value in turn (in
+    """Check (unless ``checked``: `check_value` passed already) and write each value in turn (in
     place; a meta tensor is replaced by a materialised one, ties kept). Returns the keys whose
     values hold NaN or Inf.
 
@@ -342,7 +313,7 @@ def _commit(values: Iterable[tuple[str, torch.Tensor, bool]], target: TensorSour
         for key, value, bad in values:
             into = target.get(key)
             if not checked:
-                _check_value(key, into, value)
+                check_value(key, into, value)
             if bad:
                 nonfinite.append(key)
             if into.device.type == "meta":
@@ -372,29 +343,6 @@ def _commit(values: Iterable[tuple[str, torch.Tensor, bool]], target: TensorSour
         logger.error("interrupted while writing %r: %s", key, partial)
         raise
     return nonfinite
-
-
-def _check_value(key: str, into: torch.Tensor, value: torch.Tensor) -> None:
-    """Refuse what ``into.copy_(value)`` would refuse, before anything is written.
-
-    Raises
-    ------
-    ApplyError
-        If the shapes differ, or the destination tensor cannot be written in place.
-    """
-    if value.shape != into.shape:
-        raise ApplyError(f"{key!r}: a value of shape {tuple(value.shape)} for a destination "
-                         f"tensor of shape {tuple(into.shape)}; re-run align, or fix this match")
-    if into.device.type == "meta" or into.layout != torch.strided:
-        return
-    strides = into.stride()
-    if 0 in strides and any(st == 0 and n > 1 for n, st in zip(into.shape, strides)):
-        raise ApplyError(f"destination tensor {key!r} is expanded (its elements share memory, "
-                         f"strides {tuple(into.stride())}): give it its own memory, e.g. "
-                         ".contiguous(), before loading")
-    if into.is_inference() and not torch.is_inference_mode_enabled():
-        raise ApplyError(f"destination tensor {key!r} was made under torch.inference_mode and "
-                         "can only be written inside it: apply within torch.inference_mode()")
 
 
 @contextlib.contextmanager
@@ -427,7 +375,7 @@ def _sigint_deferred() -> Iterator[None]:
 def _assign(dst: nn.Module, target: TensorSource, key: str, old: torch.Tensor,
             value: torch.Tensor) -> Callable[[], None]:
     """Replace the meta tensor at ``key`` (and at every key tied to it) by a materialised copy of
-    ``value`` (whose shape `_check_value` checked); returns how to put the meta tensor back."""
+    ``value`` (whose shape `check_value` checked); returns how to put the meta tensor back."""
     data = value.detach().to(dtype=old.dtype, copy=True)
     new: torch.Tensor = (nn.Parameter(data, requires_grad=old.requires_grad)
                          if isinstance(old, nn.Parameter) else data)
@@ -449,49 +397,3 @@ def _assign(dst: nn.Module, target: TensorSource, key: str, old: torch.Tensor,
     return undo
 
 
-def _check_plan(plan: Plan, source: TensorSource, target: TensorSource) -> None:
-    problems: list[str] = []
-    for match in plan.matches:
-        if len(match.src) != len(match.src_shapes) or len(match.dst) != len(match.dst_shapes):
-            problems.append(f"match {', '.join(match.src)} -> {', '.join(match.dst)} lists "
-                            f"{len(match.src_shapes)} source and {len(match.dst_shapes)} "
-                            "destination shapes for its keys")
-            continue
-        for key, shape in zip(match.dst, match.dst_shapes):
-            _check_key(key, shape, target, "destination", problems)
-        for key, shape in zip(match.src, match.src_shapes):
-            _check_key(key, shape, source, "source", problems)
-        try:
-            produced = infer_shapes(match.src_shapes, match.ops)
-        except PlanError as exc:
-            problems.append(f"match {', '.join(match.src)} -> {', '.join(match.dst)}: {exc}")
-            continue
-        if produced != list(match.dst_shapes):
-            ops = " ".join(map(str, match.ops)) or "a plain copy"
-            problems.append(f"match {', '.join(match.src)} -> {', '.join(match.dst)}: {ops} "
-                            f"turns {list(match.src_shapes)} into {produced}, "
-                            f"not {list(match.dst_shapes)}")
-    for mm in plan.mismatches:
-        for key, shape in zip(mm.dst, mm.dst_shapes):
-            _check_key(key, shape, target, "destination", problems)
-        for key, shape in zip(mm.src, mm.src_shapes):
-            _check_key(key, shape, source, "source", problems)
-    written = Counter(target.aliases.get(d, d) for m in plan.matches for d in m.dst)
-    dups = sorted(k for k, n in written.items() if n > 1)
-    if dups:
-        problems.append(f"destination keys written twice: {', '.join(dups)}")
-    if problems:
-        shown = "; ".join(problems[:10])
-        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
-        raise PlanError(f"the plan does not agree with the models: {shown}{more}. "
-                        "Were the models changed since the plan was made? Re-run align")
-
-
-def _check_key(key: str, shape: tuple[int, ...], side: TensorSource, role: str,
-               problems: list[str]) -> None:
-    primary = side.aliases.get(key, key)
-    spec = side.specs.get(primary)
-    if spec is None:
-        problems.append(f"{role} has no tensor {key!r}")
-    elif spec.shape != tuple(shape):
-        problems.append(f"{role} tensor {key!r} has shape {spec.shape}, the plan says {tuple(shape)}")

@@ -6,6 +6,7 @@ The plan knows every destination key and shape; the source is read one tensor at
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -14,8 +15,10 @@ from typing import Any
 
 import torch
 
+from .apply import split_by_confidence
+from .checks import check_plan, refuse_unwritable
 from .confidence import DEFAULT_MIN_CONFIDENCE
-from .errors import PlanError, UsageError
+from .errors import UsageError
 from .ops import apply_ops
 from .plan import Plan
 from .source import read_source
@@ -43,21 +46,22 @@ def convert_checkpoint(plan: Plan, src: Any, out: str | os.PathLike[str], *,
     Raises
     ------
     PlanError
-        If a source key or shape of the plan is not in ``src``.
+        If a source key or shape of the plan is not in ``src``, or an adaptation does not turn
+        the source shapes into the plan's destination shapes (checked before anything is written,
+        as `archalign.apply` checks).
+    ApplyError
+        If a source tensor cannot be written (meta device, quantized).
     UsageError
-        If ``max_shard_bytes`` is not positive.
+        If ``max_shard_bytes`` is not positive or ``min_confidence`` lies outside [0, 1].
     """
     from safetensors.torch import save_file
 
     if max_shard_bytes <= 0:
         raise UsageError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     source = read_source(src, role="source")
-    matches = [m for m in plan.matches if m.confidence >= min_confidence]
-    for match in matches:
-        for key, shape in zip(match.src, match.src_shapes):
-            spec = source.specs.get(source.aliases.get(key, key))
-            if spec is None or spec.shape != tuple(shape):
-                raise PlanError(f"the source has no tensor {key!r} of shape {tuple(shape)}")
+    matches, _ = split_by_confidence(plan.matches, min_confidence)
+    check_plan(dataclasses.replace(plan, matches=tuple(matches), mismatches=()), source, None)
+    refuse_unwritable(matches, (), source, None)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
 

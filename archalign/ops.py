@@ -183,8 +183,10 @@ def _infer_reshape(op: Op, current: list[Shape]) -> list[Shape]:
 
 
 def _infer_concat(op: Op, current: list[Shape]) -> list[Shape]:
-    if not current or any(s[1:] != current[0][1:] for s in current):
+    if not current or any(not s or s[1:] != current[0][1:] for s in current):
         raise PlanError(f"{op} needs tensors that agree beyond axis 0, got {current}")
+    if op.sizes and op.sizes != tuple(s[0] for s in current):
+        raise PlanError(f"{op} records sizes {list(op.sizes)} for tensors of shapes {current}")
     return [(sum(s[0] for s in current), *current[0][1:])]
 
 

@@ -8,9 +8,7 @@ hands out tensors only when `apply` asks for them.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
-import json
 import logging
 import math
 import os
@@ -22,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .checkpoint import LazySafetensors, read_checkpoint
 from .errors import SourceError
 
 __all__ = ["TensorSource", "TensorSpec", "has_nonfinite", "read_destination", "read_source",
@@ -29,15 +28,12 @@ __all__ = ["TensorSource", "TensorSpec", "has_nonfinite", "read_destination", "r
 
 logger = logging.getLogger(__name__)
 
-_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-
-
 class TensorSpec(NamedTuple):
     """What planning needs to know about one tensor."""
 
     key: str  # the name in the state_dict, e.g. "layer1.0.conv1.weight"
     shape: tuple[int, ...]  # the tensor's shape
-    dtype: str  # str(torch.dtype), e.g. "torch.float32"
+    dtype: torch.dtype  # e.g. torch.float32
     device: str = "cpu"  # device type of the tensor ("meta" has shapes but no values)
 
 
@@ -86,7 +82,7 @@ class TensorSource:
         sharded checkpoint: a new tensor per call, one disk read each); False when the tensors are
         in memory (a module, a state_dict, a ``torch.load(mmap=True)`` checkpoint), where `get`
         hands out the same tensor every time."""
-        return isinstance(self._tensors, _LazySafetensors)
+        return isinstance(self._tensors, LazySafetensors)
 
     def nonfinite(self, key: str, tensor: torch.Tensor | None = None) -> bool:
         """Whether the tensor at ``key`` holds NaN or Inf (see `has_nonfinite`).
@@ -133,7 +129,7 @@ class TensorSource:
         of the time for small tensors). The file is closed at the end of the block; nothing
         changes for in-memory sources.
         """
-        if isinstance(self._tensors, _LazySafetensors):
+        if isinstance(self._tensors, LazySafetensors):
             with self._tensors.reading():
                 yield
         else:
@@ -231,7 +227,7 @@ def read_source(obj: Any, *, role: str = "source") -> TensorSource:
     if isinstance(obj, nn.Module):
         return _read_module(obj, role)
     if isinstance(obj, (str, os.PathLike)):
-        return _read_file(Path(obj), role)
+        return _read_checkpoint(Path(obj), role)
     if isinstance(obj, Mapping):
         return _read_state_dict(obj, role, description="state_dict")
     raise SourceError(
@@ -310,147 +306,12 @@ def _read_state_dict(state: Mapping[Any, Any], role: str, description: str,
     )
 
 
-def _read_file(path: Path, role: str) -> TensorSource:
-    if path.is_dir():
-        indexes = sorted(path.glob("*.safetensors.index.json"))
-        singles = sorted(path.glob("*.safetensors"))
-        if len(indexes) == 1:
-            path = indexes[0]
-        elif len(singles) == 1:
-            path = singles[0]
-        else:
-            raise SourceError(f"the {role} folder {str(path)!r} holds {len(indexes)} safetensors "
-                              f"indexes and {len(singles)} safetensors files; name the file")
-    if not path.exists():
-        raise SourceError(f"the {role} file {str(path)!r} does not exist")
-    if path.name.endswith(".safetensors.index.json"):
-        return _read_safetensors(_shards_of(path, role), role, f"checkpoint {path.name}")
-    if path.suffix == ".safetensors":
-        return _read_safetensors({path: None}, role, f"file {path.name}")
-    if path.suffix in _PICKLE_SUFFIXES:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:
-            raise SourceError(
-                f"cannot read the {role} file {str(path)!r} with torch.load(weights_only=True): "
-                f"{exc}. archalign never unpickles code; if you trust the file, re-save its "
-                "tensors once with torch.save(model.state_dict(), ...) or safetensors"
-            ) from exc
-        if isinstance(state, Mapping) and "state_dict" in state and isinstance(
-            state["state_dict"], Mapping
-        ):
-            state = state["state_dict"]
-        if not isinstance(state, Mapping):
-            raise SourceError(
-                f"the {role} file {str(path)!r} holds a {type(state).__name__}, not a state_dict"
-            )
-        return _read_state_dict(state, role, description=f"file {path.name}")
-    raise SourceError(
-        f"the {role} file {str(path)!r} has an unknown suffix {path.suffix!r}; use one of "
-        f".safetensors, .safetensors.index.json, {', '.join(_PICKLE_SUFFIXES)}, or a folder"
-    )
-
-
-def _shards_of(index: Path, role: str) -> dict[Path, list[str]]:
-    """Shard file -> its keys, from a Hugging Face ``*.safetensors.index.json``."""
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        shards: dict[Path, list[str]] = {}
-        for key, shard in weight_map.items():
-            shards.setdefault(index.parent / str(shard), []).append(str(key))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise SourceError(f"cannot read the {role} index {str(index)!r}: {exc}") from exc
-    missing = [str(p) for p in shards if not p.exists()]
-    if missing:
-        raise SourceError(f"the {role} index {str(index)!r} names missing shards: "
-                          f"{', '.join(missing)}")
-    return shards
-
-
-_REOPEN_BYTES = 16 * 2**20  # inside `TensorSource.reading`, a file is closed as soon as this many
-# bytes were read through it: the memory-mapped pages it keeps resident stay below this
-
-
-class _LazySafetensors(Mapping[str, torch.Tensor]):
-    """Tensors of one or more safetensors files, read only when asked for (one at a time).
-
-    Outside `reading`, every read opens and closes its file (about 0.5 ms each). Inside, one
-    file stays open between reads until `_REOPEN_BYTES` were read through it, or another file is read.
-    """
-
-    def __init__(self, where: dict[str, Path]) -> None:
-        self._where = where  # key -> file
-        self._depth = 0  # how many `reading` blocks are open
-        self._handle: Any = None  # the open safe_open handle (only inside `reading`)
-        self._handle_path: Path | None = None  # the file it reads
-        self._handle_bytes = 0  # bytes read through it since it was opened
-
-    @contextlib.contextmanager
-    def reading(self) -> Iterator[None]:
-        self._depth += 1
-        try:
-            yield
-        finally:
-            self._depth -= 1
-            if not self._depth:
-                self._close()
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        path = self._where[key]
-        if not self._depth:
-            with safe_open(str(path), framework="pt") as handle:
-                return handle.get_tensor(key)
-        if self._handle is None or self._handle_path != path:
-            self._close()
-            self._handle = safe_open(str(path), framework="pt")
-            self._handle_path = path
-        tensor: torch.Tensor = self._handle.get_tensor(key)
-        self._handle_bytes += tensor.numel() * tensor.element_size()
-        if self._handle_bytes >= _REOPEN_BYTES:
-            self._close()  # its pages leave memory now, not when the next read comes
-        return tensor
-
-    def _close(self) -> None:
-        handle, self._handle, self._handle_path, self._handle_bytes = self._handle, None, None, 0
-        if handle is not None:
-            handle.__exit__(None, None, None)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-
-_SAFETENSORS_DTYPES = {"F64": "torch.float64", "F32": "torch.float32", "F16": "torch.float16",
-                       "BF16": "torch.bfloat16", "I64": "torch.int64", "I32": "torch.int32",
-                       "I16": "torch.int16", "I8": "torch.int8", "U8": "torch.uint8",
-                       "BOOL": "torch.bool", "F8_E4M3": "torch.float8_e4m3fn",
-                       "F8_E5M2": "torch.float8_e5m2"}
-
-
-def _read_safetensors(files: Mapping[Path, list[str] | None], role: str,
-                      description: str) -> TensorSource:
-    """Shapes and dtypes from the headers alone; tensors are read lazily when applying."""
-    from safetensors import safe_open
-
-    specs: dict[str, TensorSpec] = {}
-    where: dict[str, Path] = {}
-    for path, wanted in files.items():
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                for key in wanted if wanted is not None else handle.keys():
-                    piece = handle.get_slice(key)
-                    specs[key] = TensorSpec(key=key, shape=tuple(piece.get_shape()),
-                                            dtype=_SAFETENSORS_DTYPES.get(piece.get_dtype(),
-                                                                          piece.get_dtype()))
-                    where[key] = path
-        except Exception as exc:
-            raise SourceError(f"cannot read the {role} file {str(path)!r}: {exc}") from exc
-    if not specs:
-        raise SourceError(f"the {role} {description} is empty; there is nothing to align")
+def _read_checkpoint(path: Path, role: str) -> TensorSource:
+    checkpoint = read_checkpoint(path, role)
+    if checkpoint.headers is None:
+        return _read_state_dict(checkpoint.tensors, role, description=checkpoint.description,
+                                ordered=checkpoint.ordered)
+    specs = {k: TensorSpec(k, shape, dtype) for k, (shape, dtype) in checkpoint.headers.items()}
     owners = {_owner(k) for k in specs}
     return TensorSource(
         specs=specs,
@@ -458,9 +319,9 @@ def _read_safetensors(files: Mapping[Path, list[str] | None], role: str,
         module_types={},
         layer_owners=frozenset(o for o in owners if _looks_like_layer(o, specs)),
         module=None,
-        description=f"{role} {description}",
-        ordered=False,  # safetensors stores keys sorted: their order says nothing
-        _tensors=_LazySafetensors(where),
+        description=f"{role} {checkpoint.description}",
+        ordered=checkpoint.ordered,
+        _tensors=checkpoint.tensors,
     )
 
 
@@ -477,14 +338,8 @@ def _specs_and_aliases(
             continue
         if ident is not None:
             seen[ident] = key
-        specs[key] = TensorSpec(key, tuple(tensor.shape), _dtype_name(tensor.dtype),
-                                tensor.device.type)
+        specs[key] = TensorSpec(key, tuple(tensor.shape), tensor.dtype, tensor.device.type)
     return specs, aliases
-
-
-@functools.cache
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype)
 
 
 def storage_start(tensor: torch.Tensor) -> int | None:

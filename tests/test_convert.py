@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,18 @@ def test_convert_checks_the_source_and_the_shard_size(tmp_path: Path) -> None:
         plan.convert_checkpoint(src, tmp_path, max_shard_bytes=0)
     with pytest.raises(PlanError, match="has no tensor"):
         plan.convert_checkpoint({"x": torch.zeros(1)}, tmp_path)
+
+
+def test_a_plan_whose_adaptation_does_not_fit_is_refused_before_any_file(tmp_path: Path) -> None:
+    pair = get_pair("hf_llama->hf_phi3")
+    src = pair.make_src()
+    plan = archalign.align(src, pair.make_dst())
+    fused = next(i for i, m in enumerate(plan.matches) if m.ops)
+    bad = plan.matches[fused].ops[0]
+    tampered = dataclasses.replace(plan.matches[fused], ops=(
+        dataclasses.replace(bad, sizes=tuple(n + 1 for n in bad.sizes)),))
+    plan = dataclasses.replace(plan, matches=(*plan.matches[:fused], tampered,
+                                              *plan.matches[fused + 1:]))
+    with pytest.raises(PlanError, match="concat"):
+        plan.convert_checkpoint(src, tmp_path / "out", max_shard_bytes=20_000)
+    assert not (tmp_path / "out").exists()

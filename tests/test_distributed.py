@@ -69,3 +69,18 @@ def test_a_checkpoint_that_lacks_a_key_is_refused(tmp_path: Path) -> None:
     plan = archalign.align(src, pair.make_dst())
     with pytest.raises(PlanError, match=r"fc3\.weight"):
         load_distributed_checkpoint(plan, pair.make_dst(), tmp_path)
+
+
+def test_a_plan_that_loads_nothing_reads_and_writes_nothing(tmp_path: Path) -> None:
+    from corpus import get_pair
+
+    pair = get_pair("mlp->mlp_identical")
+    src = pair.make_src()
+    dcp.save(src.state_dict(), checkpoint_id=str(tmp_path), no_dist=True)
+    plan = archalign.align(src, pair.make_dst()).drop("*")  # every match dropped
+    dst = pair.make_dst()
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    report = load_distributed_checkpoint(plan, dst, tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
+    assert report.loaded == () and set(report.missing) == set(before)
+    assert set(report.unexpected) == set(src.state_dict())

@@ -1,0 +1,205 @@
+"""Checkpoint files: what a ``.safetensors``, sharded index, folder or pickle file holds.
+
+Reading only: shapes and dtypes come from safetensors headers without reading data, and tensors
+are read one at a time when asked for (`LazySafetensors`); pickle files are read with
+``torch.load(weights_only=True, mmap=True)``, which never unpickles code. What a file holds comes
+back as a `Checkpoint`, which `archalign.source` turns into a `TensorSource`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from .errors import SourceError
+
+__all__ = ["PICKLE_SUFFIXES", "Checkpoint", "LazySafetensors", "read_checkpoint"]
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+class Checkpoint(NamedTuple):
+    """What one checkpoint (a file, a sharded index, a folder) holds, read for planning."""
+
+    tensors: Mapping[str, torch.Tensor]  # key -> tensor: in memory, or read on access (lazy)
+    headers: dict[str, tuple[tuple[int, ...], torch.dtype]] | None  # key -> (shape, dtype) from
+    # the files' headers when `tensors` is lazy (nothing read yet); None for in-memory tensors
+    ordered: bool  # whether the key order is the saving model's registration order
+    description: str  # how to name it in messages: "file model.pt", "checkpoint x.index.json"
+
+
+def read_checkpoint(path: Path, role: str) -> Checkpoint:
+    """Read the checkpoint at ``path`` for planning.
+
+    Parameters
+    ----------
+    path : Path
+        A ``.safetensors`` file, a Hugging Face ``*.safetensors.index.json``, a folder holding
+        exactly one of them, or a ``.pt``/``.pth``/``.bin``/``.ckpt`` pickle (a state_dict, or
+        ``{"state_dict": {...}, ...}``).
+    role : str
+        "source" or "destination", used in error messages.
+
+    Raises
+    ------
+    SourceError
+        If the path does not exist, has an unknown suffix, or does not hold a readable state_dict.
+    """
+    if path.is_dir():
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+        singles = sorted(path.glob("*.safetensors"))
+        if len(indexes) == 1:
+            path = indexes[0]
+        elif len(singles) == 1:
+            path = singles[0]
+        else:
+            raise SourceError(f"the {role} folder {str(path)!r} holds {len(indexes)} safetensors "
+                              f"indexes and {len(singles)} safetensors files; name the file")
+    if not path.exists():
+        raise SourceError(f"the {role} file {str(path)!r} does not exist")
+    if path.name.endswith(".safetensors.index.json"):
+        return _read_safetensors(_shards_of(path, role), role, f"checkpoint {path.name}")
+    if path.suffix == ".safetensors":
+        return _read_safetensors({path: None}, role, f"file {path.name}")
+    if path.suffix in PICKLE_SUFFIXES:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise SourceError(
+                f"cannot read the {role} file {str(path)!r} with torch.load(weights_only=True): "
+                f"{exc}. archalign never unpickles code; if you trust the file, re-save its "
+                "tensors once with torch.save(model.state_dict(), ...) or safetensors"
+            ) from exc
+        if isinstance(state, Mapping) and "state_dict" in state and isinstance(
+            state["state_dict"], Mapping
+        ):
+            state = state["state_dict"]
+        if not isinstance(state, Mapping):
+            raise SourceError(
+                f"the {role} file {str(path)!r} holds a {type(state).__name__}, not a state_dict"
+            )
+        return Checkpoint(tensors=state, headers=None, ordered=True,
+                          description=f"file {path.name}")
+    raise SourceError(
+        f"the {role} file {str(path)!r} has an unknown suffix {path.suffix!r}; use one of "
+        f".safetensors, .safetensors.index.json, {', '.join(PICKLE_SUFFIXES)}, or a folder"
+    )
+
+
+
+def _shards_of(index: Path, role: str) -> dict[Path, list[str]]:
+    """Shard file -> its keys, from a Hugging Face ``*.safetensors.index.json``."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards: dict[Path, list[str]] = {}
+        for key, shard in weight_map.items():
+            shards.setdefault(index.parent / str(shard), []).append(str(key))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SourceError(f"cannot read the {role} index {str(index)!r}: {exc}") from exc
+    missing = [str(p) for p in shards if not p.exists()]
+    if missing:
+        raise SourceError(f"the {role} index {str(index)!r} names missing shards: "
+                          f"{', '.join(missing)}")
+    return shards
+
+
+_REOPEN_BYTES = 16 * 2**20  # inside `TensorSource.reading`, a file is closed as soon as this many
+# bytes were read through it: the memory-mapped pages it keeps resident stay below this
+
+
+class LazySafetensors(Mapping[str, torch.Tensor]):
+    """Tensors of one or more safetensors files, read only when asked for (one at a time).
+
+    Outside `reading`, every read opens and closes its file (about 0.5 ms each). Inside, one
+    file stays open between reads until `_REOPEN_BYTES` were read through it, or another file is read.
+    """
+
+    def __init__(self, where: dict[str, Path]) -> None:
+        self._where = where  # key -> file
+        self._depth = 0  # how many `reading` blocks are open
+        self._handle: Any = None  # the open safe_open handle (only inside `reading`)
+        self._handle_path: Path | None = None  # the file it reads
+        self._handle_bytes = 0  # bytes read through it since it was opened
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if not self._depth:
+                self._close()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self._where[key]
+        if not self._depth:
+            with safe_open(str(path), framework="pt") as handle:
+                return handle.get_tensor(key)
+        if self._handle is None or self._handle_path != path:
+            self._close()
+            self._handle = safe_open(str(path), framework="pt")
+            self._handle_path = path
+        tensor: torch.Tensor = self._handle.get_tensor(key)
+        self._handle_bytes += tensor.numel() * tensor.element_size()
+        if self._handle_bytes >= _REOPEN_BYTES:
+            self._close()  # its pages leave memory now, not when the next read comes
+        return tensor
+
+    def _close(self) -> None:
+        handle, self._handle, self._handle_path, self._handle_bytes = self._handle, None, None, 0
+        if handle is not None:
+            handle.__exit__(None, None, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+# safetensors dtype names -> torch dtypes (those torch has; others are refused when read)
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    name: dtype for name, dtype in (
+        ("F64", torch.float64), ("F32", torch.float32), ("F16", torch.float16),
+        ("BF16", torch.bfloat16), ("I64", torch.int64), ("I32", torch.int32),
+        ("I16", torch.int16), ("I8", torch.int8), ("U8", torch.uint8), ("BOOL", torch.bool),
+        ("F8_E4M3", getattr(torch, "float8_e4m3fn", None)),
+        ("F8_E5M2", getattr(torch, "float8_e5m2", None)),
+        ("U16", getattr(torch, "uint16", None)), ("U32", getattr(torch, "uint32", None)),
+        ("U64", getattr(torch, "uint64", None)), ("C64", torch.complex64))
+    if isinstance(dtype, torch.dtype)}
+
+
+def _read_safetensors(files: Mapping[Path, list[str] | None], role: str,
+                      description: str) -> Checkpoint:
+    """Shapes and dtypes from the headers alone; tensors are read lazily when applying."""
+    from safetensors import safe_open
+
+    headers: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    where: dict[str, Path] = {}
+    for path, wanted in files.items():
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in wanted if wanted is not None else handle.keys():
+                    piece = handle.get_slice(key)
+                    dtype = _SAFETENSORS_DTYPES.get(piece.get_dtype())
+                    if dtype is None:
+                        raise SourceError(f"tensor {key!r} has dtype {piece.get_dtype()!r}, "
+                                          "which this torch cannot hold")
+                    headers[key] = (tuple(piece.get_shape()), dtype)
+                    where[key] = path
+        except Exception as exc:
+            raise SourceError(f"cannot read the {role} file {str(path)!r}: {exc}") from exc
+    if not headers:
+        raise SourceError(f"the {role} {description} is empty; there is nothing to align")
+    # safetensors stores keys sorted: their order says nothing
+    return Checkpoint(tensors=LazySafetensors(where), headers=headers, ordered=False,
+                      description=description)

@@ -1,0 +1,181 @@
+"""Tests for archalign.checkpoint: safetensors files, sharded indexes, folders and pickle files."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from archalign.errors import SourceError
+from archalign.source import TensorSpec, read_source
+from tests.models import write_sharded
+
+
+class Tied(nn.Module):
+    """An embedding and an output head sharing one Parameter (GPT-2 style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+
+def small_state_dict() -> OrderedDict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).state_dict()
+
+
+def test_tied_pt_file_keeps_the_alias(tmp_path):
+    path = tmp_path / "tied.pt"
+    torch.save(Tied().state_dict(), path)
+    source = read_source(path)
+    assert list(source.specs) == ["emb.weight"]
+    assert source.aliases == {"head.weight": "emb.weight"}
+
+
+def test_read_safetensors_file(tmp_path):
+    state = small_state_dict()
+    path = tmp_path / "w.safetensors"
+    save_file(dict(state), str(path))
+    source = read_source(path)
+    assert source.description == "source file w.safetensors"
+    # a .safetensors file stores its keys sorted: the order says nothing about the structure
+    assert sorted(source.specs) == sorted(state)
+    assert source.ordered is False
+    assert {k: s.shape for k, s in source.specs.items()} == {k: tuple(v.shape) for k, v in state.items()}
+    for key, tensor in state.items():
+        assert torch.equal(source.get(key), tensor)
+    assert source.module is None
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".ckpt"])
+def test_read_pickle_file(tmp_path, suffix):
+    state = small_state_dict()
+    path = tmp_path / f"w{suffix}"
+    torch.save(state, path)
+    source = read_source(str(path), role="destination")
+    assert source.description == f"destination file w{suffix}"
+    assert list(source.specs) == list(state)
+    for key, tensor in state.items():
+        assert torch.equal(source.get(key), tensor)
+
+
+def test_modules_and_pickle_files_are_ordered(tmp_path):
+    assert read_source(nn.Linear(2, 2)).ordered is True
+    path = tmp_path / "w.pt"
+    torch.save(small_state_dict(), path)
+    assert read_source(path).ordered is True
+
+
+def test_read_training_checkpoint_unwraps_state_dict(tmp_path):
+    state = small_state_dict()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": state, "epoch": 3}, path)
+    source = read_source(path)
+    assert list(source.specs) == list(state)
+
+
+def _write_garbage(path):
+    path.write_bytes(b"this is not a checkpoint")
+    return path
+
+
+def _write_tensor(path):
+    torch.save(torch.zeros(3), path)
+    return path
+
+
+def _write_module(path):
+    torch.save(nn.Linear(2, 2), path)  # a pickled module: weights_only refuses it
+    return path
+
+
+def _write_npz(path):
+    path.write_bytes(b"")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "writer", "message"),
+    [
+        ("missing.pt", None, "does not exist"),
+        ("w.npz", _write_npz, "unknown suffix '.npz'"),
+        ("w.safetensors", _write_garbage, "cannot read the source file"),
+        ("w.pt", _write_garbage, "torch.load(weights_only=True)"),
+        ("w.pt", _write_module, "never unpickles code"),
+        ("w.pt", _write_tensor, "holds a Tensor, not a state_dict"),
+    ],
+)
+def test_bad_files_raise_source_error(tmp_path, name, writer, message):
+    path = tmp_path / name
+    if writer is not None:
+        writer(path)
+    with pytest.raises(SourceError) as info:
+        read_source(path)
+    assert message in str(info.value)
+
+
+def test_sharded_checkpoint_reads_headers_and_loads_lazily(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    index = write_sharded(model, tmp_path, per_shard=3)
+    for where in (index, tmp_path):  # the index, or the folder holding it
+        source = read_source(where)
+        assert set(source.specs) == set(model.state_dict())
+        assert source.specs["1.running_var"] == TensorSpec("1.running_var", (8,), torch.float32)
+        assert source.ordered is False
+        assert torch.equal(source.get("2.weight"), model[2].weight)
+
+
+def test_a_broken_index_names_the_missing_shard(tmp_path: Path) -> None:
+    index = write_sharded(nn.Linear(2, 2), tmp_path, per_shard=1)
+    (tmp_path / "model-00001.safetensors").unlink()
+    with pytest.raises(SourceError, match="missing shards"):
+        read_source(index)
+    index.write_text("{not json")
+    with pytest.raises(SourceError, match="cannot read"):
+        read_source(index)
+
+
+def test_reading_keeps_one_file_open_between_reads(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import safetensors
+
+    import archalign.checkpoint as checkpoint_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    index = write_sharded(model, tmp_path, per_shard=3)  # 3 files
+    opened: list[str] = []
+    real = safetensors.safe_open
+
+    def counting(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        opened.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors, "safe_open", counting)
+    source = read_source(index)
+    opened.clear()
+    keys = list(model.state_dict())
+    for key in keys:
+        source.get(key)
+    assert len(opened) == len(keys)  # outside `reading`: a file opened per tensor
+    opened.clear()
+    with source.reading():
+        for key in keys:
+            assert torch.equal(source.get(key), model.state_dict()[key])
+    assert opened == ["model-00000.safetensors", "model-00001.safetensors",
+                      "model-00002.safetensors"]
+    assert source._tensors._handle is None  # closed at the end of the block
+    opened.clear()
+    monkeypatch.setattr(checkpoint_module, "_REOPEN_BYTES", 1)  # reopened after every read
+    with source.reading():
+        for key in keys:
+            source.get(key)
+    assert len(opened) == len(keys)
+    with read_source(model).reading():  # an in-memory source: nothing to open
+        pass
