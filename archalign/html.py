@@ -2,10 +2,12 @@
 
 The page shows the source and destination layers side by side, one row per unit (a layer and its
 tensors), in execution order, with a line between the two columns for every matched unit pair:
-coloured by confidence, labelled with its adaptation when it has one, dashed for a near miss
-(`Mismatch`). Unmatched keys are shown, highlighted, among the rows of their side. A summary on top
-gives the counts, the tracers and the output check; a slider filters by confidence, a search box
-finds a key, and hovering (or clicking) a line shows its tensors, shapes, cost terms and confidence.
+coloured by its lowest review band, labelled with its adaptation when it has one, dashed for a
+near miss (`Mismatch`). Unmatched keys are shown, highlighted, among the rows of their side. A
+summary on top gives the counts, the tracers and the output check; a slider filters by confidence,
+a search box finds a key, and hovering (or clicking) a line shows its review rows
+(`archalign.review`: confidence, band, shapes and adaptation as every review shows them, in the
+review's order) with their cost terms.
 
 The page needs no network. Its markup, CSS and JavaScript are package files
 (``archalign/assets/report.html``, ``report.css``, ``report.js``, read with `importlib.resources`)
@@ -40,6 +42,7 @@ from typing import Any
 from .confidence import HIGH_CONFIDENCE, LOW_CONFIDENCE
 from .graph import natural_key
 from .plan import Match, Mismatch, Plan
+from .review import ReviewRow, build_review, format_shape
 
 __all__ = ["render_html", "save_html"]
 
@@ -123,7 +126,7 @@ class _Column:
                 if tensor["key"] == key and state == "mismatch":
                     tensor["state"] = state
                     if shape is not None:
-                        tensor["shape"] = list(shape)
+                        tensor["shape"] = format_shape(shape)
             return row
         unit = _owner(key)
         found = self._by_unit.get(unit) or self._by_member.get(unit)
@@ -166,7 +169,8 @@ class _Column:
             return
         self._row_of_key[key] = row
         row["tensors"].append({"key": key, "label": _label(key, row["unit"]),
-                               "shape": None if shape is None else list(shape), "state": state})
+                               "shape": None if shape is None else format_shape(shape),
+                               "state": state})
 
 
 class _Landmarks:
@@ -230,10 +234,12 @@ def _report_data(plan: Plan, title: str) -> dict[str, Any]:
             links.append(by_pair[ident])
         return by_pair[ident]
 
-    for m in plan.matches:
+    review = build_review(plan).rows
+    review_row = {row.index: row for row in review}
+    for i, m in enumerate(plan.matches):  # the layout follows the plan (destination order)
         dst_row = dst.add_unit(m.dst_unit, m.dst, m.dst_shapes)
         src_row = src.add_unit(m.src_unit, m.src, m.src_shapes)
-        link(src_row, dst_row, "match")["items"].append(_match_item(m))
+        link(src_row, dst_row, "match")["items"].append(review_row[i])
     shapes_src: dict[str, Shape] = {}
     shapes_dst: dict[str, Shape] = {}
     for mm in plan.mismatches:
@@ -257,16 +263,21 @@ def _report_data(plan: Plan, title: str) -> dict[str, Any]:
 
     src_rows, dst_rows = src.finish(), dst.finish()
     out_links = []
+    position = {row.index: n for n, row in enumerate(review)}
     for li in links:
-        items = li["items"]
-        confs = [it["confidence"] for it in items if it.get("confidence") is not None]
-        finite = [c for c in confs if isinstance(c, float)]
-        ops = list(dict.fromkeys(" ".join(it["ops"]) for it in items if it.get("ops")))
-        out_links.append({
-            "kind": li["kind"], "src": li["src_row"]["index"], "dst": li["dst_row"]["index"],
-            "confidence": min(finite) if finite else (confs[0] if confs else None),
-            "ops": ops, "items": items,
-        })
+        out: dict[str, Any] = {"kind": li["kind"], "src": li["src_row"]["index"],
+                               "dst": li["dst_row"]["index"]}
+        if li["kind"] == "match":  # a line stands for its review rows, in the review's order
+            rows = sorted(li["items"], key=lambda r: position[r.index])
+            finite = [r for r in rows if math.isfinite(r.confidence)]
+            worst = min(finite, key=lambda r: r.confidence) if finite else rows[0]
+            out.update(confidence=_number(worst.confidence), conf=worst.conf,
+                       band=worst.band.value,
+                       ops=list(dict.fromkeys(r.adaptation for r in rows if r.adaptation)),
+                       items=[_match_item(r, plan.matches[r.index]) for r in rows])
+        else:
+            out.update(confidence=None, ops=[], items=li["items"])
+        out_links.append(out)
     adapted = sum(m.adapted for m in plan.matches)
     summary = {
         "matches": len(plan.matches),
@@ -285,19 +296,20 @@ def _report_data(plan: Plan, title: str) -> dict[str, Any]:
             "src": src_rows, "dst": dst_rows, "links": out_links}
 
 
-def _match_item(m: Match) -> dict[str, Any]:
-    return {"src": list(m.src), "dst": list(m.dst),
-            "src_shapes": [list(s) for s in m.src_shapes],
-            "dst_shapes": [list(s) for s in m.dst_shapes],
-            "confidence": _number(m.confidence),
-            "costs": [[k, _number(v)] for k, v in m.costs],
-            "ops": [str(op) for op in m.ops]}
+def _match_item(row: ReviewRow, m: Match) -> dict[str, Any]:
+    """A review row as the page shows it (with each key's shape, and the match's cost terms)."""
+    return {"conf": row.conf, "confidence": _number(row.confidence), "band": row.band.value,
+            "dst": list(row.dst), "src": list(row.src),
+            "dst_shapes": [format_shape(s) for s in m.dst_shapes],
+            "src_shapes": [format_shape(s) for s in m.src_shapes],
+            "adaptation": row.adaptation, "nonfinite": row.nonfinite,
+            "costs": [[k, _number(v)] for k, v in m.costs]}
 
 
 def _mismatch_item(mm: Mismatch) -> dict[str, Any]:
     return {"src": list(mm.src), "dst": list(mm.dst),
-            "src_shapes": [list(s) for s in mm.src_shapes],
-            "dst_shapes": [list(s) for s in mm.dst_shapes],
+            "src_shapes": [format_shape(s) for s in mm.src_shapes],
+            "dst_shapes": [format_shape(s) for s in mm.dst_shapes],
             "reason": mm.reason}
 
 

@@ -167,7 +167,7 @@ def test_a_layer_is_one_row_and_a_unit_pair_one_line() -> None:
     assert data["links"][2]["confidence"] == 0.3
     assert [r["state"] for r in data["dst"]] == ["matched", "matched", "unmatched", "matched"]
     assert [t["state"] for t in data["src"][2]["tensors"]] == ["mismatch", "unmatched"]
-    assert data["src"][2]["tensors"][0]["shape"] == [5, 4]
+    assert data["src"][2]["tensors"][0]["shape"] == "(5,4)"  # the review's one shape format
     summary = data["summary"]
     assert (summary["matches"], summary["adapted"], summary["mismatches"]) == (5, 1, 1)
     assert (summary["unmatched_src"], summary["unmatched_dst"]) == (3, 2)

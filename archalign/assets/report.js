@@ -1,3 +1,6 @@
+/* The review page's script (archalign/html.py inlines it): draws the plan data of #plan-data.
+ * The rows, lines and review rows are laid out in Python; every text, shape and band comes
+ * from there (archalign/review.py), so this script formats no shape and decides no band. */
 (function () {
   "use strict";
   var data = JSON.parse(document.getElementById("plan-data").textContent);
@@ -22,18 +25,10 @@
   }
   function num(x) { return typeof x === "number" ? x : Number(x); }
   function fmt(x, d) { return typeof x === "number" ? x.toFixed(d) : String(x); }
-  function shape(s) {
-    if (!s) { return ""; }
-    return s.length ? s.join("\u00d7") : "scalar";
-  }
-  function colour(c) {
-    if (c === null || c === undefined) { return "var(--line)"; }
-    c = num(c);
-    if (!(c >= data.low)) { return "var(--red)"; }
-    return c < data.high ? "var(--amber)" : "var(--green)";
-  }
+  var BAND_COLOURS = { low: "var(--red)", mid: "var(--amber)", high: "var(--green)" };
+  function colour(band) { return BAND_COLOURS[band] || "var(--line)"; }
   function missLabel(it) {
-    var a = it.src_shapes.map(shape).join(", "), b = it.dst_shapes.map(shape).join(", ");
+    var a = it.src_shapes.join(", "), b = it.dst_shapes.join(", ");
     return /^shape mismatch/.test(it.reason) && a !== b ? "shape " + a + " \u2260 " + b : it.reason;
   }
   function plural(n, word) { return n + " " + word + (n === 1 ? "" : (/(s|ch)$/.test(word) ? "es" : "s")); }
@@ -52,7 +47,7 @@
   var lowCount = 0;
   data.links.forEach(function (l) {
     if (l.kind === "match") {
-      l.items.forEach(function (it) { if (!(num(it.confidence) >= data.low)) { lowCount++; } });
+      l.items.forEach(function (it) { if (it.band === "low") { lowCount++; } });
     }
   });
   card(S.matches, "matches");
@@ -129,7 +124,7 @@
         var s = el("span", "tensor " + t.state);
         s.title = t.key + ({ matched: "", mismatch: "  (not loaded)", unmatched: "  (unmatched)" })[t.state];
         s.appendChild(document.createTextNode(t.label));
-        if (t.shape) { s.appendChild(el("span", "shape", " " + shape(t.shape))); }
+        if (t.shape) { s.appendChild(el("span", "shape", " " + t.shape)); }
         ts.appendChild(s);
       });
       r.appendChild(ts);
@@ -150,7 +145,7 @@
     var g = sv("g", { "class": "wire", "data-index": String(i) });
     var path = sv("path", { "class": "link " + l.kind, "data-kind": l.kind });
     if (l.kind === "match") {
-      path.style.stroke = colour(l.confidence);
+      path.style.stroke = colour(l.band);
       nMatch++;
     } else {
       nMiss++;
@@ -164,7 +159,7 @@
       if (text.length > 34) { text = text.slice(0, 33) + "\u2026"; }
       label = sv("g", { "class": "label " + l.kind });
       var rect = sv("rect", { rx: "4", ry: "4" });
-      rect.style.stroke = l.kind === "match" ? colour(l.confidence) : "var(--miss)";
+      rect.style.stroke = l.kind === "match" ? colour(l.band) : "var(--miss)";
       var t = sv("text", { "text-anchor": "middle", "dominant-baseline": "central" });
       t.textContent = text;
       label.appendChild(rect);
@@ -173,7 +168,7 @@
     }
     if (l.kind === "match") {
       var srcRow = rowEls.src[l.src], dstRow = rowEls.dst[l.dst];
-      var c = colour(l.confidence);
+      var c = colour(l.band);
       [srcRow, dstRow].forEach(function (r) {
         var prev = r.getAttribute("data-conf");
         if (prev === null || num(l.confidence) < num(prev)) {
@@ -252,8 +247,8 @@
     tip.appendChild(el("h3", null, data.dst[l.dst].title + "  \u2190  " + data.src[l.src].title));
     if (l.kind === "match") {
       var p = el("div", null, "confidence ");
-      var c = el("span", "conf", fmt(l.confidence, 3));
-      c.style.color = colour(l.confidence);
+      var c = el("span", "conf", l.conf);
+      c.style.color = colour(l.band);
       p.appendChild(c);
       p.appendChild(document.createTextNode("  \u00b7  " + plural(l.items.length, "tensor") +
         (l.ops.length ? "  \u00b7  adapted: " + l.ops.join(" | ") : "")));
@@ -269,20 +264,21 @@
       it.dst.forEach(function (k, j) {
         var line = el("div", "k");
         line.appendChild(el("b", null, k));
-        line.appendChild(el("span", "shape", " " + shape(it.dst_shapes[j])));
+        line.appendChild(el("span", "shape", " " + it.dst_shapes[j]));
         item.appendChild(line);
       });
       it.src.forEach(function (k, j) {
         var line = el("div", "k src" + (j ? " more" : ""), (j ? "" : "\u2190 ") + k);
-        line.appendChild(el("span", "shape", " " + shape(it.src_shapes[j])));
+        line.appendChild(el("span", "shape", " " + it.src_shapes[j]));
         item.appendChild(line);
       });
       if (l.kind === "match") {
         var info = el("div", "info", "confidence ");
-        var c = el("span", "conf", fmt(it.confidence, 3));
-        c.style.color = colour(it.confidence);
+        var c = el("span", "conf", it.conf);
+        c.style.color = colour(it.band);
         info.appendChild(c);
-        if (it.ops.length) { info.appendChild(el("span", "tag op", it.ops.join(" "))); }
+        if (it.adaptation) { info.appendChild(el("span", "tag op", it.adaptation)); }
+        if (it.nonfinite) { info.appendChild(el("span", "tag nonfinite", "NaN/Inf in the source")); }
         item.appendChild(info);
         if (!shared) { item.appendChild(costLine(it.costs)); }
       } else {
