@@ -22,9 +22,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import nn
 
-from .confidence import DEFAULT_MIN_CONFIDENCE, HIGH_CONFIDENCE, LOW_CONFIDENCE
+from .confidence import DEFAULT_MIN_CONFIDENCE
 from .errors import ApplyError, ArchalignError, SourceError
-from .plan import Plan, describe_leftovers, load_plan
+from .plan import Plan, load_plan
+from .review import COLUMNS, Band, ReviewRow, build_review
 
 __all__ = ["main"]
 
@@ -202,31 +203,36 @@ def _report(args: argparse.Namespace, console: Console) -> int:
 # ------------------------------------------------------------------------------- helpers
 
 def print_plan(plan: Plan, console: Console, *, limit: int = 0) -> None:
-    """The review table: lowest confidence first, low and adapted rows highlighted."""
-    adapted = sum(m.adapted for m in plan.matches)
-    loaded = sum(m.confidence >= LOW_CONFIDENCE for m in plan.matches)
-    table = Table(title=f"{len(plan.matches)} matches (tracers: {plan.src_tracer} -> "
-                        f"{plan.dst_tracer})", title_justify="left")
-    for column in ("conf", "destination", "source", "shape", "adaptation"):
+    """The review table (`archalign.review.build_review`), at most ``limit`` rows (0: all): each
+    row in its band's colour, bold when it stands out; then what is not loaded, and a summary."""
+    review = build_review(plan)
+    for line in review.header:
+        console.print(line, markup=False)
+    table = Table()
+    for column in COLUMNS:
         table.add_column(column, overflow="fold")
-    rows = sorted(plan.matches, key=lambda m: (m.confidence, m.dst))
-    for m in rows[:limit or None]:
-        style = ("red" if m.confidence < LOW_CONFIDENCE
-                 else "yellow" if m.adapted or m.confidence < HIGH_CONFIDENCE else "")
-        table.add_row(f"{m.confidence:.2f}", ", ".join(m.dst), ", ".join(m.src),
-                      " ".join(str(tuple(s)) for s in m.dst_shapes),
-                      " ".join(map(str, m.ops)), style=style)
+    for row in review.rows[:limit or None]:
+        table.add_row(*row.cells, style=_row_style(row))
     console.print(table)
-    if limit and len(rows) > limit:
-        console.print(f"... {len(rows) - limit} more rows (--limit 0 shows all)")
-    for line in describe_leftovers(plan):
-        console.print(line, style="red" if line.startswith("not loaded") else None,
-                      markup=False, highlight=False)
-    if plan.verification:
-        console.print(f"verification: {plan.verification}")
-    console.print(f"[bold]{loaded} to load ({adapted} adapted), "
-                  f"{len(plan.matches) - loaded} below confidence {LOW_CONFIDENCE}, "
+    if limit and len(review.rows) > limit:
+        console.print(f"... {len(review.rows) - limit} more rows (--limit 0 shows all)")
+    for line in review.not_loaded:
+        console.print(line, style="red", markup=False)
+    for line in review.unmatched:
+        console.print(line, markup=False)
+    below = sum(row.below_default for row in review.rows)
+    adapted = sum(row.adapted for row in review.rows)
+    console.print(f"[bold]{len(review.rows) - below} to load ({adapted} adapted), "
+                  f"{below} below confidence {DEFAULT_MIN_CONFIDENCE}, "
                   f"{len(plan.unmatched_dst)} destination tensors left untouched[/bold]")
+
+
+_BAND_STYLES = {Band.LOW: "red", Band.MID: "yellow", Band.HIGH: ""}  # rich styles of the bands
+
+
+def _row_style(row: ReviewRow) -> str:
+    """A review row's rich style: its band's colour, bold when it stands out."""
+    return " ".join(s for s in (_BAND_STYLES[row.band], "bold" if row.stands_out else "") if s)
 
 
 def load_source(spec: str) -> Any:

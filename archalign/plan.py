@@ -1,14 +1,13 @@
 """The plan: plain, reviewable data saying which source tensors go where, and how sure we are.
 
 A `Plan` is produced by `archalign.align` and touches no weights. It prints as a review table
-(lowest confidence first), compares equal by value, and round-trips through JSON. Applying it is
-`apply.py`'s job; `Plan.apply` only forwards there.
+(lowest confidence first; `review.py` builds it), compares equal by value, and round-trips through
+JSON. Applying it is `apply.py`'s job; `Plan.apply` only forwards there.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import html
 import json
 import math
 import os
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .confidence import DEFAULT_MIN_CONFIDENCE, HIGH_CONFIDENCE, LOW_CONFIDENCE
+from .confidence import DEFAULT_MIN_CONFIDENCE
 from .errors import PlanError
 from .hints import Hints, covers
 from .ops import Op, invert_ops
@@ -159,6 +158,9 @@ class Plan:
         return {m.dst[0]: m.src[0] for m in self.matches if len(m.src) == len(m.dst) == 1}
 
     def __str__(self) -> str:
+        """The review table; see `archalign.review.format_plan`."""
+        from .review import format_plan
+
         return format_plan(self)
 
     def inverse(self) -> Plan:
@@ -224,16 +226,10 @@ class Plan:
                 for m in self.matches]
 
     def _repr_html_(self) -> str:
-        """The review table as HTML, lowest confidence first (Jupyter shows it)."""
-        rows = sorted(self.matches, key=lambda m: (m.confidence, m.dst))
-        cells = "".join(
-            f"<tr style='background:{_colour(m.confidence)}'><td>{m.confidence:.2f}</td>"
-            f"<td>{html.escape(', '.join(m.dst))}</td><td>{html.escape(', '.join(m.src))}</td>"
-            f"<td>{html.escape(' '.join(map(str, m.dst_shapes)))}</td>"
-            f"<td>{html.escape(' '.join(map(str, m.ops)))}</td></tr>" for m in rows)
-        head = html.escape(format_plan(self, limit=0).splitlines()[0])
-        return (f"<p>{head}</p><table><tr><th>conf</th><th>destination</th><th>source</th>"
-                f"<th>shape</th><th>adaptation</th></tr>{cells}</table>")
+        """The review table as HTML (Jupyter shows it); see `archalign.review.format_plan_html`."""
+        from .review import format_plan_html
+
+        return format_plan_html(self)
 
     # ---------------------------------------------------------------- saving
     def to_dict(self) -> dict[str, Any]:
@@ -363,59 +359,6 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
         If the file is not a plan of a supported schema version.
     """
     return Plan.from_json(Path(path).read_text(encoding="utf-8"))
-
-
-def format_plan(plan: Plan, *, limit: int | None = None) -> str:
-    """The review table: one row per match, lowest confidence first, then what was left out."""
-    rows = sorted(plan.matches, key=lambda m: (round(m.confidence, 2), m.dst))
-    if limit is not None:
-        rows = rows[:limit]
-    header = ("conf", "destination", "source", "shape", "adaptation")
-    body = [(f"{m.confidence:.2f}", ", ".join(m.dst), ", ".join(m.src),
-             " ".join(_fmt_shape(s) for s in m.dst_shapes), " ".join(map(str, m.ops)))
-            for m in rows]
-    widths = [max(len(r[k]) for r in [header, *body]) for k in range(len(header))]
-    adapted = sum(m.adapted for m in plan.matches)
-    lines = [f"Plan: {len(plan.matches)} matches ({adapted} adapted), "
-             f"{len(plan.mismatches)} shape mismatches, "
-             f"{len(plan.unmatched_dst)} destination keys unmatched "
-             f"(tracers: source {plan.src_tracer}, destination {plan.dst_tracer})"]
-    if plan.verification:
-        lines.append(f"verification: {plan.verification}")
-    if plan.nonfinite:
-        lines.append(f"WARNING: NaN/Inf in {len(plan.nonfinite)} source tensors (loaded as they "
-                     f"are): {', '.join(plan.nonfinite)}")
-    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
-    lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in body)
-    if limit is not None and len(plan.matches) > limit:
-        lines.append(f"... {len(plan.matches) - limit} more")
-    lines.extend(describe_leftovers(plan))
-    return "\n".join(lines)
-
-
-def describe_leftovers(plan: Plan) -> list[str]:
-    """Lines for what the plan does not load: mismatches with their reasons, then the
-    destination keys without counterpart and the source keys nothing uses."""
-    lines = [f"not loaded: {', '.join(mm.dst)} <- {', '.join(mm.src)}: {mm.reason}"
-             for mm in plan.mismatches]
-    mismatched = {k for mm in plan.mismatches for k in mm.dst}
-    lonely = [k for k in plan.unmatched_dst if k not in mismatched]
-    if lonely:
-        lines.append(f"unmatched destination keys ({len(lonely)}): {', '.join(lonely)}")
-    used = {k for mm in plan.mismatches for k in mm.src}
-    spare = [k for k in plan.unmatched_src if k not in used]
-    if spare:
-        lines.append(f"unused source keys ({len(spare)}): {', '.join(spare)}")
-    return lines
-
-
-def _colour(confidence: float) -> str:
-    return ("#fdd" if confidence < LOW_CONFIDENCE else "#ffc" if confidence < HIGH_CONFIDENCE
-            else "#efe")
-
-
-def _fmt_shape(shape: Shape) -> str:
-    return "(" + ",".join(map(str, shape)) + ")"
 
 
 def _round(x: float) -> float:

@@ -4,6 +4,7 @@ Chromium is installed) how it renders in a real headless browser."""
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import math
 import re
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 
+import archalign
 from archalign.html import render_html, save_html
 from archalign.ops import Op
 from archalign.plan import Match, Mismatch, Plan, load_plan
@@ -124,6 +126,21 @@ def test_non_finite_numbers_stay_valid_json() -> None:
     assert link["items"][0]["costs"] == [["regret", "inf"]]
 
 
+def test_every_page_asset_is_inlined_and_ships_with_the_package() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    assets = Path(archalign.__file__).parent / "assets"
+    names = sorted(p.name for p in assets.iterdir() if not p.name.startswith("."))
+    assert names == ["report.css", "report.html", "report.js"]
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    shipped = pyproject["tool"]["setuptools"]["package-data"]["archalign"]
+    assert all(any(fnmatch.fnmatch(f"assets/{n}", g) for g in shipped) for n in names)
+    page = render_html(small_plan())
+    for name in ("report.css", "report.js"):
+        text = (assets / name).read_text(encoding="ascii")
+        assert text in page and "@@" not in text  # inlined verbatim, no placeholder of its own
+    assert "@@" not in page
+
+
 def test_same_plan_same_page_also_through_a_plan_file(tmp_path: Path) -> None:
     plan = small_plan()
     plan.save(tmp_path / "plan.json")
@@ -150,7 +167,7 @@ def test_a_layer_is_one_row_and_a_unit_pair_one_line() -> None:
     assert data["links"][2]["confidence"] == 0.3
     assert [r["state"] for r in data["dst"]] == ["matched", "matched", "unmatched", "matched"]
     assert [t["state"] for t in data["src"][2]["tensors"]] == ["mismatch", "unmatched"]
-    assert data["src"][2]["tensors"][0]["shape"] == [5, 4]
+    assert data["src"][2]["tensors"][0]["shape"] == "(5,4)"  # the review's one shape format
     summary = data["summary"]
     assert (summary["matches"], summary["adapted"], summary["mismatches"]) == (5, 1, 1)
     assert (summary["unmatched_src"], summary["unmatched_dst"]) == (3, 2)

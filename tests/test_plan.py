@@ -1,4 +1,5 @@
-"""Tests for archalign.plan: value equality, JSON round trips, plan files, the review table."""
+"""Tests for archalign.plan: value equality, JSON round trips, plan files (the review
+table itself: test_review.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 
 from archalign.errors import ArchalignError, PlanError
 from archalign.ops import Op
-from archalign.plan import PLAN_VERSION, Match, Mismatch, Plan, format_plan, load_plan
+from archalign.plan import PLAN_VERSION, Match, Mismatch, Plan, load_plan
+from archalign.review import format_plan, format_plan_html
 from archalign.source import read_source
 
 COSTS = (("type", 0.0), ("position", 0.125), ("context", 0.0), ("name", 0.2), ("regret", 2.3))
@@ -268,50 +270,12 @@ def test_optional_fields_default():
 # --------------------------------------------------------------------------- the review table
 
 
-EXPECTED_TABLE = """\
-Plan: 2 matches (0 adapted), 1 shape mismatches, 2 destination keys unmatched (tracers: source fx, \
-destination hooks)
-conf  destination  source        shape  adaptation
-0.45  fc1.bias     enc.0.bias    (4)
-0.90  fc1.weight   enc.0.weight  (4,3)
-not loaded: fc2.weight <- enc.2.weight: shape mismatch: source (5, 4) vs destination (2, 4)
-unmatched destination keys (1): fc2.bias
-unused source keys (1): enc.2.bias"""
-
-
-def test_str_is_the_review_table_lowest_confidence_first():
-    assert str(make_plan()) == EXPECTED_TABLE
-
-
-def test_str_sorts_by_confidence_then_destination():
-    base = make_plan().matches[0]
-    matches = tuple(dataclasses.replace(base, dst=(d,), confidence=c)
-                    for d, c in [("b", 0.7), ("z", 0.1), ("a", 0.7), ("m", 1.0)])
-    lines = str(make_plan(matches=matches, mismatches=())).splitlines()[2:6]
-    assert [line.split()[:2] for line in lines] == [
-        ["0.10", "z"], ["0.70", "a"], ["0.70", "b"], ["1.00", "m"]]
-
-
-def test_format_plan_limit():
-    text = format_plan(make_plan(), limit=1)
-    lines = text.splitlines()
-    assert lines[2].rstrip() == "0.45  fc1.bias     enc.0.bias  (4)"
-    assert lines[3] == "... 1 more"
-    assert "fc1.weight   enc.0.weight" not in text
-
-
-def test_str_of_an_empty_plan():
-    assert str(Plan(matches=())) == (
-        "Plan: 0 matches (0 adapted), 0 shape mismatches, 0 destination keys unmatched "
-        "(tracers: source , destination )\nconf  destination  source  shape  adaptation")
-
-
-def test_str_shows_adaptations():
-    base = make_plan().matches[0]
-    adapted = dataclasses.replace(base, src_shapes=((3, 4),), ops=(Op("transpose"),))
-    text = str(make_plan(matches=(adapted,), mismatches=()))
-    assert text.splitlines()[0].startswith("Plan: 1 matches (1 adapted), 0 shape mismatches")
-    assert text.splitlines()[2] == "0.90  fc1.weight   enc.0.weight  (4,3)  transpose"
+def test_str_and_the_jupyter_repr_are_the_review():
+    # the tables themselves are tested in test_review.py
+    plan = make_plan(nonfinite=("enc.0.weight",), verification="outputs agree")
+    assert str(plan) == format_plan(plan)
+    assert str(plan).splitlines()[0].startswith("Plan: 2 matches (0 adapted), 1 shape mismatches")
+    assert plan._repr_html_() == format_plan_html(plan)
 
 
 # --------------------------------------------------------------------------- NaN/Inf in the source
@@ -332,5 +296,5 @@ def test_nonfinite_source_keys_are_listed_for_review():
     lines = str(plan).splitlines()
     assert lines[1] == "WARNING: NaN/Inf in 1 source tensors (loaded as they are): enc.0.weight"
     assert [r["nonfinite"] for r in plan.to_records()] == [True, False]
-    assert "nonfinite" not in str(make_plan())
+    assert "NaN/Inf" not in str(make_plan())
     assert plan.inverse().nonfinite == ()  # they are source keys: not the inverse's source

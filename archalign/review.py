@@ -1,0 +1,195 @@
+"""The review: a plan's matches as rows, in one order and one format, for every renderer.
+
+`build_review` turns a plan into a `Review`: the header lines, one `ReviewRow` per match (lowest
+rounded confidence first, then by destination keys) and the lines for what is not loaded. The text
+table (`format_plan`, which ``str(plan)`` prints), the Jupyter table (`format_plan_html`), the
+command line's table (`archalign.cli.print_plan`) and the HTML page (`archalign.html`) all render
+these rows, so that they agree on the order, the shape format and the highlighting: a row's colour
+is its `Band`, and it stands out (bold, or tagged) when apply skips it by default, when it is
+adapted, or when its source holds NaN/Inf.
+"""
+
+from __future__ import annotations
+
+import enum
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+from .confidence import DEFAULT_MIN_CONFIDENCE, HIGH_CONFIDENCE, LOW_CONFIDENCE
+
+if TYPE_CHECKING:
+    from .plan import Match, Plan
+
+__all__ = ["COLUMNS", "Band", "Review", "ReviewRow", "band_of", "build_review",
+           "describe_header", "describe_leftovers", "format_plan", "format_plan_html",
+           "format_shape"]
+
+COLUMNS = ("conf", "destination", "source", "shape", "adaptation")  # every table's columns
+
+
+class Band(str, enum.Enum):
+    """How sure a match is, as every review colours it (the bounds live in `archalign.confidence`)."""
+
+    LOW = "low"  # below LOW_CONFIDENCE (and NaN): red, not loaded by default
+    MID = "mid"  # below HIGH_CONFIDENCE: amber, loaded but worth a look
+    HIGH = "high"  # from HIGH_CONFIDENCE up: green, certain
+
+
+_BAND_COLOURS = {Band.LOW: "#fdd", Band.MID: "#ffc", Band.HIGH: "#efe"}  # Jupyter row backgrounds
+
+
+def band_of(confidence: float) -> Band:
+    """The review band of a confidence; NaN counts as low.
+
+    >>> band_of(0.3).value, band_of(0.6).value, band_of(0.9).value, band_of(float("nan")).value
+    ('low', 'mid', 'high', 'low')
+    """
+    if not confidence >= LOW_CONFIDENCE:
+        return Band.LOW
+    return Band.MID if confidence < HIGH_CONFIDENCE else Band.HIGH
+
+
+@dataclass(frozen=True)
+class ReviewRow:
+    """One match as every review shows it."""
+
+    index: int  # the match's position in ``plan.matches`` (destination execution order)
+    confidence: float  # the match's confidence as planned, unrounded
+    conf: str  # the confidence as shown: two decimals ("0.45"; "nan" when it is not a number)
+    dst: tuple[str, ...]  # destination keys, as in the match
+    src: tuple[str, ...]  # source keys, as in the match
+    shape: str  # the destination shapes, `format_shape` each, space separated: "(4,3)"
+    adaptation: str  # the adaptations in order, space separated ("" for a plain copy)
+    band: Band  # the colour: LOW, MID or HIGH
+    below_default: bool  # confidence < DEFAULT_MIN_CONFIDENCE: `apply` skips it unless told
+    adapted: bool  # the tensors are transformed on the way (``match.ops``)
+    nonfinite: bool  # a source tensor held NaN/Inf when the plan was made
+
+    @property
+    def cells(self) -> tuple[str, str, str, str, str]:
+        """The row's text in `COLUMNS` order."""
+        return (self.conf, ", ".join(self.dst), ", ".join(self.src), self.shape, self.adaptation)
+
+    @property
+    def stands_out(self) -> bool:
+        """Whether a reviewer should look at this row whatever its band."""
+        return self.below_default or self.adapted or self.nonfinite
+
+
+class Review(NamedTuple):
+    """A plan as every review shows it."""
+
+    header: tuple[str, ...]  # the counts and tracers, then the output check and NaN/Inf warning
+    rows: tuple[ReviewRow, ...]  # one per match: lowest rounded confidence first, then by dst
+    not_loaded: tuple[str, ...]  # one line per near miss (`Mismatch`), with its reason
+    unmatched: tuple[str, ...]  # the destination keys without counterpart, the unused source keys
+
+
+def build_review(plan: Plan) -> Review:
+    """The header, rows and leftover lines of a plan, in the order every review shows them.
+
+    Parameters
+    ----------
+    plan : Plan
+        The plan to review.
+
+    Returns
+    -------
+    Review
+        Its rows sorted by ``(round(confidence, 2), dst)``: lowest first, equal rounded
+        confidences in name order.
+    """
+    bad = set(plan.nonfinite)
+    order = sorted(range(len(plan.matches)),
+                   key=lambda i: (round(plan.matches[i].confidence, 2), plan.matches[i].dst))
+    rows = tuple(_row(i, plan.matches[i], bad) for i in order)
+    return Review(header=tuple(describe_header(plan)), rows=rows,
+                  not_loaded=tuple(_describe_mismatches(plan)),
+                  unmatched=tuple(_describe_unmatched(plan)))
+
+
+def describe_header(plan: Plan) -> list[str]:
+    """The lines above a review table: the counts and tracers, the output check (when it ran),
+    and a warning naming the source keys that held NaN/Inf (when there are some)."""
+    adapted = sum(m.adapted for m in plan.matches)
+    lines = [f"Plan: {len(plan.matches)} matches ({adapted} adapted), "
+             f"{len(plan.mismatches)} shape mismatches, "
+             f"{len(plan.unmatched_dst)} destination keys unmatched "
+             f"(tracers: source {plan.src_tracer}, destination {plan.dst_tracer})"]
+    if plan.verification:
+        lines.append(f"verification: {plan.verification}")
+    if plan.nonfinite:
+        lines.append(f"WARNING: NaN/Inf in {len(plan.nonfinite)} source tensors (loaded as they "
+                     f"are): {', '.join(plan.nonfinite)}")
+    return lines
+
+
+def describe_leftovers(plan: Plan) -> list[str]:
+    """Lines for what the plan does not load: mismatches with their reasons, then the
+    destination keys without counterpart and the source keys nothing uses."""
+    return [*_describe_mismatches(plan), *_describe_unmatched(plan)]
+
+
+def format_shape(shape: Sequence[int]) -> str:
+    """A tensor shape as every review writes it: ``(8,10)``, ``(4)``, ``()`` for a scalar."""
+    return "(" + ",".join(map(str, shape)) + ")"
+
+
+def format_plan(plan: Plan, *, limit: int | None = None) -> str:
+    """The review table as text (``str(plan)``): the header, one row per match, lowest confidence
+    first (at most ``limit`` rows, then how many more), then what was left out."""
+    review = build_review(plan)
+    rows = review.rows if limit is None else review.rows[:limit]
+    body = [row.cells for row in rows]
+    widths = [max(len(r[k]) for r in [COLUMNS, *body]) for k in range(len(COLUMNS))]
+    lines = list(review.header)
+    lines.append("  ".join(h.ljust(w) for h, w in zip(COLUMNS, widths)).rstrip())
+    lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in body)
+    if limit is not None and len(review.rows) > limit:
+        lines.append(f"... {len(review.rows) - limit} more")
+    lines.extend(review.not_loaded)
+    lines.extend(review.unmatched)
+    return "\n".join(lines)
+
+
+def format_plan_html(plan: Plan) -> str:
+    """The review table as an HTML fragment (``Plan._repr_html_``, which Jupyter shows): the text
+    table's lines and rows, each row coloured by its band, bold when it stands out."""
+    review = build_review(plan)
+    head = "".join(f"<p>{html.escape(line)}</p>" for line in review.header)
+    columns = "".join(f"<th>{c}</th>" for c in COLUMNS)
+    cells = "".join(
+        f"<tr data-band='{r.band.value}' style='background:{_BAND_COLOURS[r.band]}"
+        f"{';font-weight:bold' if r.stands_out else ''}'>"
+        + "".join(f"<td>{html.escape(c)}</td>" for c in r.cells) + "</tr>"
+        for r in review.rows)
+    tail = "".join(f"<p>{html.escape(line)}</p>" for line in (*review.not_loaded, *review.unmatched))
+    return f"{head}<table><tr>{columns}</tr>{cells}</table>{tail}"
+
+
+def _row(index: int, m: Match, nonfinite: set[str]) -> ReviewRow:
+    return ReviewRow(index=index, confidence=m.confidence, conf=f"{m.confidence:.2f}",
+                     dst=m.dst, src=m.src, shape=" ".join(format_shape(s) for s in m.dst_shapes),
+                     adaptation=" ".join(map(str, m.ops)), band=band_of(m.confidence),
+                     below_default=m.confidence < DEFAULT_MIN_CONFIDENCE, adapted=m.adapted,
+                     nonfinite=any(k in nonfinite for k in m.src))
+
+
+def _describe_mismatches(plan: Plan) -> list[str]:
+    return [f"not loaded: {', '.join(mm.dst)} <- {', '.join(mm.src)}: {mm.reason}"
+            for mm in plan.mismatches]
+
+
+def _describe_unmatched(plan: Plan) -> list[str]:
+    lines = []
+    mismatched = {k for mm in plan.mismatches for k in mm.dst}
+    lonely = [k for k in plan.unmatched_dst if k not in mismatched]
+    if lonely:
+        lines.append(f"unmatched destination keys ({len(lonely)}): {', '.join(lonely)}")
+    used = {k for mm in plan.mismatches for k in mm.src}
+    spare = [k for k in plan.unmatched_src if k not in used]
+    if spare:
+        lines.append(f"unused source keys ({len(spare)}): {', '.join(spare)}")
+    return lines
