@@ -322,9 +322,10 @@ PAIRS: list[Pair] = [
               Tiny ViT (32 px, patch 8, 3 layers, width 64, 4 heads, MLP 128, 10 classes) with CLS
               pooling; HF needs layer_norm_eps=1e-6 (its default is 1e-12). timm's fused attn.qkv
               (3C, C) feeds three destination tensors q_proj/k_proj/v_proj (its row blocks [q; k; v]),
-              a one-to-many split that no renaming expresses. HF registers a layer's attention and
-              MLP before its two LayerNorms (layernorm_before runs first), so its state_dict order is
-              not its execution order; q/k/v/o are four 64x64 tensors per layer."""),
+              a one-to-many split that no renaming expresses. HF registers a layer's attention before
+              both its LayerNorms (layernorm_before runs first, layernorm_after after the attention),
+              so its state_dict order is not its execution order; q/k/v/o are four 64x64 tensors per
+              layer."""),
     make_port("timm_deit_distilled->hf_deit_with_teacher", _timm_deit_distilled, _hf_deit_with_teacher,
               image_input(2, 3, 32, 32), _hf_deit_truth, transform=split_qkv, note="""
               Distilled DeiT: a class and a distillation token (both (1, 1, 64)), position embeddings
@@ -353,9 +354,10 @@ PAIRS: list[Pair] = [
               shifted in the first two stages). Hugging Face -> timm: q/k/v are concatenated into
               timm's fused qkv (many-to-one). Patch merging sits at the end of stage s in Hugging Face
               (layers.s.downsample) and at the start of stage s + 1 in timm: names disagree about the
-              stage while both orders agree. relative_position_bias_table (49, heads) per block (equal
-              shapes within a stage); relative_position_index is a non-persistent buffer on both
-              sides."""),
+              stage while both orders agree. Within a block HF registers q/k/v/o, the bias table, then
+              both LayerNorms; timm norm1, table, qkv, proj, norm2. relative_position_bias_table
+              (49, heads) per block (equal shapes within a stage); relative_position_index is a
+              non-persistent buffer on both sides."""),
     make_port("timm_resnet->hf_resnet", _timm_resnet, _hf_resnet, image_input(2, 3, 64, 64),
               _hf_resnet_truth, calibration=BN_CALIBRATION, note="""
               Bottleneck ResNet with layers (2, 1, 1, 1), stem 64, widths (32, 64, 128, 256).
