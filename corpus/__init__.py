@@ -29,12 +29,18 @@ Conventions
 * For partial pairs (``exact=False``) the truth is a documented convention, some destination keys
   may have no source at all (absent from the truth), and ``convert`` is None.
 
+`VISION_PORTS` holds exact vision ports of the kinds real conversions deal with (original reference
+codebases -> Hugging Face / timm, timm <-> Hugging Face): fused vs split attention projections,
+nn.MultiheadAttention, transposed projections, 1x1 convolutions vs Linear, singleton axes, state_dict
+orders that are not execution orders. They are kept out of `PAIRS` (which the benchmark and the
+real-model tests iterate) until archalign handles them; `get_pair` finds them.
+
 Run ``python -m corpus`` to rebuild and verify every exact pair.
 """
 
 from __future__ import annotations
 
-from . import language, seeds, vision
+from . import hf_vision, language, reference_vision, seeds, vision
 from ._pair import CALIBRATION_SEED, DST_SEED, INPUT_SEED, SRC_SEED, Pair
 from .check import norm_eps_profile, run_model, tied_aliases, validate_truth, verify_truth
 from .seeds import MLP, RenamedMLP
@@ -46,6 +52,7 @@ __all__ = [
     "MLP",
     "PAIRS",
     "SRC_SEED",
+    "VISION_PORTS",
     "Pair",
     "RenamedMLP",
     "get_pair",
@@ -57,6 +64,7 @@ __all__ = [
 ]
 
 PAIRS: list[Pair] = [*vision.EXACT, *language.PAIRS, *vision.PARTIAL, *seeds.PAIRS]
+VISION_PORTS: list[Pair] = [*reference_vision.PAIRS, *hf_vision.PAIRS]
 
 
 def get_pair(name: str) -> Pair:
@@ -67,7 +75,8 @@ def get_pair(name: str) -> Pair:
     KeyError
         If no pair has that name; the message lists the known names.
     """
-    for pair in PAIRS:
+    known = [*PAIRS, *VISION_PORTS]
+    for pair in known:
         if pair.name == name:
             return pair
-    raise KeyError(f"no pair {name!r}; known pairs: {', '.join(p.name for p in PAIRS)}")
+    raise KeyError(f"no pair {name!r}; known pairs: {', '.join(p.name for p in known)}")

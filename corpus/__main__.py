@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from . import PAIRS
+from . import PAIRS, VISION_PORTS
 from .check import run_model, validate_truth, verify_truth
 
 
@@ -19,9 +19,9 @@ def main() -> None:
     import torchvision  # noqa: F401
     import transformers  # noqa: F401
 
-    print(f"{'pair':40} {'exact':5} {'truth':>5} {'dst':>4} {'fits':>4} {'build s':>7} {'|out|':>7} "
+    print(f"{'pair':44} {'exact':5} {'truth':>5} {'dst':>4} {'fits':>4} {'build s':>7} {'|out|':>7} "
           f"{'max diff':>8}")
-    for pair in PAIRS:
+    for pair in [*PAIRS, *VISION_PORTS]:
         start = time.perf_counter()
         src, dst = pair.make_src(), pair.make_dst()
         build = time.perf_counter() - start
@@ -31,7 +31,7 @@ def main() -> None:
         fits = sum(len(s) == 1 and src_state[s[0]].shape == dst_state[k].shape for k, s in truth.items())
         scale = float(run_model(src, pair.make_inputs()).abs().max())
         diff = f"{verify_truth(pair):8.1e}" if pair.exact else f"{'-':>8}"
-        print(f"{pair.name:40} {pair.exact!s:5} {len(truth):5d} {len(dst_state):4d} {fits:4d} "
+        print(f"{pair.name:44} {pair.exact!s:5} {len(truth):5d} {len(dst_state):4d} {fits:4d} "
               f"{build:7.2f} {scale:7.2f} {diff}")
         for problem in problems:
             print(f"    PROBLEM: {problem}")

@@ -22,8 +22,10 @@ SLOW = frozenset({
     "tv_resnet34->tv_resnet18",
 })
 
-EXACT = [p for p in corpus.PAIRS if p.exact]
-PARTIAL = [p for p in corpus.PAIRS if not p.exact]
+PORTS = corpus.VISION_PORTS
+ALL = [*corpus.PAIRS, *PORTS]
+EXACT = [p for p in ALL if p.exact]
+PARTIAL = [p for p in ALL if not p.exact]
 
 
 def _params(pairs: Iterable[Any]) -> list[Any]:
@@ -41,8 +43,10 @@ def _models(name: str) -> tuple[nn.Module, nn.Module]:
 # --------------------------------------------------------------------------- the corpus itself
 
 def test_pairs_are_named_uniquely_and_found_by_name() -> None:
-    names = [p.name for p in corpus.PAIRS]
-    assert len(names) == len(set(names)) == 13
+    assert len(corpus.PAIRS) == 13
+    assert len(PORTS) == 9 and all(p.exact for p in PORTS)
+    names = [p.name for p in ALL]
+    assert len(names) == len(set(names))
     for name in names:
         assert corpus.get_pair(name).name == name
     with pytest.raises(KeyError, match="known pairs"):
@@ -52,7 +56,7 @@ def test_pairs_are_named_uniquely_and_found_by_name() -> None:
 def test_exact_pairs_have_a_converter_and_partial_pairs_do_not() -> None:
     assert all(p.convert is not None for p in EXACT)
     assert all(p.convert is None for p in PARTIAL)
-    assert all(p.note for p in corpus.PAIRS)
+    assert all(p.note for p in ALL)
 
 
 @pytest.mark.parametrize("pair", _params(PARTIAL))
@@ -63,7 +67,7 @@ def test_partial_pairs_cannot_be_verified(pair: Any) -> None:
 
 # --------------------------------------------------------------------------- truth
 
-@pytest.mark.parametrize("pair", _params(corpus.PAIRS))
+@pytest.mark.parametrize("pair", _params(ALL))
 def test_truth_is_consistent(pair: Any) -> None:
     """Keys exist on their side, aliases are excluded, exact truths cover every destination key."""
     src, dst = _models(pair.name)
@@ -149,7 +153,7 @@ def test_a_wrong_mapping_is_caught(pair: Any) -> None:
     assert _diff_with(pair, swap_first_same_shape) > 100 * TOLERANCE
 
 
-@pytest.mark.parametrize("pair", _params(corpus.PAIRS))
+@pytest.mark.parametrize("pair", _params(ALL))
 def test_source_output_depends_on_the_input(pair: Any) -> None:
     """A saturated or collapsed source would make every verification vacuous."""
     src, _ = _models(pair.name)
@@ -192,3 +196,107 @@ def test_models_are_seeded_and_sources_decorrelated() -> None:
     for key, tensor in a.items():  # no constant tensors left (ones, zeros, class token)
         flat = tensor.reshape(-1)
         assert not bool((flat == flat[0]).all()) or flat.numel() == 1, key
+
+
+# --------------------------------------------------------------------------- the vision ports
+
+# A key projection's bias adds one constant to every score of a query: softmax ignores it, so no
+# output depends on it (on either side); the rest of every port's truth is checked by the outputs.
+SOFTMAX_INVARIANT = r"\.(k_proj|key)\.bias$"
+UNUSED_AT_INFERENCE = {"dinov2_vit->hf_dinov2": {"embeddings.mask_token"}}  # used with masks only
+
+
+@pytest.mark.parametrize("pair", _params(PORTS))
+def test_port_outputs_depend_on_every_converted_tensor(pair: Any) -> None:
+    """Rolling any one destination tensor by one element moves the output by > 10x the tolerance.
+
+    A tensor the output ignores (a zero head behind it, a vanishing class token) would make its
+    truth unchecked: any mapping of it would pass the output check.
+    """
+    import re
+
+    src, dst = pair.make_src(), pair.make_dst()
+    dst.load_state_dict(pair.convert(src.state_dict(), dst), strict=True)
+    inputs = pair.make_inputs()
+    reference = corpus.run_model(dst, inputs)
+    unused = UNUSED_AT_INFERENCE.get(pair.name, set())
+    weak = {}
+    for key, tensor in dst.state_dict().items():
+        if not tensor.is_floating_point() or tensor.numel() < 2:
+            continue
+        original = tensor.clone()
+        with torch.no_grad():
+            tensor.copy_(original.reshape(-1).roll(1).reshape(original.shape))
+            diff = float((corpus.run_model(dst, inputs) - reference).abs().max())
+            tensor.copy_(original)
+        exempt = key in unused or re.search(SOFTMAX_INVARIANT, key) is not None
+        if exempt != (diff <= 10 * TOLERANCE):
+            weak[key] = diff
+    assert weak == {}
+
+
+@pytest.mark.parametrize("pair", _params(PORTS))
+def test_port_sources_have_no_constant_or_vanishing_tensors(pair: Any) -> None:
+    src, _ = _models(pair.name)
+    for key, tensor in src.state_dict().items():
+        if not tensor.is_floating_point() or tensor.numel() < 2:
+            continue
+        flat = tensor.reshape(-1)
+        assert not bool((flat == flat[0]).all()), key
+        assert float(flat.abs().max()) >= 1e-4, key
+
+
+def _swap(state: dict[str, torch.Tensor], a: str, b: str) -> None:
+    state[a], state[b] = state[b], state[a]
+
+
+def _kv_before_q(state: dict[str, torch.Tensor]) -> None:
+    """SigLIP's in_proj built as cat(kv, q) instead of cat(q, kv): same shape, rows [k; v; q]."""
+    for key in ("head.attention.in_proj_weight", "head.attention.in_proj_bias"):
+        q, kv = state[key].split([TINY_WIDTH, 2 * TINY_WIDTH])
+        state[key] = torch.cat([kv, q])
+
+
+TINY_WIDTH = 64
+TRAPS = {  # a wrong conversion that fits every shape, per port
+    "timm_vit->hf_vit": lambda s: _swap(s, "vit.layers.0.attention.q_proj.weight",
+                                        "vit.layers.0.attention.k_proj.weight"),
+    "timm_deit_distilled->hf_deit_with_teacher": lambda s: _swap(
+        s, "deit.embeddings.cls_token", "deit.embeddings.distillation_token"),
+    "timm_vit_siglip->hf_siglip_vision": _kv_before_q,
+    "dinov2_vit->hf_dinov2": lambda s: _swap(s, "encoder.layer.1.layer_scale1.lambda1",
+                                             "encoder.layer.1.layer_scale2.lambda1"),
+    "openai_clip_vit->hf_clip_vision": lambda s: _swap(
+        s, "vision_model.encoder.layers.0.self_attn.q_proj.bias",
+        "vision_model.encoder.layers.0.self_attn.v_proj.bias"),
+    "hf_swin->timm_swin": lambda s: _swap(s, "layers.0.blocks.0.attn.relative_position_bias_table",
+                                          "layers.0.blocks.1.attn.relative_position_bias_table"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRAPS))
+def test_port_traps_fit_the_shapes_and_change_the_function(name: str) -> None:
+    assert _diff_with(corpus.get_pair(name), TRAPS[name]) > 100 * TOLERANCE
+
+
+def test_run_model_takes_the_most_downstream_output() -> None:
+    from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+
+    hidden, pooled, logits = torch.ones(1, 3, 2), torch.full((1, 2), 2.0), torch.full((1, 4), 3.0)
+
+    class Fixed(nn.Module):
+        def __init__(self, out: Any) -> None:
+            super().__init__()
+            self.out = out
+
+        def forward(self, x: torch.Tensor) -> Any:
+            return self.out
+
+    x = torch.zeros(1)
+    with_pool = BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
+    assert corpus.run_model(Fixed(with_pool), x) is pooled
+    assert corpus.run_model(Fixed(BaseModelOutputWithPooling(last_hidden_state=hidden)), x) is hidden
+    assert corpus.run_model(Fixed(ImageClassifierOutput(logits=logits)), x) is logits
+    assert corpus.run_model(Fixed((hidden, pooled)), x) is hidden
+    with pytest.raises(TypeError, match="output tensor"):
+        corpus.run_model(Fixed(("no tensor",)), x)
