@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .check import run_model
+from ._run import run_model
 
 __all__ = ["BN_CALIBRATION", "CALIBRATION_SEED", "DST_SEED", "INPUT_SEED", "SRC_SEED", "KeyTruth",
            "Pair", "Rule", "Transform", "Truth", "build_model", "concat_rows", "copy_tensor",
