@@ -28,15 +28,30 @@ Conventions
   succeeds.
 * For partial pairs (``exact=False``) the truth is a documented convention, some destination keys
   may have no source at all (absent from the truth), and ``convert`` is None.
+* Checkpoint-only pairs (`Pair.release` set, ``source_module=False``): the source is a release
+  written by ``pair.release.write(pair.make_src(), folder)`` (a file or a folder, as real releases
+  are); truth and converter name the keys of ``pair.release.read(path)``. `read_release` writes and
+  reads one; `validate_truth` and `verify_truth` go through the release for such pairs.
+
+`PAIRS` is what archalign's benchmark and tests hold it to today; `PORTS` holds real ports of the
+kinds it does not handle yet (original reference codebases -> Hugging Face, MoE expert stacking,
+rotary permutations, release formats): a measuring stick, not a regression test.
 
 Run ``python -m corpus`` to rebuild and verify every exact pair.
 """
 
 from __future__ import annotations
 
-from . import language, seeds, vision
-from ._pair import CALIBRATION_SEED, DST_SEED, INPUT_SEED, SRC_SEED, Pair
-from .check import norm_eps_profile, run_model, tied_aliases, validate_truth, verify_truth
+from . import language, lm_ports, releases, seeds, vision
+from ._pair import CALIBRATION_SEED, DST_SEED, INPUT_SEED, SRC_SEED, Pair, Release
+from .check import (
+    norm_eps_profile,
+    read_release,
+    run_model,
+    tied_aliases,
+    validate_truth,
+    verify_truth,
+)
 from .seeds import MLP, RenamedMLP
 
 __all__ = [
@@ -45,11 +60,14 @@ __all__ = [
     "INPUT_SEED",
     "MLP",
     "PAIRS",
+    "PORTS",
     "SRC_SEED",
     "Pair",
+    "Release",
     "RenamedMLP",
     "get_pair",
     "norm_eps_profile",
+    "read_release",
     "run_model",
     "tied_aliases",
     "validate_truth",
@@ -57,17 +75,18 @@ __all__ = [
 ]
 
 PAIRS: list[Pair] = [*vision.EXACT, *language.PAIRS, *vision.PARTIAL, *seeds.PAIRS]
+PORTS: list[Pair] = [*lm_ports.PAIRS, *releases.PAIRS]
 
 
 def get_pair(name: str) -> Pair:
-    """The pair called ``name``.
+    """The pair called ``name``, in `PAIRS` or `PORTS`.
 
     Raises
     ------
     KeyError
         If no pair has that name; the message lists the known names.
     """
-    for pair in PAIRS:
+    for pair in (*PAIRS, *PORTS):
         if pair.name == name:
             return pair
-    raise KeyError(f"no pair {name!r}; known pairs: {', '.join(p.name for p in PAIRS)}")
+    raise KeyError(f"no pair {name!r}; known pairs: {', '.join(p.name for p in (*PAIRS, *PORTS))}")
