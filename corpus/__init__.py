@@ -28,6 +28,14 @@ Conventions
   succeeds.
 * For partial pairs (``exact=False``) the truth is a documented convention, some destination keys
   may have no source at all (absent from the truth), and ``convert`` is None.
+* Checkpoint-only pairs (`Pair.release` set, ``source_module=False``): the source is a release
+  written by ``pair.release.write(pair.make_src(), folder)`` (a file or a folder, as real releases
+  are); truth and converter name the keys of ``pair.release.read(path)``. `read_release` writes and
+  reads one; `validate_truth` and `verify_truth` go through the release for such pairs.
+
+`PAIRS` is what archalign's benchmark and tests hold it to today; `PORTS` holds real ports of the
+kinds it does not handle yet (original reference codebases -> Hugging Face, MoE expert stacking,
+rotary permutations, release formats): a measuring stick, not a regression test.
 
 `VISION_PORTS` holds exact vision ports of the kinds real conversions deal with (original reference
 codebases -> Hugging Face / timm, timm <-> Hugging Face): fused vs split attention projections,
@@ -40,9 +48,16 @@ Run ``python -m corpus`` to rebuild and verify every exact pair.
 
 from __future__ import annotations
 
-from . import hf_vision, language, reference_vision, seeds, vision
-from ._pair import CALIBRATION_SEED, DST_SEED, INPUT_SEED, SRC_SEED, Pair
-from .check import norm_eps_profile, run_model, tied_aliases, validate_truth, verify_truth
+from . import hf_vision, language, lm_ports, reference_vision, releases, seeds, vision
+from ._pair import CALIBRATION_SEED, DST_SEED, INPUT_SEED, SRC_SEED, Pair, Release
+from .check import (
+    norm_eps_profile,
+    read_release,
+    run_model,
+    tied_aliases,
+    validate_truth,
+    verify_truth,
+)
 from .seeds import MLP, RenamedMLP
 
 __all__ = [
@@ -51,12 +66,15 @@ __all__ = [
     "INPUT_SEED",
     "MLP",
     "PAIRS",
+    "PORTS",
     "SRC_SEED",
     "VISION_PORTS",
     "Pair",
+    "Release",
     "RenamedMLP",
     "get_pair",
     "norm_eps_profile",
+    "read_release",
     "run_model",
     "tied_aliases",
     "validate_truth",
@@ -65,17 +83,18 @@ __all__ = [
 
 PAIRS: list[Pair] = [*vision.EXACT, *language.PAIRS, *vision.PARTIAL, *seeds.PAIRS]
 VISION_PORTS: list[Pair] = [*reference_vision.PAIRS, *hf_vision.PAIRS]
+PORTS: list[Pair] = [*lm_ports.PAIRS, *releases.PAIRS]
 
 
 def get_pair(name: str) -> Pair:
-    """The pair called ``name``.
+    """The pair called ``name``, in `PAIRS` or `PORTS`.
 
     Raises
     ------
     KeyError
         If no pair has that name; the message lists the known names.
     """
-    known = [*PAIRS, *VISION_PORTS]
+    known = [*PAIRS, *PORTS, *VISION_PORTS]
     for pair in known:
         if pair.name == name:
             return pair

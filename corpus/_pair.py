@@ -8,7 +8,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -16,9 +17,9 @@ from torch import nn
 from ._run import run_model
 
 __all__ = ["BN_CALIBRATION", "CALIBRATION_SEED", "DST_SEED", "INPUT_SEED", "SRC_SEED", "KeyTruth",
-           "Pair", "Rule", "Transform", "Truth", "build_model", "concat_rows", "copy_tensor",
+           "Pair", "Release", "Rule", "Transform", "Truth", "build_model", "concat_rows", "copy_tensor",
            "identity_truth", "image_input", "make_converter", "make_pair", "map_keys",
-           "on_modules", "token_input"]
+           "on_modules", "token_input", "token_tensor"]
 
 SRC_SEED = 0  # torch seed used to build every source model
 CALIBRATION_SEED = 3  # seed of the batch that sets the sources' BatchNorm statistics
@@ -30,6 +31,22 @@ StateDict = dict[str, torch.Tensor]
 KeyTruth = Callable[[Sequence[str], Sequence[str]], Truth]
 Transform = Callable[[str, Sequence[torch.Tensor]], torch.Tensor]
 Rule = tuple[str, str | Callable[[re.Match[str]], str | tuple[str, ...]]]
+
+
+class Release(NamedTuple):
+    """How a pair's source is released as a checkpoint, and how its hand-written converter reads it.
+
+    The truth and the converter of a pair with a release name the *checkpoint's* keys: the keys of
+    the state dict that `read` returns (shards merged, the chosen entry picked, prefixes kept).
+    """
+
+    format: str  # short name of the release format, e.g. "meta-consolidated-tp2"
+    write: Callable[[nn.Module, Path], Path]  # writes the source module's weights into an empty
+    # folder the way the release does; returns the path a user passes (a file or a folder)
+    read: Callable[[Path], dict[str, torch.Tensor]]  # the hand-written reader: the checkpoint's
+    # tensors under the keys the truth names
+    entry: str = ""  # where the truth's state dict sits inside the file ("state_dict", "model_ema");
+    # "" when the file (or every shard) is the state dict itself
 
 
 @dataclass(frozen=True)
@@ -48,7 +65,7 @@ class Pair:
         True when an exact port exists: the destination can compute the source's function.
     truth : callable
         ``truth(src, dst)`` -> ``{dst state_dict key: source key(s) feeding it}``; several source keys
-        (in concatenation order) for fused tensors.
+        (in concatenation order) for fused tensors. ``src`` is the source module or a state dict.
     convert : callable or None
         ``convert(src_state_dict, dst)`` -> a destination state_dict implementing `truth`; None for
         partial pairs.
@@ -57,6 +74,14 @@ class Pair:
     tied_dst : tuple of (alias, primary)
         Destination keys that are the same tensor as another destination key. Aliases are left out
         of the truth; converters fill them.
+    release : Release or None
+        How the source is released as a checkpoint. When set, ``truth`` and ``convert`` take the
+        checkpoint's state (``release.read(path)``) in place of the source module's state_dict, and
+        name its keys; `make_src` still builds the module that writes the release and gives the
+        reference outputs.
+    source_module : bool
+        Whether a user porting this pair has the source module. False for checkpoint-only pairs:
+        the release's file or folder is all there is.
     """
 
     name: str
@@ -64,11 +89,12 @@ class Pair:
     make_dst: Callable[[], nn.Module]
     make_inputs: Callable[[], Any]
     exact: bool
-    truth: Callable[[nn.Module, nn.Module], Truth]
+    truth: Callable[[nn.Module | Mapping[str, torch.Tensor], nn.Module], Truth]
     convert: Callable[[Mapping[str, torch.Tensor], nn.Module], StateDict] | None
     note: str
     tied_dst: tuple[tuple[str, str], ...] = ()
-
+    release: Release | None = None
+    source_module: bool = True
 
 
 def build_model(factory: Callable[[], nn.Module], seed: int, *, decorrelate: bool,
@@ -145,9 +171,16 @@ def image_input(*shape: int, seed: int = INPUT_SEED) -> Callable[[], torch.Tenso
 def token_input(vocab: int, batch: int = 2, length: int = 16) -> Callable[[], dict[str, torch.Tensor]]:
     """An input factory for seeded ``input_ids`` (Hugging Face keyword arguments)."""
     def make() -> dict[str, torch.Tensor]:
-        ids = torch.randint(0, vocab, (batch, length),
-                            generator=torch.Generator().manual_seed(INPUT_SEED))
-        return {"input_ids": ids}
+        return {"input_ids": token_tensor(vocab, batch, length)()}
+    return make
+
+
+def token_tensor(vocab: int, batch: int = 2, length: int = 16) -> Callable[[], torch.Tensor]:
+    """An input factory for seeded token ids as one positional tensor, for reference models whose
+    ``forward(tokens)`` takes no keywords (Hugging Face models read it as ``input_ids``)."""
+    def make() -> torch.Tensor:
+        return torch.randint(0, vocab, (batch, length),
+                             generator=torch.Generator().manual_seed(INPUT_SEED))
     return make
 
 
@@ -182,10 +215,13 @@ def map_keys(dst_keys: Iterable[str], rules: Sequence[Rule], *, skip: Iterable[s
     return truth
 
 
-def on_modules(key_truth: KeyTruth) -> Callable[[nn.Module, nn.Module], Truth]:
-    """Lift a truth over key lists to the public ``truth(src, dst)`` form."""
-    def truth(src: nn.Module, dst: nn.Module) -> Truth:
-        return key_truth(list(src.state_dict()), list(dst.state_dict()))
+def on_modules(key_truth: KeyTruth
+               ) -> Callable[[nn.Module | Mapping[str, torch.Tensor], nn.Module], Truth]:
+    """Lift a truth over key lists to the public ``truth(src, dst)`` form; ``src`` is a module or a
+    state dict (a release's checkpoint state)."""
+    def truth(src: nn.Module | Mapping[str, torch.Tensor], dst: nn.Module) -> Truth:
+        src_keys = list(src.state_dict()) if isinstance(src, nn.Module) else list(src)
+        return key_truth(src_keys, list(dst.state_dict()))
     return truth
 
 
@@ -225,7 +261,10 @@ def identity_truth(src_keys: Sequence[str], dst_keys: Sequence[str],
 def make_pair(name: str, src: Callable[[], nn.Module], dst: Callable[[], nn.Module],
           inputs: Callable[[], Any], key_truth: KeyTruth, note: str, *, exact: bool,
           transform: Transform = copy_tensor, tied_dst: tuple[tuple[str, str], ...] = (),
-          calibration: Callable[[], Any] | None = None) -> Pair:
+          calibration: Callable[[], Any] | None = None, release: Release | None = None,
+          source_module: bool = True) -> Pair:
+    """A `Pair` with seeded, decorrelated models whose truth and converter come from ``key_truth``
+    (over the source's keys, or the release's checkpoint keys) and ``transform``."""
     return Pair(
         name=name,
         make_src=lambda: build_model(src, SRC_SEED, decorrelate=True, calibration=calibration),
@@ -236,6 +275,8 @@ def make_pair(name: str, src: Callable[[], nn.Module], dst: Callable[[], nn.Modu
         convert=make_converter(key_truth, transform, tied_dst) if exact else None,
         note=" ".join(note.split()),
         tied_dst=tied_dst,
+        release=release,
+        source_module=source_module,
     )
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from ._run import run_model
@@ -11,14 +15,17 @@ from ._run import run_model
 if TYPE_CHECKING:
     from ._pair import Pair
 
-__all__ = ["norm_eps_profile", "run_model", "tied_aliases", "validate_truth", "verify_truth"]
+__all__ = ["norm_eps_profile", "read_release", "run_model", "tied_aliases", "validate_truth",
+           "verify_truth"]
 
 
-def tied_aliases(model: nn.Module) -> dict[str, str]:
-    """``alias -> primary`` for state_dict keys that share storage with an earlier key."""
+def tied_aliases(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """``alias -> primary`` for state_dict keys that share storage with an earlier key (of a
+    module, or of a state dict such as a loaded checkpoint, where ``torch.save`` kept the ties)."""
     first: dict[tuple[int, tuple[int, ...]], str] = {}
     aliases: dict[str, str] = {}
-    for key, tensor in model.state_dict(keep_vars=True).items():
+    state = model.state_dict(keep_vars=True) if isinstance(model, nn.Module) else model
+    for key, tensor in state.items():
         if tensor.numel() == 0:
             continue
         ident = (tensor.data_ptr(), tuple(tensor.shape))
@@ -29,17 +36,41 @@ def tied_aliases(model: nn.Module) -> dict[str, str]:
     return aliases
 
 
-def validate_truth(pair: Pair, src: nn.Module | None = None,
+def read_release(pair: Pair, folder: Path, src: nn.Module | None = None
+                 ) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Write ``pair``'s release of ``src`` (``pair.make_src()`` when None) into ``folder``.
+
+    Returns the path a user passes (file or folder) and the checkpoint state the truth names.
+
+    Raises
+    ------
+    ValueError
+        If the pair has no release.
+    """
+    if pair.release is None:
+        raise ValueError(f"{pair.name} has no release: its source is a module")
+    src = src if src is not None else pair.make_src()
+    path = pair.release.write(src, folder)
+    return path, pair.release.read(path)
+
+
+def validate_truth(pair: Pair, src: nn.Module | Mapping[str, torch.Tensor] | None = None,
                    dst: nn.Module | None = None) -> list[str]:
     """Consistency problems of ``pair.truth`` (an empty list when there are none).
 
     Checks that truth keys exist on their side, that tied aliases are neither truth keys nor truth
     sources, that `Pair.tied_dst` matches the destination's actual aliases, and, for exact pairs,
-    that the truth covers every destination key but the aliases.
+    that the truth covers every destination key but the aliases. For a pair with a release, the
+    source side is the checkpoint's state: pass it as ``src``, or pass the module (or nothing) and
+    the release is written to a temporary folder and read back.
     """
     src = src if src is not None else pair.make_src()
     dst = dst if dst is not None else pair.make_dst()
-    src_keys, dst_keys = set(src.state_dict()), set(dst.state_dict())
+    if pair.release is not None and isinstance(src, nn.Module):
+        with tempfile.TemporaryDirectory() as folder:
+            src = read_release(pair, Path(folder), src)[1]
+    src_state = src.state_dict() if isinstance(src, nn.Module) else src
+    src_keys, dst_keys = set(src_state), set(dst.state_dict())
     src_aliases, dst_aliases = tied_aliases(src), tied_aliases(dst)
     truth = pair.truth(src, dst)
     problems: list[str] = []
@@ -70,6 +101,9 @@ def validate_truth(pair: Pair, src: nn.Module | None = None,
 def verify_truth(pair: Pair) -> float:
     """Build both models, convert with ``pair.convert``, load strictly, return max |output diff|.
 
+    For a pair with a release, the source module's release is written to a temporary folder and
+    the converter reads the checkpoint's state (``pair.release.read``), not the module.
+
     Raises
     ------
     ValueError
@@ -81,8 +115,12 @@ def verify_truth(pair: Pair) -> float:
     if not pair.exact or pair.convert is None:
         raise ValueError(f"{pair.name} is a partial pair: it has no exact converter to verify")
     src, dst = pair.make_src(), pair.make_dst()
-    converted = pair.convert(src.state_dict(), dst)
-    expected = set(pair.truth(src, dst)) | {alias for alias, _ in pair.tied_dst}
+    state: Mapping[str, torch.Tensor] = src.state_dict()
+    if pair.release is not None:
+        with tempfile.TemporaryDirectory() as folder:
+            state = read_release(pair, Path(folder), src)[1]
+    converted = pair.convert(state, dst)
+    expected = set(pair.truth(state, dst)) | {alias for alias, _ in pair.tied_dst}
     if set(converted) != expected:
         raise ValueError(f"{pair.name}: converter keys differ from truth keys + aliases: "
                          f"{sorted(set(converted) ^ expected)[:5]}")

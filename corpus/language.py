@@ -110,12 +110,12 @@ def _gpt_bigcode() -> nn.Module:
     return GPTBigCodeForCausalLM(GPTBigCodeConfig(**GPT_SHARED, multi_query=False))
 
 
-def _gpt_bigcode_truth(src_keys: Sequence[str], dst_keys: Sequence[str]) -> Truth:
+def gpt_bigcode_truth(src_keys: Sequence[str], dst_keys: Sequence[str]) -> Truth:
     """Same names; ``lm_head.weight`` is an alias of ``transformer.wte.weight`` on both sides."""
     return identity_truth(src_keys, dst_keys, skip=[alias for alias, _ in GPT_TIED])
 
 
-def _gpt_bigcode_transform(key: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+def gpt_bigcode_transform(key: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """GPT-2 Conv1D (in, out) -> nn.Linear (out, in); c_attn rows regrouped per head.
 
     GPT-2 splits c_attn's output as [q | k | v], each ``n_head * head_dim`` wide. GPTBigCode with
@@ -145,7 +145,7 @@ PAIRS: list[Pair] = [
           the same rope_theta / rms_norm_eps. Tests that a matcher keeps q/k/v/o and gate/up/down
           apart although k/v and gate/up have equal shapes."""),
     make_pair("hf_gpt2->hf_gpt_bigcode", _gpt2, _gpt_bigcode, token_input(GPT["vocab_size"]),
-          _gpt_bigcode_truth, exact=True, transform=_gpt_bigcode_transform, tied_dst=GPT_TIED,
+          gpt_bigcode_truth, exact=True, transform=gpt_bigcode_transform, tied_dst=GPT_TIED,
           note="""
           Same key names, but GPT-2's Conv1D stores weights (in, out): every attention and MLP
           weight is transposed (attn.c_proj is 64x64, so a missing transpose still fits the shape).

@@ -6,8 +6,11 @@ Slow pairs (building the models and running them takes a few seconds on 2 CPU co
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,10 +25,12 @@ SLOW = frozenset({
     "tv_resnet34->tv_resnet18",
 })
 
-PORTS = corpus.VISION_PORTS
-ALL = [*corpus.PAIRS, *PORTS]
+VISION_PORTS = corpus.VISION_PORTS
+ALL = [*corpus.PAIRS, *VISION_PORTS]
 EXACT = [p for p in ALL if p.exact]
 PARTIAL = [p for p in ALL if not p.exact]
+PORTS = corpus.PORTS
+RELEASES = [p for p in PORTS if p.release is not None]
 
 
 def _params(pairs: Iterable[Any]) -> list[Any]:
@@ -40,12 +45,20 @@ def _models(name: str) -> tuple[nn.Module, nn.Module]:
     return pair.make_src(), pair.make_dst()
 
 
+def _source_state(pair: Any, src: nn.Module) -> Mapping[str, torch.Tensor]:
+    """What the pair's truth names: the module's state_dict, or its release's checkpoint state."""
+    if pair.release is None:
+        return src.state_dict()
+    with tempfile.TemporaryDirectory() as folder:
+        return corpus.read_release(pair, Path(folder), src)[1]
+
+
 # --------------------------------------------------------------------------- the corpus itself
 
 def test_pairs_are_named_uniquely_and_found_by_name() -> None:
     assert len(corpus.PAIRS) == 13
-    assert len(PORTS) == 9 and all(p.exact for p in PORTS)
-    names = [p.name for p in ALL]
+    assert len(VISION_PORTS) == 9 and all(p.exact for p in VISION_PORTS)
+    names = [p.name for p in (*ALL, *PORTS)]
     assert len(names) == len(set(names))
     for name in names:
         assert corpus.get_pair(name).name == name
@@ -125,14 +138,14 @@ def test_exact_pair_converts_to_the_same_function(pair: Any) -> None:
 def _diff_with(pair: Any, edit: Any) -> float:
     """Max output difference after loading the converted weights edited by ``edit(state)``."""
     src, dst = pair.make_src(), pair.make_dst()
-    state = pair.convert(src.state_dict(), dst)
+    state = pair.convert(_source_state(pair, src), dst)
     edit(state)
     dst.load_state_dict(state, strict=True)
     inputs = pair.make_inputs()
     return float((corpus.run_model(src, inputs) - corpus.run_model(dst, inputs)).abs().max())
 
 
-@pytest.mark.parametrize("pair", _params(EXACT))
+@pytest.mark.parametrize("pair", _params([*EXACT, *PORTS]))
 def test_a_wrong_mapping_is_caught(pair: Any) -> None:
     """Swapping two same-shape tensors breaks the port: the verification is not vacuous.
 
@@ -153,7 +166,7 @@ def test_a_wrong_mapping_is_caught(pair: Any) -> None:
     assert _diff_with(pair, swap_first_same_shape) > 100 * TOLERANCE
 
 
-@pytest.mark.parametrize("pair", _params(ALL))
+@pytest.mark.parametrize("pair", _params([*ALL, *PORTS]))
 def test_source_output_depends_on_the_input(pair: Any) -> None:
     """A saturated or collapsed source would make every verification vacuous."""
     src, _ = _models(pair.name)
@@ -206,7 +219,7 @@ SOFTMAX_INVARIANT = r"\.(k_proj|key)\.bias$"
 UNUSED_AT_INFERENCE = {"dinov2_vit->hf_dinov2": {"embeddings.mask_token"}}  # used with masks only
 
 
-@pytest.mark.parametrize("pair", _params(PORTS))
+@pytest.mark.parametrize("pair", _params(VISION_PORTS))
 def test_port_outputs_depend_on_every_converted_tensor(pair: Any) -> None:
     """Rolling any one destination tensor by one element moves the output by > 10x the tolerance.
 
@@ -235,7 +248,7 @@ def test_port_outputs_depend_on_every_converted_tensor(pair: Any) -> None:
     assert weak == {}
 
 
-@pytest.mark.parametrize("pair", _params(PORTS))
+@pytest.mark.parametrize("pair", _params(VISION_PORTS))
 def test_port_sources_have_no_constant_or_vanishing_tensors(pair: Any) -> None:
     src, _ = _models(pair.name)
     for key, tensor in src.state_dict().items():
@@ -300,3 +313,191 @@ def test_run_model_takes_the_most_downstream_output() -> None:
     assert corpus.run_model(Fixed((hidden, pooled)), x) is hidden
     with pytest.raises(TypeError, match="output tensor"):
         corpus.run_model(Fixed(("no tensor",)), x)
+
+
+# --------------------------------------------------------------------------- ports and releases
+
+def test_ports_are_named_uniquely_found_by_name_and_kept_out_of_the_pairs() -> None:
+    names = [p.name for p in (*corpus.PAIRS, *PORTS)]
+    assert len(names) == len(set(names))
+    assert len(PORTS) >= 12 and len(RELEASES) >= 4
+    for pair in PORTS:
+        assert corpus.get_pair(pair.name) is pair
+        assert pair.exact and pair.convert is not None and pair.note
+        assert pair.source_module == (pair.release is None)  # every release pair is checkpoint-only
+    assert not {p.name for p in PORTS} & {p.name for p in corpus.PAIRS}
+    assert all(p.release is None and p.source_module for p in corpus.PAIRS)
+
+
+@pytest.mark.parametrize("pair", _params(PORTS))
+def test_port_truth_is_consistent_and_complete(pair: Any) -> None:
+    """Release pairs are validated against the checkpoint's keys, not the module's."""
+    src, dst = _models(pair.name)
+    state = _source_state(pair, src)
+    assert corpus.validate_truth(pair, state, dst) == []
+    assert corpus.validate_truth(pair) == []  # the same through a freshly written release
+    assert set(pair.truth(state, dst)) == set(dst.state_dict()) - {a for a, _ in pair.tied_dst}
+    assert corpus.norm_eps_profile(src) == corpus.norm_eps_profile(dst)
+
+
+@pytest.mark.parametrize("pair", _params(PORTS))
+def test_port_converts_to_the_same_function(pair: Any) -> None:
+    assert corpus.verify_truth(pair) <= TOLERANCE
+
+
+# tensors that cannot change a softmax attention's output: a key bias adds q . b_k, the same for
+# every key of a query (with rotary embeddings it is rotated per position and does matter)
+OUTPUT_INVARIANT = {"hf_bert_mlm->hf_electra_mlm": r".*attention\.self\.key\.bias"}
+
+
+@pytest.mark.parametrize("pair", _params([p for p in PORTS if p.release is None]))
+def test_port_output_depends_on_every_source_tensor(pair: Any) -> None:
+    """Shuffling any one source tensor's values moves the output: no tensor is a dead end (a
+    zero head, an expert no token reaches, a uniform attention), so every check can fail."""
+    src, _ = _models(pair.name)
+    inputs = pair.make_inputs()
+    base = corpus.run_model(src, inputs).clone()
+    aliases = corpus.tied_aliases(src)
+    invariant = OUTPUT_INVARIANT.get(pair.name, r"(?!)")
+    dead = []
+    for key, tensor in src.state_dict(keep_vars=True).items():
+        if key in aliases or not tensor.is_floating_point() or re.fullmatch(invariant, key):
+            continue
+        old = tensor.detach().clone()
+        order = torch.randperm(old.numel(), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            tensor.copy_(old.reshape(-1)[order].reshape(old.shape))
+            moved = float((corpus.run_model(src, inputs) - base).abs().max())
+            tensor.copy_(old)
+        if moved <= 10 * TOLERANCE:
+            dead.append((key, moved))
+    assert dead == []
+
+
+def _edit_keys(pattern: str, change: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    def edit(state: dict[str, torch.Tensor]) -> None:
+        hits = [k for k in state if re.search(pattern, k)]
+        assert hits, pattern
+        for key in hits:
+            state[key] = change(state[key]).contiguous()
+    return edit
+
+
+def _unpermute(heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The inverse of `permute_for_rope`: back to the interleaved rows the source had."""
+    def undo(w: torch.Tensor) -> torch.Tensor:
+        rows, cols = w.shape
+        return w.view(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+    return undo
+
+
+@pytest.mark.parametrize("name", ["meta_llama->hf_llama", "mistral_moe->hf_mixtral",
+                                  "meta_llama_tp2_release->hf_llama"])
+def test_rotary_ports_need_the_per_head_permutation(name: str) -> None:
+    """Copying wq / wk unpermuted fits every shape and changes the function."""
+    pair = corpus.get_pair(name)
+    llama = corpus.lm_ports.LLAMA
+    assert _diff_with(pair, _edit_keys(r"q_proj\.weight$", _unpermute(llama["n_heads"]))) > 1e-2
+    assert _diff_with(pair, _edit_keys(r"k_proj\.weight$", _unpermute(llama["n_kv_heads"]))) > 1e-2
+
+
+def test_permute_for_rope_matches_the_rotary_conventions() -> None:
+    """Rotating interleaved pairs == rotating halves of the permuted rows (one head of 8)."""
+    from corpus.reference import meta_llama, qwen2_moe_v4
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 5, 1, 8)
+    freqs = meta_llama.precompute_freqs_cis(8, 5)
+    interleaved, _ = meta_llama.apply_rotary_emb(x, x, freqs)
+    order = corpus.lm_ports.permute_for_rope(torch.arange(8.0)[:, None], 1).reshape(-1).long()
+    cos, sin = qwen2_moe_v4.Qwen2MoeRotaryEmbedding(8, 10000.0)(torch.arange(5))
+    halves = x[..., order] * cos[None, :, None] + qwen2_moe_v4.rotate_half(x[..., order]) * sin[
+        None, :, None]
+    assert torch.allclose(interleaved[..., order], halves, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mistral_moe->hf_mixtral", "qwen2_moe_v4->hf_qwen2_moe"])
+def test_stacked_experts_need_their_order_and_layout(name: str) -> None:
+    """gate/up halves swapped, or experts in another order, fit the 3-D shape and are wrong; so is
+    Qwen's square [E, 2I, H] = [4, 64, 64] gate_up_proj transposed."""
+    pair = corpus.get_pair(name)
+    swap_halves = _edit_keys(r"gate_up_proj$", lambda t: t.roll(t.shape[1] // 2, dims=1))
+    assert _diff_with(pair, swap_halves) > 1e-2
+    assert _diff_with(pair, _edit_keys(r"down_proj$", lambda t: t.roll(1, dims=0))) > 1e-2
+    if name.startswith("qwen"):
+        assert _diff_with(pair, _edit_keys(r"gate_up_proj$", lambda t: t.transpose(1, 2))) > 1e-2
+
+
+def test_nanogpt_needs_every_transpose_the_square_one_too() -> None:
+    pair = corpus.get_pair("nanogpt->hf_gpt2")
+    assert _diff_with(pair, _edit_keys(r"attn\.c_proj\.weight$", lambda t: t.t())) > 1e-2
+
+
+def test_mixtral_release_w2_is_transposed_per_expert() -> None:
+    """w2 [E*I, H] viewed as [E, H, I] without the per-expert transpose has down_proj's shape."""
+    pair = corpus.get_pair("mixtral_release->hf_mixtral")
+    src, dst = _models(pair.name)
+    state = _source_state(pair, src)
+    w2 = state["layers.0.block_sparse_moe.w2"]
+    assert w2.shape == (4 * 128, 64)
+    assert w2.reshape(4, 64, 128).shape == dst.state_dict()["model.layers.0.mlp.experts.down_proj"].shape
+
+    def untransposed(conv: dict[str, torch.Tensor]) -> None:
+        for i in range(2):
+            conv[f"model.layers.{i}.mlp.experts.down_proj"] = state[
+                f"layers.{i}.block_sparse_moe.w2"].reshape(4, 64, 128).clone()
+
+    assert _diff_with(pair, untransposed) > 1e-2
+
+
+def test_tensor_parallel_shards_fit_nothing_alone_and_hold_the_same_keys(tmp_path: Path) -> None:
+    pair = corpus.get_pair("meta_llama_tp2_release->hf_llama")
+    path, merged = corpus.read_release(pair, tmp_path)
+    shards = [torch.load(p, weights_only=True) for p in sorted(path.glob("consolidated.*.pth"))]
+    assert len(shards) == 2 and list(shards[0]) == list(shards[1]) == list(merged)
+    assert shards[0]["layers.0.attention.wq.weight"].shape == (32, 64)  # rows split
+    assert shards[0]["layers.0.attention.wo.weight"].shape == (64, 32)  # columns split
+    assert torch.equal(shards[0]["norm.weight"], shards[1]["norm.weight"])  # replicated
+    assert "rope.freqs" in merged and "rope.freqs" not in {
+        s for v in pair.truth(merged, pair.make_dst()).values() for s in v}
+
+
+def test_the_ema_entry_is_the_one_to_load(tmp_path: Path) -> None:
+    """The raw 'model' entry has the same names (unprefixed) and shapes, and other values."""
+    pair = corpus.get_pair("hf_bert_mlm_ema_ckpt->hf_electra_mlm")
+    assert pair.release is not None and pair.release.entry == "model_ema"
+    path, _ = corpus.read_release(pair, tmp_path)
+    raw = torch.load(path, weights_only=True)["model"]
+    src, dst = pair.make_src(), pair.make_dst()
+    base = corpus.get_pair("hf_bert_mlm->hf_electra_mlm")
+    dst.load_state_dict(base.convert(raw, dst), strict=True)
+    inputs = pair.make_inputs()
+    assert float((corpus.run_model(src, inputs) - corpus.run_model(dst, inputs)).abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize("pair", _params(RELEASES))
+def test_release_files_load_without_unpickling_code(pair: Any, tmp_path: Path) -> None:
+    """Every pickle of a release loads with weights_only=True, as archalign reads files."""
+    path, _ = corpus.read_release(pair, tmp_path)
+    files = [path] if path.is_file() else sorted(path.iterdir())
+    for file in files:
+        if file.suffix in {".pt", ".pth", ".ckpt", ".bin"}:
+            torch.load(file, weights_only=True)
+
+
+def test_opt_needs_the_split_order_and_the_position_offset() -> None:
+    pair = corpus.get_pair("hf_gpt2->hf_opt")
+    src = pair.make_src().state_dict()
+
+    def q_from_k_columns(state: dict[str, torch.Tensor]) -> None:  # [q | k | v] read as [k | q | v]
+        for i in range(2):
+            k, q = f"model.decoder.layers.{i}.self_attn.k_proj", f"model.decoder.layers.{i}.self_attn.q_proj"
+            for t in ("weight", "bias"):
+                state[f"{q}.{t}"], state[f"{k}.{t}"] = state[f"{k}.{t}"], state[f"{q}.{t}"]
+
+    def positions_unshifted(state: dict[str, torch.Tensor]) -> None:  # wpe copied to rows 0..63
+        wpe = src["transformer.wpe.weight"]
+        state["model.decoder.embed_positions.weight"] = torch.cat([wpe, wpe[-2:]])
+
+    assert _diff_with(pair, q_from_k_columns) > 1e-2
+    assert _diff_with(pair, positions_unshifted) > 1e-2
