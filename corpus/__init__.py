@@ -34,7 +34,7 @@ Run ``python -m corpus`` to rebuild and verify every exact pair.
 
 from __future__ import annotations
 
-from . import language, seeds, vision
+from . import language, scale, seeds, vision
 from ._pair import CALIBRATION_SEED, DST_SEED, INPUT_SEED, SRC_SEED, Pair
 from .check import norm_eps_profile, run_model, tied_aliases, validate_truth, verify_truth
 from .seeds import MLP, RenamedMLP
@@ -51,6 +51,7 @@ __all__ = [
     "get_pair",
     "norm_eps_profile",
     "run_model",
+    "scale",
     "tied_aliases",
     "validate_truth",
     "verify_truth",
