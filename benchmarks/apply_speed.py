@@ -62,6 +62,20 @@ def apply_cases() -> tuple[ApplyCase, ...]:
     )
 
 
+def find_apply_case(name: str) -> ApplyCase:
+    """The apply case called ``name``.
+
+    Raises
+    ------
+    KeyError
+        If there is none; the message lists the known names.
+    """
+    for case in apply_cases():
+        if case.name == name:
+            return case
+    raise KeyError(f"no apply case {name!r}; known: {', '.join(c.name for c in apply_cases())}")
+
+
 def build_apply_case(case: ApplyCase) -> tuple[nn.Module, nn.Module]:
     """Build the (source, destination) modules of an apply case, with real memory on the CPU."""
     from corpus.scale import fill_distinct, make_llama_pair, make_vision_pair
@@ -80,7 +94,7 @@ def worker_apply(events: Events, case: str) -> dict[str, Any]:
     import archalign
 
     setup_torch()
-    spec = next(c for c in apply_cases() if c.name == case)
+    spec = find_apply_case(case)
     src, dst = build_apply_case(spec)
     n_bytes = sum(t.numel() * t.element_size() for t in dst.state_dict().values())
     plan = archalign.align(src, dst, check_outputs=False)

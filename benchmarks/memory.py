@@ -122,6 +122,11 @@ def _load_by_variant(variant: str, directory: Path, files: list[str], dst: nn.Mo
     archalign applies with ``min_confidence=0`` so that every planned tensor is written (the
     memory of a full load). Returns the destination keys archalign loaded and how many of its
     matches the default ``min_confidence=0.5`` would have skipped (None for a baseline).
+
+    Raises
+    ------
+    ValueError
+        If ``variant`` is not a key of `MEMORY_VARIANTS`.
     """
     from safetensors.torch import load_file
 
