@@ -48,7 +48,7 @@ Run ``python -m corpus`` to rebuild and verify every exact pair.
 
 from __future__ import annotations
 
-from . import hf_vision, language, lm_ports, reference_vision, releases, seeds, vision
+from . import hf_vision, language, lm_ports, reference_vision, releases, scale, seeds, vision
 from ._pair import CALIBRATION_SEED, DST_SEED, INPUT_SEED, SRC_SEED, Pair, Release
 from .check import (
     norm_eps_profile,
@@ -76,6 +76,7 @@ __all__ = [
     "norm_eps_profile",
     "read_release",
     "run_model",
+    "scale",
     "tied_aliases",
     "validate_truth",
     "verify_truth",

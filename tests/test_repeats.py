@@ -90,7 +90,7 @@ def test_hugging_face_decoders_collapse_to_the_full_order(name, device):
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 @pytest.mark.parametrize("style", ["a", "b"], ids=["mixtral-names", "deepseek-names"])
 def test_moe_collapses_layers_and_experts_inside_out(style, device, caplog):
-    from benchmarks.speed import MoeShape, make_moe
+    from corpus.scale import MoeShape, make_moe
 
     with torch.device(device):
         model = make_moe(MoeShape(layers=6, experts=8), style)
