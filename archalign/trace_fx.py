@@ -7,7 +7,9 @@ parameter-free operations; metadata reads (``x.shape``) carry none.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from itertools import pairwise
 
 import networkx as nx
@@ -48,7 +50,8 @@ def trace_fx(module: nn.Module, units: list[Unit], source: TensorSource) -> Unit
         if path and next(iter(m.parameters()), None) is None
         and next(iter(m.buffers()), None) is None
     )
-    graph = _UnitTracer(source.layer_owners, empty).trace(module)
+    with _attributes_kept(module):  # a traced forward may assign proxies to attributes
+        graph = _UnitTracer(source.layer_owners, empty).trace(module)
     unit_of_tensor = {t: u.key for u in units for t in u.tensors}
     for alias, primary in source.aliases.items():
         unit_of_tensor[alias] = unit_of_tensor[primary]
@@ -100,6 +103,28 @@ def trace_fx(module: nn.Module, units: list[Unit], source: TensorSource) -> Unit
         reduced.add_nodes_from(result.graph.nodes)
         result.graph = reduced
     return result
+
+
+@contextlib.contextmanager
+def _attributes_kept(module: nn.Module) -> Iterator[None]:
+    """Put every attribute of ``module`` and its submodules back after the block.
+
+    Symbolic tracing runs ``forward`` with proxies in place of tensors: a forward that caches a
+    value on its module (``self.freqs_cis = self.freqs_cis.to(h.device)``) would leave a proxy
+    there, and the user's model would no longer run.
+    """
+    saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules))
+             for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, attributes, parameters, buffers, children in saved:
+            vars(m).clear()
+            vars(m).update(attributes)
+            for table, before in ((m._parameters, parameters), (m._buffers, buffers),
+                                  (m._modules, children)):
+                table.clear()
+                table.update(before)
 
 
 _METADATA_METHODS = frozenset({"size", "dim", "numel", "type", "get_device", "stride"})

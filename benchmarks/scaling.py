@@ -107,7 +107,7 @@ def plot_scaling(points: Sequence[Point], path: Path) -> str:
     for i, p in enumerate(p for p in points if p.target and p.n):
         assert p.n is not None and p.target is not None
         ax.hlines(p.target, p.n / 1.35, p.n * 1.35, color="green",
-                  linewidth=2, label="target from the issue" if i == 0 else None)
+                  linewidth=2, label="target from the issue" if i == 0 else "_nolegend_")
         ax.annotate(f"target {p.target:g} s", (p.n * 1.35, p.target),
                     textcoords="offset points", xytext=(3, -3), fontsize=7, color="green")
     ax.set_xscale("log")

@@ -115,3 +115,30 @@ def test_fx_units_not_used_by_forward_go_last():
     assert g.order == ["used", "spare"]
     assert g.predecessors("spare") == []
     assert g.successors("spare") == []
+
+
+class CachesOnItself(nn.Module):
+    """A forward that caches a value on its module, as Meta's LLaMA does with ``freqs_cis``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.scale = torch.ones(3)
+        self.register_buffer("offset", torch.zeros(3))
+
+    def forward(self, x):
+        self.scale = self.scale.to(x.device)
+        self.offset = self.offset + 0  # a registered buffer, reassigned
+        out = self.fc(x) * self.scale + self.offset
+        for _ in out:  # data-dependent iteration: fx gives up after the assignments
+            pass
+        return out
+
+
+def test_a_failed_trace_leaves_no_proxy_on_the_model():
+    model = CachesOnItself()
+    scale, offset = model.scale, model.offset
+    g = trace(model)
+    assert g.tracer != "fx"
+    assert model.scale is scale and model.offset is offset
+    model(torch.ones(2, 3))  # still runs
