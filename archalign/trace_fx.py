@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from itertools import pairwise
+from typing import Any
 
 import networkx as nx
 import torch
@@ -113,16 +114,16 @@ def _attributes_kept(module: nn.Module) -> Iterator[None]:
     value on its module (``self.freqs_cis = self.freqs_cis.to(h.device)``) would leave a proxy
     there, and the user's model would no longer run.
     """
-    saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules))
-             for m in module.modules()]
+    tables = ("_parameters", "_buffers", "_modules")
+    saved = [(m, dict(vars(m)), [dict(getattr(m, t)) for t in tables]) for m in module.modules()]
     try:
         yield
     finally:
-        for m, attributes, parameters, buffers, children in saved:
+        for m, attributes, contents in saved:
             vars(m).clear()
             vars(m).update(attributes)
-            for table, before in ((m._parameters, parameters), (m._buffers, buffers),
-                                  (m._modules, children)):
+            for name, before in zip(tables, contents):
+                table: dict[str, Any] = getattr(m, name)
                 table.clear()
                 table.update(before)
 
