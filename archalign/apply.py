@@ -169,7 +169,7 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
         adapted=tuple(adapted),
         nonfinite=tuple(nonfinite),
     )
-    logger.info("%s", str(report).splitlines()[0])
+    logger.debug("%s", str(report).splitlines()[0])
     return report
 
 

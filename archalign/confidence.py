@@ -18,6 +18,8 @@ from .graph import Tracer
 __all__ = [
     "AMBIGUOUS_INSIDE",
     "DEFAULT_MIN_CONFIDENCE",
+    "DISAGREEING",
+    "DIVERGING",
     "FULL_TRUST",
     "HIGH_CONFIDENCE",
     "LOW_CONFIDENCE",
@@ -29,6 +31,7 @@ __all__ = [
     "SAME_NAME_MARGIN",
     "VERIFIED_CONFIDENCE",
     "Trust",
+    "UNVERIFIED_CAP",
     "confidence",
     "trust_in",
 ]
@@ -52,6 +55,10 @@ ORDER_ONLY_TRUST = 0.85  # a match beat same-shaped rivals on a non-execution or
 SAME_NAME_IN_TIE = 0.7  # where the alignment is ambiguous, a match between identically named
 SAME_NAME_MARGIN = 0.5  # layers keeps at least this fit factor, with this much extra margin
 VERIFIED_CONFIDENCE = 0.95  # floor for the matches of a plan whose trial reproduced the outputs
+UNVERIFIED_CAP = 0.85  # ceiling for every match of a plan whose trial did not reproduce them
+DIVERGING = 0.45  # ceiling on the diverging path of a plan that should have reproduced them
+DISAGREEING = 0.3  # ceiling for a match whose layer, given its counterpart's input, computes
+# something else
 NAMES_ONLY_ORDER_WEIGHT = 0.25  # position and context costs are scaled by this when the order
 # is names only (`Tracer.SORTED`): tie-breakers, no longer evidence
 

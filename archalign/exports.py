@@ -152,6 +152,12 @@ def _run(tensors, ops):
             t = tensors[0]
             rows = t.shape[0] // (a * b)
             tensors = [t.reshape(a, b, rows, *t.shape[1:]).transpose(0, 1).reshape(t.shape)]
+        elif kind in ("rope", "unrope"):  # rotary rows: interleaved pairs <-> halves, per head
+            heads = op["groups"][0]
+            t = tensors[0]
+            half = t.shape[0] // heads // 2
+            inner = (half, 2) if kind == "rope" else (2, half)
+            tensors = [t.reshape(heads, *inner, *t.shape[1:]).transpose(1, 2).reshape(t.shape)]
         else:
             raise ValueError("unknown operation " + repr(kind))
     return tensors

@@ -36,6 +36,8 @@ class UnitFeatures:
     tokens: frozenset[str]  # lower-case name tokens without indices ("blocks.0.qkv" -> blocks, qkv)
     indices: tuple[int, ...]  # the numbers in the key, in order ("layer1.2.conv1" -> 1, 2, 1)
     spread: float = 0.0  # how far `position` moves when the alignment's gaps go first, not last
+    reads: int | None = None  # id of the tensor its layer read first (equal: siblings); None
+    # when unknown
 
     @property
     def signature(self) -> Signature:
@@ -164,6 +166,7 @@ def _features(unit: Unit, rank: int, position: float, graph: UnitGraph,
         preds=describe(graph.predecessors(unit.key)),
         succs=describe(graph.successors(unit.key)),
         tokens=name_tokens(unit.key),
+        reads=graph.reads.get(unit.key),
         indices=tuple(int(n) for n in re.findall(r"\d+", unit.key)),
     )
 

@@ -235,5 +235,14 @@ def _candidate_groups(parts: Sequence[UnitFeatures]) -> list[tuple[UnitFeatures,
             last = start + length - 1
             if ordered[last].family != first.family or names[last] != names[start]:
                 break
+            if not _siblings(group):  # pieces of one tensor read one input (q, k, v; gate, up)
+                break
             groups.append(group)
     return groups
+
+
+def _siblings(group: Sequence[UnitFeatures]) -> bool:
+    """Whether the members may be pieces of one fused tensor: they read the very same tensor,
+    or what they read is not known."""
+    reads = [f.reads for f in group]
+    return None in reads or len(set(reads)) == 1

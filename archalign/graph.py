@@ -13,7 +13,7 @@ import itertools
 import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import networkx as nx
@@ -106,6 +106,9 @@ class UnitGraph:
     units: dict[str, Unit]  # unit key -> Unit, in execution (or registration) order
     graph: nx.DiGraph  # edges between unit keys, plus the INPUT and OUTPUT sentinels
     tracer: Tracer  # how the order was obtained, and so what the graph can be trusted for
+    reads: dict[str, int] = field(default_factory=dict)  # layer unit key -> an id of the tensor
+    # its layer read first: layers with one id read the very same tensor (siblings, such as q, k
+    # and v); units not seen reading are absent
 
     @property
     def order(self) -> list[str]:

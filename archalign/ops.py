@@ -11,7 +11,15 @@ reshape    reshape the single tensor to ``shape``      reshape back to ``from_sh
 concat     concatenate all tensors along axis 0        split into the ``sizes`` of the inputs
 split      split the single tensor along axis 0        concat
 regroup    rows laid out (a, b, rest) -> (b, a, rest)  regroup with a and b swapped
+rope       per head, rows on interleaved pairs ->      unrope
+           rows on halves (rotary conventions)
+unrope     per head, halves -> interleaved pairs       rope
 =========  ==========================================  =======================================
+
+``rope`` is what transformers' ``PermuteForRope`` and ``convert_llama_weights_to_hf.py``'s
+``permute`` do to a query or key projection: Meta's reference rotates interleaved pairs of rows
+(``x0, x1``, ``x2, x3``, ...), Hugging Face's rotates the two halves of each head. With ``heads``
+heads of ``d`` rows, rows viewed as ``(heads, d / 2, 2)`` become ``(heads, 2, d / 2)``.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ class OpKind(str, enum.Enum):
     CONCAT = "concat"
     SPLIT = "split"
     REGROUP = "regroup"
+    ROPE = "rope"
+    UNROPE = "unrope"
 
     def __str__(self) -> str:
         return self.value
@@ -52,7 +62,8 @@ class Op:
     shape: Shape = ()  # reshape: the target shape
     from_shape: Shape = ()  # reshape: the shape it reshapes from (for the inverse)
     sizes: Shape = ()  # split: sizes along axis 0; concat: sizes of its inputs along axis 0
-    groups: Shape = ()  # regroup: (a, b): rows laid out as (a, b, rest) become (b, a, rest)
+    groups: Shape = ()  # regroup: (a, b): rows laid out as (a, b, rest) become (b, a, rest);
+    # rope / unrope: (heads,)
 
     def __post_init__(self) -> None:
         try:
@@ -203,6 +214,25 @@ def _infer_regroup(op: Op, current: list[Shape]) -> list[Shape]:
     return current
 
 
+def _infer_rope(op: Op, current: list[Shape]) -> list[Shape]:
+    if len(op.groups) != 1 or op.groups[0] < 1:
+        raise PlanError(f"{op.kind} needs one head count, got groups {list(op.groups)}")
+    heads = op.groups[0]
+    if len(current) != 1 or not current[0] or current[0][0] % (2 * heads):
+        raise PlanError(f"{op} needs one tensor whose rows split into {heads} heads of an even "
+                        f"size, got shapes {current}")
+    return current
+
+
+def _rope(op: Op, current: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Interleaved pairs -> halves (``rope``), or back (``unrope``), per head, on axis 0."""
+    heads = op.groups[0]
+    t = current[0]
+    half = t.shape[0] // heads // 2
+    inner = (half, 2) if op.kind is OpKind.ROPE else (2, half)
+    return [t.reshape(heads, *inner, *t.shape[1:]).transpose(1, 2).reshape(t.shape)]
+
+
 def _regroup(op: Op, current: list[torch.Tensor]) -> list[torch.Tensor]:
     a, b = op.groups
     t = current[0]
@@ -231,4 +261,10 @@ _KINDS: dict[OpKind, _Kind] = {
         text=lambda op: f"regroup{op.groups[0]}x{op.groups[1]}", infer=_infer_regroup,
         apply=_regroup,
         invert=lambda op, before: Op(OpKind.REGROUP, groups=(op.groups[1], op.groups[0]))),
+    OpKind.ROPE: _Kind(
+        text=lambda op: f"rope{op.groups[0]}", infer=_infer_rope, apply=_rope,
+        invert=lambda op, before: Op(OpKind.UNROPE, groups=op.groups)),
+    OpKind.UNROPE: _Kind(
+        text=lambda op: f"unrope{op.groups[0]}", infer=_infer_rope, apply=_rope,
+        invert=lambda op, before: Op(OpKind.ROPE, groups=op.groups)),
 }

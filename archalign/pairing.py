@@ -44,7 +44,9 @@ class TensorPair(NamedTuple):
 
 _SYNONYMS = {"gamma": "weight", "beta": "bias", "scale": "weight", "g": "weight", "b": "bias",
              "moving_mean": "running_mean", "moving_variance": "running_var",
-             "moving_var": "running_var"}
+             "moving_var": "running_var",
+             # nn.MultiheadAttention packs q, k and v into one input projection
+             "in_proj_weight": "weight", "in_proj_bias": "bias"}
 
 
 def pair_tensors(src: Unit, dst: Unit, mode: MatchMode | str = MatchMode.EXACT

@@ -14,16 +14,17 @@ from .confidence import AMBIGUOUS_INSIDE, DEFAULT_MIN_CONFIDENCE, trust_in
 from .cost import CostWeights
 from .errors import SourceError
 from .features import UnitFeatures, extract_features
+from .functional import decide_by_activations
 from .fused import match_fused
 from .graph import Unit, UnitGraph, build_units
 from .hints import Hints, resolve_hints
+from .inputs import BoundInputs, bind, make_inputs
 from .match import UnitMatch, match_adapted, match_near_misses, match_pinned, match_units
 from .plan import Match, Mismatch, Plan
 from .report import LoadReport
-from .running import ExampleInputs, dummy_inputs
+from .running import ExampleInputs
 from .source import TensorSource, read_source
 from .trace import harmonise_graphs, trace_graph
-from .trial import decide_by_activations
 from .verify import verify as run_verification
 
 __all__ = ["align", "align_and_load"]
@@ -51,11 +52,14 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
         `Plan.drop`): pinned pairs are matched and anchor the positions of their neighbours,
         forbidden pairs are never matched, dropped destination layers are left untouched.
     check_outputs : bool
-        When both sides are modules and an input is at hand (``example_inputs``, or the source's
-        own ``dummy_inputs`` when ``dst`` is materialised and below `AUTO_CHECK_LIMIT` elements),
-        run the plan on a copy of ``dst`` and compare outputs: agreement
-        confirms every match, disagreement is reported in ``plan.verification`` and lets the
-        outputs choose among the row layouts of fused projections. ``dst`` is never written.
+        When both sides are modules and an input is at hand (``example_inputs``, or one made
+        from the models, `archalign.inputs.make_inputs`, when both are materialised and below
+        `AUTO_CHECK_LIMIT` elements), run the plan on a copy of ``dst``, layer by layer
+        (`archalign.functional`): where the destination stops reproducing the source, the
+        plan is repaired locally (row layouts, member orders, which source); agreement on the
+        outputs makes every match that took part certain, disagreement caps every confidence
+        and sinks what disagrees; ``plan.verification`` says what ran and what it showed.
+        ``dst`` is never written.
     weights : CostWeights, optional
         The cost model's weights; the defaults suit most ports.
     progress : callable, optional
@@ -81,10 +85,11 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
     source = read_source(src, role="source")
     target = read_source(dst, role="destination")
 
+    inputs, why_not = _inputs(source, target, example_inputs, step, check_outputs)
     step("tracing the source")
-    src_traced = trace_graph(source, example_inputs)
+    src_traced = trace_graph(source, inputs.src if inputs is not None else example_inputs)
     step("tracing the destination")
-    dst_traced = trace_graph(target, example_inputs)
+    dst_traced = trace_graph(target, inputs.dst if inputs is not None else example_inputs)
     src_graph, dst_graph = harmonise_graphs(
         src_traced, dst_traced, _in_registration_order(src_traced, source),
         _in_registration_order(dst_traced, target))
@@ -117,13 +122,12 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
         logger.warning("the %s holds NaN or Inf in %d tensors (applying loads them as they are): "
                        "%s", source.description, len(nonfinite), ", ".join(nonfinite))
     plan = dataclasses.replace(plan, hints=hints or Hints(), nonfinite=nonfinite)
-    if check_outputs and source.module is not None and isinstance(dst, nn.Module):
-        inputs = example_inputs
-        if inputs is None and _cheap_to_run(target):
-            inputs = dummy_inputs(source.module)
-        if inputs is not None:
-            step("checking the plan by running both models")
-            plan = decide_by_activations(plan, source.module, dst, inputs)
+    if check_outputs and inputs is not None and source.module is not None and target.module:
+        step("checking the plan by running both models")
+        plan = decide_by_activations(plan, source.module, target.module, inputs, src_traced,
+                                     dst_traced, rules)
+    elif why_not:
+        plan = dataclasses.replace(plan, verification=why_not)
     logger.info("aligned %s -> %s: %d matches, %d mismatches, %d destination keys unmatched",
                 source.description, target.description, len(plan.matches),
                 len(plan.mismatches), len(plan.unmatched_dst))
@@ -164,11 +168,29 @@ def align_and_load(src: Any, dst: nn.Module, *, example_inputs: ExampleInputs = 
 AUTO_CHECK_LIMIT = 200_000_000  # elements: above this, outputs are checked only when asked
 
 
-def _cheap_to_run(target: TensorSource) -> bool:
-    """Whether to check outputs unasked (with the model's dummy inputs): not for a destination on
-    the meta device (the check would materialise it) nor for a large one."""
+def _inputs(source: TensorSource, target: TensorSource, given: ExampleInputs,
+            step: Callable[[str], None], check_outputs: bool) -> tuple[BoundInputs | None, str]:
+    """The input both modules run on, as each takes it (the user's, or one made from the
+    models), and why there is none when there is none ("" when nobody asked for one)."""
+    if source.module is None or target.module is None:
+        return None, ""
+    if given is not None:
+        return bind(source.module, target.module, given), ""
+    if not check_outputs:
+        return None, ""
+    if not (_cheap_to_run(source) and _cheap_to_run(target)):
+        return None, (f"not checked: no input was given, and the models are too large (over "
+                      f"{AUTO_CHECK_LIMIT:.0e} elements) or on the meta device to run unasked")
+    step("making an input for both models")
+    made, how = make_inputs(source.module, target.module)
+    return made, ("" if made is not None else f"not checked: {how}")
+
+
+def _cheap_to_run(side: TensorSource) -> bool:
+    """Whether to run a model unasked (with an input made for it): not on the meta device (there
+    is nothing to run) nor when it is large."""
     total = 0
-    for spec in target.specs.values():
+    for spec in side.specs.values():
         if spec.device == "meta":
             return False
         total += math.prod(spec.shape)

@@ -87,15 +87,17 @@ def harmonise_graphs(src: UnitGraph, dst: UnitGraph, src_units: Sequence[Unit],
         Each side's units in registration order (`build_units`).
     """
     if not (src.tracer.ordered and dst.tracer.ordered):
-        return (chain_graph(sorted(src_units, key=lambda u: natural_key(u.key)), Tracer.SORTED),
+        pair = (chain_graph(sorted(src_units, key=lambda u: natural_key(u.key)), Tracer.SORTED),
                 chain_graph(sorted(dst_units, key=lambda u: natural_key(u.key)), Tracer.SORTED))
-    if src.tracer is dst.tracer or not (src.tracer.executes or dst.tracer.executes):
+    elif src.tracer is dst.tracer or not (src.tracer.executes or dst.tracer.executes):
         return src, dst
-    if not (src.tracer.executes and dst.tracer.executes):  # one side's order is a guess
-        return (chain_graph(list(src_units), Tracer.REGISTRATION if src.tracer.executes
+    elif not (src.tracer.executes and dst.tracer.executes):  # one side's order is a guess
+        pair = (chain_graph(list(src_units), Tracer.REGISTRATION if src.tracer.executes
                             else src.tracer),
                 chain_graph(list(dst_units), Tracer.REGISTRATION if dst.tracer.executes
                             else dst.tracer))
-    # one side "hooks", the other "fx": keep each order, drop the fx data flow
-    return (chain_graph(list(src.units.values()), src.tracer),
-            chain_graph(list(dst.units.values()), dst.tracer))
+    else:  # one side "hooks", the other "fx": keep each order, drop the fx data flow
+        pair = (chain_graph(list(src.units.values()), src.tracer),
+                chain_graph(list(dst.units.values()), dst.tracer))
+    pair[0].reads, pair[1].reads = src.reads, dst.reads  # which layers read one tensor: kept
+    return pair

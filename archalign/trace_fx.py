@@ -31,10 +31,10 @@ class _UnitTracer(fx.Tracer):
 
     def __init__(self, layer_owners: frozenset[str], empty: frozenset[str]) -> None:
         super().__init__()
-        self._leaves = layer_owners | empty
+        self.output_leaves = layer_owners | empty
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self._leaves
+        return module_qualified_name in self.output_leaves
 
 
 def trace_fx(module: nn.Module, units: list[Unit], source: TensorSource) -> UnitGraph:
@@ -65,6 +65,8 @@ def trace_fx(module: nn.Module, units: list[Unit], source: TensorSource) -> Unit
     # a free tensor (get_attr) takes its place where it first meets the data flow, not where
     # Python happened to read the attribute (`self.scale * self.block(x)` reads it first)
     pending: dict[str, None] = {}
+    reads: dict[str, int] = {}  # unit -> its layer's first argument, by the node's place
+    place = {node: i for i, node in enumerate(graph.nodes)}
     for node in graph.nodes:
         feeding: frozenset[str] = frozenset().union(
             *(frontier.get(arg, frozenset()) for arg in node.all_input_nodes))
@@ -84,6 +86,8 @@ def trace_fx(module: nn.Module, units: list[Unit], source: TensorSource) -> Unit
         elif node.op == "call_module" and (inside := units_inside.get(str(node.target), [])):
             edges.extend((a, inside[0]) for a in feeding)
             edges.extend(pairwise(inside))
+            if node.args and isinstance(node.args[0], fx.Node):
+                reads.setdefault(inside[0], place[node.args[0]])
             order.extend(inside)
             frontier[node] = frozenset({inside[-1]})
         elif node.op == "output":
@@ -97,6 +101,7 @@ def trace_fx(module: nn.Module, units: list[Unit], source: TensorSource) -> Unit
         logger.debug("%d units of %s are not used by forward: %s", len(unused),
                      type(module).__name__, unused[:5])
     result = ordered_graph(units, order, edges, Tracer.FX)
+    result.reads = reads
     if nx.is_directed_acyclic_graph(result.graph):
         # keep only the nearest producers: a residual stream would otherwise feed every later
         # layer from every earlier one

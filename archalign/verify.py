@@ -19,7 +19,7 @@ from .plan import Plan
 from .report import Divergence, Verification
 from .running import ExampleInputs, run_in_eval
 
-__all__ = ["compare_outputs", "verify"]
+__all__ = ["compare_outputs", "output_leaves", "verify"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,21 +69,21 @@ def verify(src: nn.Module, dst: nn.Module, example_inputs: ExampleInputs, *,
     return result
 
 
-def _leaves(value: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+def output_leaves(value: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors inside an output: tensors, tuples, lists, dicts and Hugging Face ModelOutputs."""
     if isinstance(value, torch.Tensor):
         yield path, value
     elif isinstance(value, Mapping):
         for key, item in value.items():
-            yield from _leaves(item, f"{path}.{key}" if path else str(key))
+            yield from output_leaves(item, f"{path}.{key}" if path else str(key))
     elif isinstance(value, (tuple, list)):
         for i, item in enumerate(value):
-            yield from _leaves(item, f"{path}[{i}]")
+            yield from output_leaves(item, f"{path}[{i}]")
 
 
 def compare_outputs(a: Any, b: Any) -> tuple[float, int, float, str]:
     """(max abs diff, tensors compared, max |a|, problem) over the tensors both outputs hold."""
-    left, right = dict(_leaves(a)), dict(_leaves(b))
+    left, right = dict(output_leaves(a)), dict(output_leaves(b))
     common = [k for k in left if k in right]
     if not common and left and right and len(left) == len(right):
         common_pairs = list(zip(left.values(), right.values()))  # differently named: by order

@@ -274,8 +274,15 @@ def test_hard_models_align_to_themselves_through_the_fallbacks(cls, inputs, trac
 
 
 def test_without_inputs_an_untraceable_model_falls_back_to_registration_order() -> None:
-    plan = archalign.align(DataDependent(), DataDependent())
+    plan = archalign.align(DataDependent(), DataDependent(), check_outputs=False)
     assert plan.src_tracer == plan.dst_tracer == "registration"
+    assert plan.mapping() == {k: k for k in DataDependent().state_dict()}
+
+
+def test_without_inputs_an_untraceable_model_is_run_on_an_input_made_for_it() -> None:
+    plan = archalign.align(DataDependent(), DataDependent())
+    assert plan.src_tracer == plan.dst_tracer == "hooks"  # execution order, by running it
+    assert "input made" in plan.verification
     assert plan.mapping() == {k: k for k in DataDependent().state_dict()}
 
 

@@ -267,7 +267,7 @@ def vit_plan() -> Plan:
     dst = timm.models.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2,
                                         num_heads=4, mlp_ratio=2.0, num_classes=10,
                                         global_pool="token")
-    return archalign.align(src, dst)
+    return archalign.align(src, dst, check_outputs=False)  # the structural plan: doubtful rows
 
 
 @needs_chromium

@@ -20,6 +20,9 @@ CASES = [
     ([(12, 4)], (Op("regroup", groups=(3, 2)),), [(12, 4)]),
     ([(4, 12)], (T, Op("regroup", groups=(3, 2))), [(12, 4)]),
     ([(4, 2), (4, 4)], (T, Op("concat", sizes=(2, 4)), T), [(4, 6)]),
+    ([(16, 6)], (Op("rope", groups=(2,)),), [(16, 6)]),
+    ([(16,)], (Op("unrope", groups=(4,)),), [(16,)]),
+    ([(6, 8)], (T, Op("rope", groups=(2,))), [(8, 6)]),
 ]
 
 
@@ -47,6 +50,23 @@ def test_regroup_moves_rows_from_kind_major_to_head_major() -> None:
     assert out.flatten().tolist() == [0.0, 10.0, 20.0, 1.0, 11.0, 21.0]
 
 
+def test_rope_is_the_conversion_scripts_permutation() -> None:
+    """transformers' convert_llama_weights_to_hf.py: interleaved rotary pairs -> halves."""
+    def permute(w, n_heads, dim1, dim2):  # as the script writes it
+        return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+    w = torch.randn(32, 12)
+    for heads in (1, 2, 4):
+        assert torch.equal(apply_ops([w], (Op("rope", groups=(heads,)),))[0],
+                           permute(w, heads, 32, 12))
+    # one head of 4 rows: pairs (r0 r1) (r2 r3) -> halves (r0 r2 | r1 r3)
+    rows = torch.arange(4.0)
+    assert apply_ops([rows], (Op("rope", groups=(1,)),))[0].tolist() == [0.0, 2.0, 1.0, 3.0]
+    assert apply_ops([rows], (Op("unrope", groups=(1,)),))[0].tolist() == [0.0, 2.0, 1.0, 3.0]
+    halves = apply_ops([torch.arange(8.0)], (Op("unrope", groups=(1,)),))[0]
+    assert halves.tolist() == [0.0, 4.0, 1.0, 5.0, 2.0, 6.0, 3.0, 7.0]
+
+
 @pytest.mark.parametrize(("src", "dst", "kwargs", "expected"), [
     ((96, 1, 1), (96,), {}, "reshape(96,)"),
     ((10, 512), (10, 32, 4, 4), {}, "reshape(10, 32, 4, 4)"),
@@ -72,6 +92,7 @@ def test_squeeze_shape() -> None:
     ([(2, 4), (4, 3)], Op("concat", sizes=(2, 4))),
     ([(6, 4)], Op("split", sizes=(2, 2))),
     ([(7, 4)], Op("regroup", groups=(3, 2))),
+    ([(12, 4)], Op("rope", groups=(4,))),  # 3 rows per head: not pairs
 ])
 def test_an_op_that_does_not_fit_names_the_shapes(shapes, op) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(PlanError, match=r"\(\d"):

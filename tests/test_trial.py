@@ -1,4 +1,4 @@
-"""Tests for archalign.trial: a plan tried on a copy of the destination while aligning."""
+"""Tests for archalign.trial: a plan loaded into one scratch copy of dst, run layer by layer."""
 
 from __future__ import annotations
 
@@ -8,88 +8,75 @@ import torch
 from torch import nn
 
 import archalign
-from archalign.confidence import VERIFIED_CONFIDENCE
-from archalign.ops import Op
-from archalign.trial import decide_by_activations
-
-HEADS, HEAD_DIM = 2, 4
-WIDTH = HEADS * HEAD_DIM
+from archalign.graph import build_units
+from archalign.inputs import bind
+from archalign.source import read_source
+from archalign.trial import TrialRunner
 
 
-class Separate(nn.Module):
-    """Attention-like block with separate q, k, v projections."""
-
-    def __init__(self) -> None:
+class Chain(nn.Module):
+    def __init__(self, zero_head: bool = False) -> None:
         super().__init__()
-        self.num_heads = HEADS
-        self.q, self.k, self.v = (nn.Linear(WIDTH, WIDTH) for _ in range(3))
-        self.out = nn.Linear(WIDTH, 3)
+        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        if zero_head:
+            nn.init.zeros_(self.c.weight)
+            nn.init.zeros_(self.c.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.tanh(self.q(x)) * self.k(x) + torch.sigmoid(self.v(x)))
-
-
-class Fused(nn.Module):
-    """The same block with one fused projection, its rows laid out (3, heads, head_dim) as
-    GPT-2's c_attn, or (heads, 3, head_dim) as GPTBigCode's."""
-
-    def __init__(self, per_head: bool) -> None:
-        super().__init__()
-        self.num_heads = HEADS
-        self.per_head = per_head
-        self.qkv = nn.Linear(WIDTH, 3 * WIDTH)
-        self.out = nn.Linear(WIDTH, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self.qkv(x)
-        if self.per_head:
-            rows = rows.reshape(-1, HEADS, 3, HEAD_DIM).transpose(1, 2).reshape(-1, 3 * WIDTH)
-        q, k, v = rows.chunk(3, dim=-1)
-        return self.out(torch.tanh(q) * k + torch.sigmoid(v))
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
 
 
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
+def _runner(src: nn.Module, dst: nn.Module) -> TrialRunner:
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    layers = [u.key for u in build_units(read_source(src))]
+    return TrialRunner(src, dst, bind(src, dst, x), layers, layers)
 
 
-def test_a_plan_that_reproduces_the_outputs_is_confirmed_and_dst_is_untouched() -> None:
+def _swapped(plan: archalign.Plan, a: str, b: str) -> archalign.Plan:
+    by = {m.dst[0]: m for m in plan.matches}
+    out = []
+    for m in plan.matches:
+        unit = m.dst_unit
+        if unit in (a, b):
+            other = by[m.dst[0].replace(unit, b if unit == a else a, 1)]
+            m = dataclasses.replace(m, src=other.src, src_unit=other.src_unit)
+        out.append(m)
+    return dataclasses.replace(plan, matches=tuple(out))
+
+
+def test_a_right_plan_agrees_everywhere_and_dst_is_untouched() -> None:
     torch.manual_seed(0)
-    src, dst = Separate(), Separate()
+    src, dst = Chain(), Chain()
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
     plan = archalign.align(src, dst, check_outputs=False)
-    before = _state(dst)
-    tried = decide_by_activations(plan, src, dst, torch.randn(5, WIDTH))
-    assert tried.verification.startswith("outputs agree")
-    assert all(m.confidence >= VERIFIED_CONFIDENCE for m in tried.matches)
-    assert all(m.cost_terms.get("verified") == 1.0 for m in tried.matches)
-    assert [m.dst for m in tried.matches] == [m.dst for m in plan.matches]
+    trial = _runner(src, dst).run(plan)
+    assert trial.ok and trial.scope == "outputs" and trial.first_bad == len(trial.order) == 3
+    assert all(c.input_same is not False and c.output_same for c in trial.checks.values())
     assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
 
 
-def test_the_outputs_choose_the_row_layout_of_a_fused_projection() -> None:
+def test_a_wrong_plan_names_the_first_layer_that_differs() -> None:
     torch.manual_seed(0)
-    src, dst = Fused(per_head=False), Fused(per_head=True)
-    plan = archalign.align(src, dst, check_outputs=False)
-    assert all(not m.ops for m in plan.matches)  # by structure: plain copies
-    tried = decide_by_activations(plan, src, dst, torch.randn(5, WIDTH))
-    assert tried.verification.startswith("outputs agree")
-    (weight,) = [m for m in tried.matches if m.dst == ("qkv.weight",)]
-    assert weight.ops[-1] == Op("regroup", groups=(3, HEADS))
-    report = tried.apply(dst)
-    assert report.complete
-    x = torch.randn(3, WIDTH)
-    assert torch.allclose(src(x), dst(x), atol=1e-6)
+    src, dst = Chain(), Chain()
+    plan = _swapped(archalign.align(src, dst, check_outputs=False), "a", "b")
+    runner = _runner(src, dst)
+    trial = runner.run(plan)
+    assert not trial.ok and trial.order[trial.first_bad] == "a"
+    # a was given b's weights: its counterpart b received something else, and produced it
+    assert trial.checks["a"].input_same is False and trial.checks["a"].output_same is False
+    a = next(m for m in plan.matches if m.dst_unit == "a")
+    assert runner.local_check(a) is True  # given b's input, b's tensors in a compute b: the
+    # tensors are right for their source, the source is wrong for the layer
+    c = next(m for m in plan.matches if m.dst_unit == "c")
+    assert trial.checks["c"].input_same is False and runner.local_check(c) is True
+    assert runner.run(archalign.align(src, dst, check_outputs=False)).ok  # the copy reloads
 
 
-def test_a_plan_that_fails_is_reported_and_no_confidence_is_raised() -> None:
+def test_a_zero_head_proves_nothing_so_the_layers_judge() -> None:
     torch.manual_seed(0)
-    src, dst = Separate(), Separate()
-    plan = archalign.align(src, dst, check_outputs=False)
-    # swap two equal-shaped projections by hand: a wrong plan
-    q, k = (next(i for i, m in enumerate(plan.matches) if m.dst == (f"{n}.weight",)) for n in "qk")
-    matches = list(plan.matches)
-    matches[q], matches[k] = (dataclasses.replace(matches[q], src=matches[k].src),
-                              dataclasses.replace(matches[k], src=matches[q].src))
-    wrong = dataclasses.replace(plan, matches=tuple(matches))
-    tried = decide_by_activations(wrong, src, dst, torch.randn(5, WIDTH))
-    assert tried.verification.startswith("OUTPUTS DIFFER")
-    assert [m.confidence for m in tried.matches] == [m.confidence for m in wrong.matches]
+    src, dst = Chain(zero_head=True), Chain()
+    right = archalign.align(src, dst, check_outputs=False)
+    trial = _runner(src, dst).run(right)
+    assert trial.ok and "no information" in trial.scope
+    wrong = _runner(src, dst).run(_swapped(right, "a", "b"))
+    assert not wrong.ok  # the outputs (all zero) agree: a check that cannot fail is not used

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import archalign
-from archalign.verify import _leaves, compare_outputs
+from archalign.verify import compare_outputs, output_leaves
 
 
 class Chain(nn.Module):
@@ -52,7 +52,7 @@ def test_outputs_of_every_form_agree_after_a_load(out: str) -> None:
 def test_hugging_face_model_output_is_compared_by_field() -> None:
     transformers = pytest.importorskip("transformers")
     out = transformers.modeling_outputs.CausalLMOutput(logits=torch.ones(2, 3))
-    assert [k for k, _ in _leaves(out)] == ["logits"]
+    assert [k for k, _ in output_leaves(out)] == ["logits"]
     diff, count, scale, problem = compare_outputs(out, {"logits": torch.ones(2, 3) * 1.5})
     assert (diff, count, scale, problem) == (0.5, 1, 1.0, "")
 
