@@ -478,7 +478,7 @@ def test_a_failed_write_puts_meta_tensors_back():
     plan = make_plan(src, dst)
     broken = Match(src=("enc.2.weight",), dst=("fc2.weight",), src_shapes=((2, 4),),
                    dst_shapes=((2, 4),), confidence=1.0, costs=(), src_unit="enc.2",
-                   dst_unit="fc2", ops=(Op("regroup", groups=(2, 1)),))
+                   dst_unit="fc2", ops=(Op("reshape", shape=(2, 4), from_shape=(2, 4)),))
     plan = Plan(matches=(*plan.matches[:2], broken), source=plan.source)
     real = archalign.apply.apply_ops
 
