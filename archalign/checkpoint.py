@@ -7,11 +7,11 @@ writes), which never unpickles code. What a file holds comes back as a `Checkpoi
 `archalign.source` turns into a `TensorSource`.
 
 Only the files of the checkpoint's own folder are read: a sharded index naming ``../x`` or an
-absolute path, or a file in the folder that is a link to one outside it, is refused (`_inside`;
-the one exception is the Hugging Face cache, whose ``snapshots/<revision>`` files link into the
-same repository's ``blobs``). In a folder, hidden files (``.name``) are not read, and a lone
-``*-0000k-of-0000n.safetensors`` shard without its index is refused, not read as the whole
-checkpoint.
+absolute path, or a file in the folder that is a link to one outside it, is refused
+(`inside_folder`; the one exception is the Hugging Face cache, whose ``snapshots/<revision>``
+files link into the same repository's ``blobs``). In a folder, hidden files (``.name``) are not
+read, and a lone ``*-0000k-of-0000n.safetensors`` shard without its index is refused, not read as
+the whole checkpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 
 from .errors import SourceError
 
-__all__ = ["PICKLE_SUFFIXES", "Checkpoint", "LazySafetensors", "read_checkpoint"]
+__all__ = ["PICKLE_SUFFIXES", "Checkpoint", "LazySafetensors", "inside_folder", "read_checkpoint"]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
@@ -103,7 +103,7 @@ def _pick_in_folder(folder: Path, role: str) -> Path:
     indexes = [p for p in visible if p.name.endswith(".safetensors.index.json")]
     singles = [p for p in visible if p.suffix == ".safetensors"]
     if len(indexes) == 1:
-        return _inside(folder, indexes[0].name, f"the {role} folder {str(folder)!r}")
+        return inside_folder(folder, indexes[0].name, f"the {role} folder {str(folder)!r}")
     if len(indexes) > 1 or len(singles) != 1:
         raise SourceError(f"the {role} folder {str(folder)!r} holds {len(indexes)} safetensors "
                           f"indexes and {len(singles)} safetensors files; name the file")
@@ -113,13 +113,13 @@ def _pick_in_folder(folder: Path, role: str) -> Path:
             f"the {role} folder {str(folder)!r} holds only {singles[0].name!r}, one shard of "
             f"{int(shard.group(2))}, and no index: it is not a whole checkpoint (an interrupted "
             "copy or conversion?). Copy the whole checkpoint, or name the file to read that shard")
-    return _inside(folder, singles[0].name, f"the {role} folder {str(folder)!r}")
+    return inside_folder(folder, singles[0].name, f"the {role} folder {str(folder)!r}")
 
 
 _SHARD_NAME = re.compile(r"(.*)-\d+-of-(\d+)\.safetensors")  # "model-00001-of-00004.safetensors"
 
 
-def _inside(folder: Path, name: str, where: str) -> Path:
+def inside_folder(folder: Path, name: str, where: str) -> Path:
     """``folder / name``, refused unless it stays inside ``folder``: no absolute path, no
     ``..``, and no link resolving outside it (except from a Hugging Face cache snapshot into
     its repository's ``blobs``, where the hub keeps the files its snapshots link to).
@@ -171,7 +171,7 @@ def _shards_of(index: Path, role: str) -> dict[Path, list[str]]:
         if not isinstance(shard, str) or not shard.endswith(".safetensors"):
             raise SourceError(f"{where} maps {key!r:.200} to {shard!r:.200}, not the name of a "
                               ".safetensors file")
-        shards.setdefault(_inside(index.parent, shard, where), []).append(key)
+        shards.setdefault(inside_folder(index.parent, shard, where), []).append(key)
     missing = [str(p) for p in shards if not p.is_file()]
     if missing:
         raise SourceError(f"{where} names missing shards: {', '.join(missing[:10])}")

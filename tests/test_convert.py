@@ -128,7 +128,7 @@ def test_converting_into_an_earlier_checkpoint_needs_overwrite_and_leaves_no_sta
     with torch.no_grad():
         for p in src.parameters():
             p.add_(1.0)
-    with pytest.raises(UsageError, match="already holds a checkpoint.*overwrite=True"):
+    with pytest.raises(UsageError, match=r"already holds a checkpoint.*overwrite=True"):
         plan.convert_checkpoint(src, tmp_path)
     files = plan.convert_checkpoint(src, tmp_path, overwrite=True)  # one file now
     assert [p.name for p in files] == ["model.safetensors"]
