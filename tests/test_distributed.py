@@ -166,5 +166,5 @@ def test_a_metadata_file_that_is_not_metadata_is_a_source_error(tmp_path: Path, 
     (tmp_path / ".metadata").write_bytes(data)
     with pytest.raises(SourceError, match="metadata"):
         read_dcp_metadata(tmp_path)
-    with pytest.raises(SourceError, match="is .* a torch.distributed.checkpoint folder"):
+    with pytest.raises(SourceError, match=r"is .* a torch\.distributed\.checkpoint folder"):
         read_dcp_metadata(tmp_path / "missing")
