@@ -57,12 +57,17 @@ def load_distributed_checkpoint(plan: Plan, dst: nn.Module, checkpoint_id: str |
     ApplyError
         If a value cannot be written (`archalign.apply.apply_plan`); ``dst`` is then unchanged.
     SourceError
-        If the folder's ``.metadata`` is not DCP metadata (`read_dcp_metadata`), or a tensor the
-        plan reads is not stored as a tensor there.
+        If the folder's ``.metadata`` is not DCP metadata (`read_dcp_metadata`), a tensor the
+        plan reads is not stored as a tensor there, or DCP cannot read the tensors (its
+        ``CheckpointException``, a ``BaseException``, comes back as this; ``dst`` is then
+        unchanged).
+    KeyboardInterrupt
+        On Ctrl-C, also inside DCP (which wraps it in a ``CheckpointException``).
     UsageError
         If ``min_confidence`` is outside [0, 1].
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     matches, skipped = split_by_confidence(plan.matches, min_confidence)
     skipped += [Skipped(d, ", ".join(mm.src), mm.reason) for mm in plan.mismatches for d in mm.dst]
@@ -94,8 +99,19 @@ def load_distributed_checkpoint(plan: Plan, dst: nn.Module, checkpoint_id: str |
     if not buffers:  # nothing to load: nothing is read, nothing written
         return LoadReport(loaded=(), skipped=tuple(skipped), missing=tuple(target.specs),
                           unexpected=unused, tied=tuple(sorted(target.aliases.items())))
-    dcp.load(buffers, storage_reader=reader, planner=_tensors_only_planner(),
-             process_group=process_group)
+    try:  # into the buffers only: dst is not touched yet
+        dcp.load(buffers, storage_reader=reader, planner=_tensors_only_planner(),
+                 process_group=process_group)
+    except SourceError:
+        raise
+    except (Exception, CheckpointException) as exc:  # the latter wraps each rank's failure
+        inner = [f[0] if isinstance(f, tuple) else f
+                 for f in getattr(exc, "failures", {}).values()]
+        for failure in inner:  # a Ctrl-C, or archalign's own refusal, on some rank
+            if isinstance(failure, (KeyboardInterrupt, SourceError)):
+                raise failure from exc
+        raise SourceError(f"cannot read the tensors of the DCP checkpoint {str(checkpoint_id)!r}: "
+                          f"{type(exc).__name__}: {inner[0] if inner else exc!s:.500}") from exc
     to_load = dataclasses.replace(plan, matches=tuple(matches), mismatches=())
     report = apply_plan(to_load, dst, buffers, min_confidence=0.0)
     return dataclasses.replace(report, skipped=tuple(skipped), unexpected=unused)
@@ -136,7 +152,10 @@ def read_dcp_metadata(folder: str | os.PathLike[str], *, rank: int | None = None
     except Exception as exc:  # a malformed pickle: any error of the records it builds
         raise SourceError(f"cannot read the DCP metadata {str(path)!r}: {type(exc).__name__}: "
                           f"{exc!s:.300}") from exc
-    problem = _metadata_problem(metadata, Path(folder))
+    try:
+        problem = _metadata_problem(metadata, Path(folder))
+    except Exception as exc:  # records built without the fields they need, unhashable keys
+        problem = f"{type(exc).__name__}: {exc!s:.300}"
     if problem:
         raise SourceError(f"the DCP metadata {str(path)!r} is not DCP metadata: {problem}")
     return metadata
