@@ -62,6 +62,9 @@ def read_checkpoint(path: Path, role: str) -> Checkpoint:
         if a folder holds no checkpoint, several, or a lone shard; if a file of a folder or an
         index lies outside that folder.
     """
+    if "\0" in str(path):
+        raise SourceError(f"the {role} path {str(path)!r} holds a NUL character, which no file "
+                          "name can")
     if path.is_dir():
         path = _pick_in_folder(path, role)
     if not path.exists():

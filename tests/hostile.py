@@ -10,6 +10,7 @@ refused call, a file outside the checkpoint's folder opened, or a planted payloa
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import io
@@ -43,6 +44,23 @@ class Breach(AssertionError):
 
 
 MARKER = "archalign-hostile-ran"  # the file a planted payload would create (in its folder)
+TALLY: collections.defaultdict[str, collections.Counter[str]] = collections.defaultdict(
+    collections.Counter)  # target -> outcome -> how many inputs ended so (breaches excluded)
+
+
+def _tallied(target: str) -> Callable[[Callable[..., str]], Callable[..., str]]:
+    """Count the outcomes of a ``run_*`` oracle in `TALLY` (benchmarks/hostile.py reports them)."""
+
+    def wrap(run: Callable[..., str]) -> Callable[..., str]:
+        @functools.wraps(run)
+        def counted(*args: Any, **kwargs: Any) -> str:
+            outcome = run(*args, **kwargs)
+            TALLY[target][outcome] += 1
+            return outcome
+
+        return counted
+
+    return wrap
 
 
 @contextlib.contextmanager
@@ -162,6 +180,7 @@ def _apply_checked(plan: Plan, src: Any, outcome: list[str], **kwargs: Any) -> N
 # --------------------------------------------------------------------------- plans
 
 
+@_tallied("plan")
 def run_plan(data: bytes) -> str:
     """A plan file's bytes: read, render in every way, round trip, invert, apply."""
     outcome: list[str] = []
@@ -175,7 +194,7 @@ def run_plan(data: bytes) -> str:
         render_html(plan)
         plan.to_records()
         plan.to_python()
-        if Plan.from_json(plan.to_json()) != plan:
+        if Plan.from_json(plan.to_json()).to_json() != plan.to_json():  # (numbers are rounded)
             raise Breach("a plan read from a file does not survive a round trip")
     except Breach:
         raise
@@ -273,6 +292,7 @@ def valid_safetensors() -> bytes:
                  "n": torch.tensor([1, 2], dtype=torch.int64)}, metadata={"format": "pt"})
 
 
+@_tallied("safetensors")
 def run_safetensors(data: bytes, folder: Path) -> str:
     """A ``.safetensors`` file's bytes (headers that lie included)."""
     path = folder / "model.safetensors"
@@ -280,6 +300,7 @@ def run_safetensors(data: bytes, folder: Path) -> str:
     return _read_and_use(path, folder)
 
 
+@_tallied("index")
 def run_index(data: bytes, folder: Path) -> str:
     """A sharded index's bytes, next to two valid shards, with a valid safetensors file (and a
     link to it) outside the folder that the index may name."""
@@ -297,6 +318,7 @@ def run_index(data: bytes, folder: Path) -> str:
     return outcome
 
 
+@_tallied("pickle")
 def run_pickle(data: bytes, folder: Path, suffix: str = ".pt") -> str:
     """A pickle checkpoint's bytes (zip or old format)."""
     path = folder / f"model{suffix}"
@@ -351,6 +373,7 @@ def dcp_folder(folder: Path) -> bytes:
     return (folder / ".metadata").read_bytes()
 
 
+@_tallied("dcp")
 def run_dcp_metadata(data: bytes, folder: Path) -> str:
     """A DCP ``.metadata`` file's bytes, in a `dcp_folder`."""
     from archalign.distributed import load_distributed_checkpoint
@@ -373,6 +396,7 @@ def run_dcp_metadata(data: bytes, folder: Path) -> str:
     return outcome[-1]
 
 
+@_tallied("keys")
 def run_keys(keys: list[str], folder: Path) -> str:
     """State_dict keys of any text (control characters, markup, ``__metadata__``): align, render,
     round trip, apply and convert must hold or refuse, never break."""
@@ -387,7 +411,7 @@ def run_keys(keys: list[str], folder: Path) -> str:
         return outcome[-1]
     try:
         text = str(plan) + format_plan_html(plan) + render_html(plan) + plan.to_python()
-        if Plan.from_json(plan.to_json()) != plan:
+        if Plan.from_json(plan.to_json()).to_json() != plan.to_json():
             raise Breach("a plan of these keys does not survive a round trip")
         json.loads(plan.to_json())
         del text

@@ -105,6 +105,7 @@ def _write_npz(path):
     ("name", "writer", "message"),
     [
         ("missing.pt", None, "does not exist"),
+        ("w\0.pt", None, "holds a NUL character"),
         ("w.npz", _write_npz, "unknown suffix '.npz'"),
         ("w.safetensors", _write_garbage, "cannot read the source file"),
         ("w.pt", _write_garbage, "torch.load(weights_only=True)"),
