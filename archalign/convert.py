@@ -109,7 +109,7 @@ def convert_checkpoint(plan: Plan, src: Any, out: str | os.PathLike[str], *,
         except OSError as exc:  # it names the staging folder, which the caller never chose
             raise OSError(exc.errno, exc.strerror, str(folder)) from exc
         try:
-            names = _write_all(matches, source, staging, max_shard_bytes)
+            names = _write_all(matches, source, staging, folder, max_shard_bytes)
             with sigint_deferred():  # a few renames: a Ctrl-C waits for them
                 _move_in(staging, folder, names, old)
         except BaseException:
@@ -149,9 +149,10 @@ def _checkpoint_files(folder: Path) -> list[Path]:
         p.suffix == ".safetensors" or p.name.endswith(".safetensors.index.json")))
 
 
-def _write_all(matches: list[Match], source: TensorSource, staging: Path,
+def _write_all(matches: list[Match], source: TensorSource, staging: Path, folder: Path,
                max_shard_bytes: int) -> list[str]:
-    """Write every shard (and the index) into ``staging``; returns their names, index last."""
+    """Write every shard (and the index) into ``staging`` (inside ``folder``, the output folder
+    that write errors name); returns their names, index last."""
     from safetensors.torch import save_file
 
     shard: dict[str, torch.Tensor] = {}
@@ -160,7 +161,7 @@ def _write_all(matches: list[Match], source: TensorSource, staging: Path,
 
     def flush() -> None:
         part = staging / f"part-{len(written) + 1:05d}.safetensors"
-        _save(save_file, shard, part, part.name)
+        _save(save_file, shard, part, str(folder), f"shard {len(written) + 1}")
         written.append(list(shard))
         shard.clear()
 
@@ -183,7 +184,8 @@ def _write_all(matches: list[Match], source: TensorSource, staging: Path,
                 shard[key] = value
                 size += nbytes
     if not written:
-        _save(save_file, shard, staging / "model.safetensors", "model.safetensors")
+        _save(save_file, shard, staging / "model.safetensors", str(folder / "model.safetensors"),
+              "the checkpoint")
         return ["model.safetensors"]
     flush()
     total = len(written)
@@ -201,24 +203,25 @@ def _write_all(matches: list[Match], source: TensorSource, staging: Path,
     try:
         (staging / index).write_text(text, encoding="utf-8")
     except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, index) from exc
+        raise OSError(exc.errno, exc.strerror, str(folder / index)) from exc
     return [*names, index]
 
 
 def _save(save_file: Callable[..., None], tensors: dict[str, torch.Tensor], path: Path,
-          name: str) -> None:
+          shown: str, what: str) -> None:
     """``save_file``, whose write errors (a `SafetensorError` naming no file) become an
-    `OSError` naming the output file ``name``, with the system's error number when it gives one.
+    `OSError` naming ``shown`` (the output file, or the output folder for a shard, whose final
+    name is known only at the end), with the system's error number when it gives one.
     """
     try:
         save_file(tensors, str(path), metadata={"format": "pt"})
     except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, name) from exc
+        raise OSError(exc.errno, f"{exc.strerror} (writing {what})", shown) from exc
     except Exception as exc:
         found = re.search(r"os error (\d+)", str(exc))
         code = int(found.group(1)) if found else errno.EIO
-        raise OSError(code, f"{os.strerror(code)} (writing {len(tensors)} tensors: {exc})",
-                      name) from exc
+        raise OSError(code, f"{os.strerror(code)} (writing {what}, {len(tensors)} tensors: {exc})",
+                      shown) from exc
 
 
 def _move_in(staging: Path, folder: Path, names: list[str], old: list[Path]) -> None:

@@ -21,6 +21,7 @@ import io
 import logging
 import os
 import pickle
+import pickletools
 from pathlib import Path
 from typing import Any
 
@@ -134,10 +135,11 @@ def read_dcp_metadata(folder: str | os.PathLike[str], *, rank: int | None = None
     Raises
     ------
     SourceError
-        If the file is missing, is not a pickle of DCP metadata, names a global other than those
-        metadata is made of (`_METADATA_GLOBALS`: nothing else is imported or called), or
-        describes tensors, chunks or data files that do not hold together (a data file outside
-        the folder included).
+        If the file is missing, is not a whole pickle (an opcode declaring more bytes than the
+        file holds is refused before anything is allocated), is not DCP metadata, names a
+        global other than those metadata is made of (`_METADATA_GLOBALS`: nothing else is
+        imported or called), or describes tensors, chunks or data files that do not hold
+        together (a data file outside the folder included).
     """
     path = Path(folder) / (".metadata" if rank is None else f"__{rank}.metadata")
     try:
@@ -145,6 +147,9 @@ def read_dcp_metadata(folder: str | os.PathLike[str], *, rank: int | None = None
     except OSError as exc:
         raise SourceError(f"cannot read the DCP metadata {str(path)!r}: {exc}; is "
                           f"{str(folder)!r} a torch.distributed.checkpoint folder?") from exc
+    problem = _pickle_problem(data)
+    if problem:
+        raise SourceError(f"the DCP metadata {str(path)!r} is not a whole pickle: {problem}")
     try:
         metadata = _MetadataUnpickler(io.BytesIO(data)).load()
     except SourceError as exc:
@@ -159,6 +164,21 @@ def read_dcp_metadata(folder: str | os.PathLike[str], *, rank: int | None = None
     if problem:
         raise SourceError(f"the DCP metadata {str(path)!r} is not DCP metadata: {problem}")
     return metadata
+
+
+def _pickle_problem(data: bytes) -> str:
+    """What would make the C unpickler allocate beyond the file ("" when nothing would): a length
+    declared past the file's end (checked by reading the opcodes in pure Python, bounded by the
+    file), or a memo index beyond the number of opcodes (its memo grows to the index given: one
+    ``LONG_BINPUT 2**30`` costs 16 GB); ``pickle.dumps`` numbers its memo entries in order."""
+    try:
+        for count, (opcode, arg, _) in enumerate(pickletools.genops(data)):
+            if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and not (
+                    isinstance(arg, int) and 0 <= arg <= count):
+                return f"memo index {arg!r:.30} at opcode {count}"
+    except (ValueError, TypeError, KeyError, IndexError) as exc:  # truncated, unknown opcode
+        return f"{type(exc).__name__}: {exc!s:.300}"
+    return ""
 
 
 def _metadata_globals() -> dict[tuple[str, str], Any]:

@@ -220,7 +220,8 @@ def fuzz_atheris(target: str, seconds: float, runs: int, out: Path) -> None:
             tally.save()
 
     atheris.Setup([sys.argv[0], f"-max_total_time={int(seconds)}", f"-runs={runs or -1}",
-                   "-rss_limit_mb=6144", "-max_len=65536", "-print_final_stats=0", str(corpus)],
+                   "-rss_limit_mb=6144", "-max_len=65536", "-print_final_stats=0",
+                   f"-artifact_prefix={out}/artifact-{target}-", str(corpus)],
                   one, custom_mutator=_mutator(target))
     try:
         atheris.Fuzz()
@@ -277,6 +278,7 @@ def interrupts(trials: int, out: Path) -> None:
     took = time.perf_counter() - start
     tally = Tally(out / "interrupt.json", "interrupt")
     rng = random.Random(0)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job inherits SIG_IGN
     signal.signal(signal.SIGALRM, lambda *_: signal.raise_signal(signal.SIGINT))
     for _ in range(trials):
         outcome = None

@@ -161,7 +161,11 @@ def test_metadata_that_does_not_hold_together_is_refused(tmp_path: Path, change,
     assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
 
 
-@pytest.mark.parametrize("data", [b"", b"not a pickle", b"\x80\x05K\x01.", b"\x80\x05]\x94."])
+@pytest.mark.parametrize("data", [
+    b"", b"not a pickle", b"\x80\x05K\x01.", b"\x80\x05]\x94.",
+    b"\x80\x05\x96" + (2**40).to_bytes(8, "little") + b"x.",  # a 1 TiB bytearray, 1 byte given
+    b"\x80\x04K\x01r" + (2**30).to_bytes(4, "little") + b".",  # a memo of 2**30 entries (16 GB)
+])
 def test_a_metadata_file_that_is_not_metadata_is_a_source_error(tmp_path: Path, data: bytes) -> None:
     (tmp_path / ".metadata").write_bytes(data)
     with pytest.raises(SourceError, match="metadata"):
