@@ -7,19 +7,17 @@ for how a load is all or nothing without copying the destination.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .checks import check_plan, check_value, refuse_unwritable
+from .checks import check_plan, check_value, gains_nonfinite, refuse_unwritable
 from .confidence import DEFAULT_MIN_CONFIDENCE
 from .errors import ApplyError, PlanError, UsageError
+from .interrupts import interrupts_kept, sigint_deferred
 from .ops import apply_ops
 from .plan import Match, Mismatch, Plan
 from .policies import choose_policy, resize
@@ -105,7 +103,18 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
         were written).
     SourceError
         If ``dst`` is not a module, or the source cannot be read.
+    KeyboardInterrupt
+        On Ctrl-C, also when a reader swallowed it and failed otherwise (`archalign.interrupts`).
     """
+    with interrupts_kept():
+        return _apply_plan(plan, dst, src, min_confidence=min_confidence, strict=strict,
+                           shape_policy=shape_policy, atomic=atomic, check_finite=check_finite,
+                           progress=progress)
+
+
+def _apply_plan(plan: Plan, dst: nn.Module, src: Any, *, min_confidence: float, strict: bool,
+                shape_policy: str | Mapping[str, str] | None, atomic: bool, check_finite: bool,
+                progress: Callable[[int, int], None] | None) -> LoadReport:
     target = read_destination(dst)  # refuses what is not a module
     to_load, skipped = split_by_confidence(plan.matches, min_confidence)
     source = read_source(src, role="source") if src is not None else plan.source
@@ -215,6 +224,9 @@ def _values(matches: list[Match], by_policy: list[tuple[Mismatch, str]], source:
                 flags = [True]
             else:
                 flags = [has_nonfinite(v) for v in values]
+            if check_finite:
+                flags = [bad or _overflows(d, target.get(d), v)
+                         for d, v, bad in zip(match.dst, values, flags)]
         except Exception as exc:
             raise ApplyError(f"computing {', '.join(map(repr, match.dst))} from "
                              f"{', '.join(map(repr, match.src))} failed: {exc}") from exc
@@ -222,11 +234,22 @@ def _values(matches: list[Match], by_policy: list[tuple[Mismatch, str]], source:
     for mm, policy in by_policy:
         try:
             value = resize(source.get(mm.src[0]), target.get(mm.dst[0]), policy)
-            bad = check_finite and has_nonfinite(value)
+            bad = check_finite and (has_nonfinite(value)
+                                    or _overflows(mm.dst[0], target.get(mm.dst[0]), value))
         except Exception as exc:
             raise ApplyError(f"computing {mm.dst[0]!r} from {mm.src[0]!r} by policy {policy!r} "
                              f"failed: {exc}") from exc
         yield mm.dst[0], value, bad
+
+
+def _overflows(key: str, into: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether ``value`` gains Inf when cast to ``into``'s dtype (`gains_nonfinite`); warned."""
+    if not gains_nonfinite(into, value):
+        return False
+    logger.warning("%r: the source holds values beyond the range of the destination's %s "
+                   "(largest %g); they load as Inf (see report.nonfinite). Give the destination "
+                   "a wider dtype to keep them", key, into.dtype, torch.finfo(into.dtype).max)
+    return True
 
 
 def _failed(doing: str, key: str, exc: Exception) -> str:
@@ -266,7 +289,7 @@ def _prepare_then_commit(values: Iterable[tuple[str, torch.Tensor, bool]], targe
             prepared.append((key, value, bad))
     except Exception as exc:
         raise ApplyError(f"{_failed('computing', key, exc)}; {_UNCHANGED}") from exc
-    with _sigint_deferred():
+    with sigint_deferred():
         return _commit(prepared, target, dst, tick, checked=True)
 
 
@@ -287,7 +310,7 @@ def _two_passes(values: Callable[[bool], Iterable[tuple[str, torch.Tensor, bool]
             del value
     except Exception as exc:
         raise ApplyError(f"{_failed('reading', key, exc)}; {_UNCHANGED}") from exc
-    with _sigint_deferred():
+    with sigint_deferred():
         _commit(values(False), target, dst, tick)
     return nonfinite
 
@@ -343,33 +366,6 @@ def _commit(values: Iterable[tuple[str, torch.Tensor, bool]], target: TensorSour
         logger.error("interrupted while writing %r: %s", key, partial)
         raise
     return nonfinite
-
-
-@contextlib.contextmanager
-def _sigint_deferred() -> Iterator[None]:
-    """Hold back Ctrl-C (SIGINT) until the block ends, so that it never stops a write halfway;
-    then deliver it to the handler that was there (usually: KeyboardInterrupt). A second Ctrl-C
-    within the block interrupts at once. Only on the main thread (Python delivers signals
-    there); elsewhere, or when the handler was not set from Python, nothing changes."""
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is None:
-        yield
-        return
-    pending: list[int] = []  # a SIGINT held back, to deliver at the end
-
-    def hold(signum: int, _frame: Any) -> None:
-        if pending:  # the second one: the user insists
-            pending.clear()
-            raise KeyboardInterrupt
-        pending.append(signum)
-
-    signal.signal(signal.SIGINT, hold)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if pending:  # delivered even if the block failed: a Ctrl-C is never lost
-            signal.raise_signal(signal.SIGINT)
 
 
 def _assign(dst: nn.Module, target: TensorSource, key: str, old: torch.Tensor,

@@ -2,23 +2,33 @@
 
 Reading only: shapes and dtypes come from safetensors headers without reading data, and tensors
 are read one at a time when asked for (`LazySafetensors`); pickle files are read with
-``torch.load(weights_only=True, mmap=True)``, which never unpickles code. What a file holds comes
-back as a `Checkpoint`, which `archalign.source` turns into a `TensorSource`.
+``torch.load(weights_only=True)`` (memory-mapped when they are zip files, as every torch >= 1.6
+writes), which never unpickles code. What a file holds comes back as a `Checkpoint`, which
+`archalign.source` turns into a `TensorSource`.
+
+Only the files of the checkpoint's own folder are read: a sharded index naming ``../x`` or an
+absolute path, or a file in the folder that is a link to one outside it, is refused
+(`inside_folder`; the one exception is the Hugging Face cache, whose ``snapshots/<revision>``
+files link into the same repository's ``blobs``). In a folder, hidden files (``.name``) are not
+read, and a lone ``*-0000k-of-0000n.safetensors`` shard without its index is refused, not read as
+the whole checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
+import zipfile
 from collections.abc import Iterator, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, NamedTuple
 
 import torch
 
 from .errors import SourceError
 
-__all__ = ["PICKLE_SUFFIXES", "Checkpoint", "LazySafetensors", "read_checkpoint"]
+__all__ = ["PICKLE_SUFFIXES", "Checkpoint", "LazySafetensors", "inside_folder", "read_checkpoint"]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
@@ -48,18 +58,15 @@ def read_checkpoint(path: Path, role: str) -> Checkpoint:
     Raises
     ------
     SourceError
-        If the path does not exist, has an unknown suffix, or does not hold a readable state_dict.
+        If the path does not exist, has an unknown suffix, or does not hold a readable state_dict;
+        if a folder holds no checkpoint, several, or a lone shard; if a file of a folder or an
+        index lies outside that folder.
     """
+    if "\0" in str(path):
+        raise SourceError(f"the {role} path {str(path)!r} holds a NUL character, which no file "
+                          "name can")
     if path.is_dir():
-        indexes = sorted(path.glob("*.safetensors.index.json"))
-        singles = sorted(path.glob("*.safetensors"))
-        if len(indexes) == 1:
-            path = indexes[0]
-        elif len(singles) == 1:
-            path = singles[0]
-        else:
-            raise SourceError(f"the {role} folder {str(path)!r} holds {len(indexes)} safetensors "
-                              f"indexes and {len(singles)} safetensors files; name the file")
+        path = _pick_in_folder(path, role)
     if not path.exists():
         raise SourceError(f"the {role} file {str(path)!r} does not exist")
     if path.name.endswith(".safetensors.index.json"):
@@ -67,8 +74,9 @@ def read_checkpoint(path: Path, role: str) -> Checkpoint:
     if path.suffix == ".safetensors":
         return _read_safetensors({path: None}, role, f"file {path.name}")
     if path.suffix in PICKLE_SUFFIXES:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        try:  # only zip files can be memory-mapped; older (torch < 1.6) pickles are read whole
+            state = torch.load(str(path), map_location="cpu", weights_only=True,
+                               mmap=zipfile.is_zipfile(path))
         except Exception as exc:
             raise SourceError(
                 f"cannot read the {role} file {str(path)!r} with torch.load(weights_only=True): "
@@ -92,19 +100,84 @@ def read_checkpoint(path: Path, role: str) -> Checkpoint:
 
 
 
-def _shards_of(index: Path, role: str) -> dict[Path, list[str]]:
-    """Shard file -> its keys, from a Hugging Face ``*.safetensors.index.json``."""
+def _pick_in_folder(folder: Path, role: str) -> Path:
+    """The one checkpoint of a folder: its sharded index, or its single safetensors file."""
+    visible = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
+    indexes = [p for p in visible if p.name.endswith(".safetensors.index.json")]
+    singles = [p for p in visible if p.suffix == ".safetensors"]
+    if len(indexes) == 1:
+        return inside_folder(folder, indexes[0].name, f"the {role} folder {str(folder)!r}")
+    if len(indexes) > 1 or len(singles) != 1:
+        raise SourceError(f"the {role} folder {str(folder)!r} holds {len(indexes)} safetensors "
+                          f"indexes and {len(singles)} safetensors files; name the file")
+    shard = _SHARD_NAME.fullmatch(singles[0].name)
+    if shard and int(shard.group(2)) > 1:
+        raise SourceError(
+            f"the {role} folder {str(folder)!r} holds only {singles[0].name!r}, one shard of "
+            f"{int(shard.group(2))}, and no index: it is not a whole checkpoint (an interrupted "
+            "copy or conversion?). Copy the whole checkpoint, or name the file to read that shard")
+    return inside_folder(folder, singles[0].name, f"the {role} folder {str(folder)!r}")
+
+
+_SHARD_NAME = re.compile(r"(.*)-\d+-of-(\d+)\.safetensors")  # "model-00001-of-00004.safetensors"
+
+
+def inside_folder(folder: Path, name: str, where: str) -> Path:
+    """``folder / name``, refused unless it stays inside ``folder``: no absolute path, no
+    ``..``, and no link resolving outside it (except from a Hugging Face cache snapshot into
+    its repository's ``blobs``, where the hub keeps the files its snapshots link to).
+
+    Raises
+    ------
+    SourceError
+        Naming ``where`` (what named the file) and the file.
+    """
+    parts = PurePosixPath(name).parts
+    if (not name or "\0" in name or PurePosixPath(name).is_absolute()
+            or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive
+            or ".." in parts or ".." in PureWindowsPath(name).parts):
+        raise SourceError(f"{where} names the file {name!r:.200}, outside its own folder; "
+                          "archalign reads only the files of a checkpoint's folder")
+    path = folder / name
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        shards: dict[Path, list[str]] = {}
-        for key, shard in weight_map.items():
-            shards.setdefault(index.parent / str(shard), []).append(str(key))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise SourceError(f"cannot read the {role} index {str(index)!r}: {exc}") from exc
-    missing = [str(p) for p in shards if not p.exists()]
+        real, root = path.resolve(), folder.resolve()
+    except (OSError, RuntimeError) as exc:  # a loop of links
+        raise SourceError(f"{where} names {name!r}, which cannot be resolved: {exc}") from exc
+    roots = [root, root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [root]
+    if not any(real.is_relative_to(r) for r in roots):
+        raise SourceError(f"{where} names {name!r}, a link to {str(real)!r} outside the folder; "
+                          "archalign reads only the files of a checkpoint's folder: name the "
+                          "file itself if you trust it")
+    return path
+
+
+def _shards_of(index: Path, role: str) -> dict[Path, list[str]]:
+    """Shard file -> its keys, from a Hugging Face ``*.safetensors.index.json``.
+
+    Raises
+    ------
+    SourceError
+        If the index is not such JSON, or names a shard that is missing, not a ``.safetensors``
+        file, or outside the index's folder.
+    """
+    where = f"the {role} index {str(index)!r}"
+    try:
+        data = json.loads(index.read_bytes())  # bytes: UTF-8 (or -16/-32), as JSON allows
+    except (OSError, ValueError, RecursionError) as exc:
+        raise SourceError(f"cannot read {where}: {type(exc).__name__}: {exc!s:.300}") from exc
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SourceError(f"{where} holds no \"weight_map\" object naming the shard of each "
+                          "tensor; is it a safetensors index?")
+    shards: dict[Path, list[str]] = {}
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard.endswith(".safetensors"):
+            raise SourceError(f"{where} maps {key!r:.200} to {shard!r:.200}, not the name of a "
+                              ".safetensors file")
+        shards.setdefault(inside_folder(index.parent, shard, where), []).append(key)
+    missing = [str(p) for p in shards if not p.is_file()]
     if missing:
-        raise SourceError(f"the {role} index {str(index)!r} names missing shards: "
-                          f"{', '.join(missing)}")
+        raise SourceError(f"{where} names missing shards: {', '.join(missing[:10])}")
     return shards
 
 

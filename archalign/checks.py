@@ -19,7 +19,7 @@ from .ops import infer_shapes
 from .plan import Match, Mismatch, Plan
 from .source import TensorSource
 
-__all__ = ["check_plan", "check_value", "refuse_unwritable"]
+__all__ = ["check_plan", "check_value", "gains_nonfinite", "refuse_unwritable"]
 
 
 _QUANTIZED = frozenset(d for d in (getattr(torch, n, None) for n in (
@@ -98,9 +98,10 @@ def refuse_unwritable(matches: Sequence[Match], by_policy: Sequence[tuple[Mismat
                       source: TensorSource, target: TensorSource | None) -> None:
     """Refuse, before any write, what cannot be written: from specs alone, no tensor is read.
 
-    A source tensor on the meta device or quantized, a shape policy that would keep part of a
-    meta destination tensor, a quantized destination, floats into integers. With ``target`` None
-    (a converted file keeps the source's dtypes) only the source side is checked.
+    A source tensor on the meta device, quantized or not dense (sparse, mkldnn), a shape policy
+    that would keep part of a meta destination tensor, a quantized or sparse destination, floats
+    into integers, complex values into real ones (the imaginary part would be dropped). With
+    ``target`` None (a converted file keeps the source's dtypes) only the source side is checked.
 
     Raises
     ------
@@ -115,6 +116,9 @@ def refuse_unwritable(matches: Sequence[Match], by_policy: Sequence[tuple[Mismat
         elif spec.dtype in _QUANTIZED:
             problems.append(f"source tensor {key!r} is quantized ({spec.dtype}); dequantize "
                             "the checkpoint first")
+        elif not source.lazy and source.get(key).layout != torch.strided:  # files: dense
+            problems.append(f"source tensor {key!r} is not dense ({source.get(key).layout}): "
+                            "store it dense (tensor.to_dense()) first")
     if target is None:
         _raise_problems(problems)
         return
@@ -122,16 +126,26 @@ def refuse_unwritable(matches: Sequence[Match], by_policy: Sequence[tuple[Mismat
         if target.get(mm.dst[0]).device.type == "meta":
             problems.append(f"a shape policy keeps part of {mm.dst[0]!r}, which is on the meta "
                             "device (no values to keep): materialise it first")
-    for match in matches:
-        for dst_key in match.dst:
-            if target.get(dst_key).is_quantized:
-                problems.append(f"destination tensor {dst_key!r} is quantized")
-        for src_key, dst_key in zip(match.src, match.dst):
-            spec, into = source.specs[source.aliases.get(src_key, src_key)], target.get(dst_key)
-            floating = spec.dtype.is_floating_point or spec.dtype.is_complex
-            if floating and not (into.is_floating_point() or into.is_complex()):
-                problems.append(f"{src_key!r} ({spec.dtype}) would be truncated into "
-                                f"{dst_key!r} ({into.dtype})")
+    pairs = [(s, d) for m in matches for d in m.dst for s in m.src]
+    pairs += [(mm.src[0], mm.dst[0]) for mm, _ in by_policy]
+    for dst_key in dict.fromkeys(d for _, d in pairs):
+        into = target.get(dst_key)
+        if into.is_quantized:
+            problems.append(f"destination tensor {dst_key!r} is quantized")
+        elif into.layout != torch.strided:
+            problems.append(f"destination tensor {dst_key!r} is not dense ({into.layout}): "
+                            "archalign writes dense tensors only")
+    for src_key, dst_key in dict.fromkeys(pairs):
+        spec, into = source.specs[source.aliases.get(src_key, src_key)], target.get(dst_key)
+        floating = spec.dtype.is_floating_point or spec.dtype.is_complex
+        if floating and not (into.is_floating_point() or into.is_complex()):
+            problems.append(f"{src_key!r} ({spec.dtype}) would be truncated into "
+                            f"{dst_key!r} ({into.dtype})")
+        elif spec.dtype.is_complex and not into.is_complex():
+            problems.append(f"{src_key!r} ({spec.dtype}) is complex and {dst_key!r} "
+                            f"({into.dtype}) is not: its imaginary part would be dropped. Store "
+                            "the real part (or torch.view_as_real) in the source, or make the "
+                            "destination complex")
     _raise_problems(problems)
 
 
@@ -143,16 +157,19 @@ def _raise_problems(problems: list[str]) -> None:
 
 
 def check_value(key: str, into: torch.Tensor, value: torch.Tensor) -> None:
-    """Refuse what ``into.copy_(value)`` would refuse, before anything is written.
+    """Refuse what ``into.copy_(value)`` would refuse, or would write as other numbers, before
+    anything is written.
 
     Raises
     ------
     ApplyError
-        If the shapes differ, or the destination tensor cannot be written in place.
+        If the shapes differ, the destination tensor cannot be written in place, or it holds
+        integers (or booleans) and ``value`` holds integers outside its range (they would wrap).
     """
     if value.shape != into.shape:
         raise ApplyError(f"{key!r}: a value of shape {tuple(value.shape)} for a destination "
                          f"tensor of shape {tuple(into.shape)}; re-run align, or fix this match")
+    _refuse_wrapping(key, into.dtype, value)
     if into.device.type == "meta" or into.layout != torch.strided:
         return
     strides = into.stride()
@@ -163,3 +180,51 @@ def check_value(key: str, into: torch.Tensor, value: torch.Tensor) -> None:
     if into.is_inference() and not torch.is_inference_mode_enabled():
         raise ApplyError(f"destination tensor {key!r} was made under torch.inference_mode and "
                          "can only be written inside it: apply within torch.inference_mode()")
+
+
+
+def _refuse_wrapping(key: str, dtype: torch.dtype, value: torch.Tensor) -> None:
+    """Integers cast to a narrower integer type (or to bool) wrap around silently: refuse."""
+    if (dtype.is_floating_point or dtype.is_complex or value.is_floating_point()
+            or value.is_complex() or not value.numel() or value.device.type == "meta"):
+        return  # floats into integers: refused from the dtypes (`refuse_unwritable`)
+    low, high = _range(dtype)
+    have_low, have_high = _range(value.dtype)
+    if low <= have_low and have_high <= high:
+        return  # every value fits: nothing to read
+    seen_low, seen_high = int(value.min()), int(value.max())
+    if seen_low < low or seen_high > high:
+        raise ApplyError(f"{key!r}: the source holds integers in [{seen_low}, {seen_high}], "
+                         f"outside the range of the destination's {dtype} [{low}, {high}]; they "
+                         "would wrap around. Give the destination a wider dtype")
+
+
+def _range(dtype: torch.dtype) -> tuple[int, int]:
+    if dtype == torch.bool:
+        return 0, 1
+    info = torch.iinfo(dtype)
+    return int(info.min), int(info.max)
+
+
+def gains_nonfinite(into: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether writing ``value`` into ``into`` (cast to its dtype) turns finite values into
+    Inf (or NaN, for float8 types without Inf): values beyond the destination dtype's range,
+    e.g. 1e5 into float16 (largest 65504). Reads ``value`` only when the destination dtype's
+    range is narrower than the value's: one ``amax``, then, only if that exceeds the range, the
+    exact answer from the cast itself (values just past the largest one round down to it).
+    """
+    dtype = into.dtype
+    if (not dtype.is_floating_point or value.is_complex() or value.dtype == torch.bool
+            or not value.numel() or value.device.type == "meta"):
+        return False
+    limit = float(torch.finfo(dtype).max)
+    if value.is_floating_point():
+        if float(torch.finfo(value.dtype).max) <= limit:
+            return False
+        wide = value.detach() if value.element_size() > 1 else value.detach().to(torch.float16)
+        biggest = float(wide.abs().amax())  # float8 has no amax kernel; float16 holds it
+    else:
+        biggest = float(max(abs(int(value.min())), abs(int(value.max()))))
+    if not biggest > limit:  # also NaN: the source itself is not finite there
+        return False
+    return bool((~torch.isfinite(value.detach().to(dtype)) & torch.isfinite(value)).any())

@@ -25,6 +25,7 @@ heads of ``d`` rows, rows viewed as ``(heads, d / 2, 2)`` become ``(heads, 2, d 
 from __future__ import annotations
 
 import enum
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from math import prod
@@ -34,9 +35,12 @@ import torch
 
 from .errors import PlanError
 
-__all__ = ["Op", "OpKind", "apply_ops", "derive_ops", "infer_shapes", "invert_ops", "squeeze_shape"]
+__all__ = ["Op", "OpKind", "apply_ops", "as_shape", "derive_ops", "infer_shapes", "invert_ops",
+           "squeeze_shape"]
 
 Shape = tuple[int, ...]
+
+MAX_DIM = 2**63 - 1  # the largest size torch can index (int64): larger sizes are refused
 
 
 class OpKind(str, enum.Enum):
@@ -56,7 +60,17 @@ class OpKind(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Op:
-    """One adaptation step."""
+    """One adaptation step.
+
+    Its parameters are checked when it is made (`_KINDS`: each kind says which it takes), so
+    that no plan, read from a file or built by hand, carries an op that cannot run.
+
+    Raises
+    ------
+    PlanError
+        If the kind is unknown, a parameter is not a list of sizes, or the kind cannot use it
+        (a regroup needs two group counts, each at least 2; split and concat sizes are positive).
+    """
 
     kind: OpKind  # what it does (a plain string is accepted and checked: "transpose", ...)
     shape: Shape = ()  # reshape: the target shape
@@ -68,10 +82,13 @@ class Op:
     def __post_init__(self) -> None:
         try:
             kind = OpKind(self.kind)
-        except ValueError:
-            raise PlanError(f"unknown adaptation {self.kind!r}; known: "
+        except (ValueError, TypeError):
+            raise PlanError(f"unknown adaptation {self.kind!r:.100}; known: "
                             f"{', '.join(k.value for k in OpKind)}") from None
         object.__setattr__(self, "kind", kind)
+        for name in ("shape", "from_shape", "sizes", "groups"):
+            object.__setattr__(self, name, as_shape(getattr(self, name), f"{kind}'s {name}"))
+        _KINDS[kind].check(self)
 
     def __str__(self) -> str:
         return _KINDS[self.kind].text(self)
@@ -86,12 +103,54 @@ class Op:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Op:
+        """Read an adaptation from its plan-file form (``{"op": "split", "sizes": [2, 4]}``).
+
+        Raises
+        ------
+        PlanError
+            If it is not such a mapping, names an unknown kind or field, or its parameters are
+            not what the kind needs (see `Op`).
+        """
+        if not isinstance(data, Mapping) or not isinstance(data.get("op"), str):
+            raise PlanError(f"an adaptation is an object with a string \"op\", got {data!r:.200}")
         unknown = set(data) - {"op", "shape", "from_shape", "sizes", "groups"}
         if unknown:
-            raise PlanError(f"unknown fields {sorted(unknown)} in adaptation {dict(data)!r}")
-        return cls(kind=str(data["op"]),  # type: ignore[arg-type]  # checked in __post_init__
-                   **{k: tuple(int(v) for v in data[k])
+            raise PlanError(f"unknown fields {sorted(map(str, unknown))} in adaptation "
+                            f"{data['op']!r}")
+        return cls(kind=data["op"],  # a string: checked in __post_init__
+                   **{k: as_shape(data[k], f"{data['op']}'s {k}")
                       for k in ("shape", "from_shape", "sizes", "groups") if k in data})
+
+
+def as_shape(values: Any, what: str) -> Shape:
+    """``values`` as a shape: a sequence of integers in [0, 2**63) (booleans, floats and strings
+    are refused, not rounded or parsed).
+
+    Parameters
+    ----------
+    values : sequence of int
+        E.g. a list read from a plan file.
+    what : str
+        What it is, for the message ("reshape's shape", "the shape of 'fc.weight'").
+
+    Raises
+    ------
+    PlanError
+        If ``values`` is not such a sequence.
+    """
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, (Sequence, tuple)):
+        raise PlanError(f"{what} must be a list of sizes, got {values!r:.200}")
+    dims = []
+    for value in values:
+        try:
+            dim = -1 if isinstance(value, bool) else operator.index(value)
+        except TypeError:
+            dim = -1
+        if not 0 <= dim <= MAX_DIM:
+            raise PlanError(f"{what} holds {value!r:.50}, not a size (an integer in "
+                            f"[0, 2**63)); fix the plan file or re-run align")
+        dims.append(dim)
+    return tuple(dims)
 
 
 def squeeze_shape(shape: Sequence[int]) -> Shape:
@@ -175,10 +234,51 @@ def invert_ops(ops: Sequence[Op], src_shapes: Sequence[Shape]) -> tuple[Op, ...]
 class _Kind(NamedTuple):
     """What one kind of adaptation does, on shapes and on tensors."""
 
+    check: Callable[[Op], None]  # refuses parameters the kind cannot use (PlanError)
     text: Callable[[Op], str]  # how a plan shows it
     infer: Callable[[Op, list[Shape]], list[Shape]]  # shapes out from shapes in (PlanError)
     apply: Callable[[Op, list[torch.Tensor]], list[torch.Tensor]]  # tensors out from tensors in
     invert: Callable[[Op, list[Shape]], Op]  # the op that undoes it, given its input shapes
+
+
+def _takes(*fields: str, needs: str = "") -> Callable[[Op], None]:
+    """A check: the op sets no field but ``fields``, and sets ``needs`` when it is given."""
+
+    def check(op: Op) -> None:
+        extra = [f for f in ("shape", "from_shape", "sizes", "groups")
+                 if f not in fields and getattr(op, f)]
+        if extra:
+            raise PlanError(f"a {op.kind.value} adaptation takes no {' or '.join(extra)} "
+                            f"(it takes {', '.join(fields) or 'no parameter'})")
+        if needs and not getattr(op, needs):
+            raise PlanError(f"a {op.kind.value} adaptation needs its {needs}")
+
+    return check
+
+
+def _check_split(op: Op) -> None:
+    _takes("sizes", needs="sizes")(op)
+    if 0 in op.sizes:
+        raise PlanError(f"a split's sizes must be positive, got {list(op.sizes)}")
+
+
+def _check_concat(op: Op) -> None:
+    _takes("sizes")(op)
+    if 0 in op.sizes:
+        raise PlanError(f"a concat's sizes must be positive, got {list(op.sizes)}")
+
+
+def _check_regroup(op: Op) -> None:
+    _takes("groups")(op)
+    if len(op.groups) != 2 or min(op.groups) < 2:
+        raise PlanError(f"a regroup takes two group counts (a, b), each at least 2, got "
+                        f"{list(op.groups)}")
+
+
+def _check_rope(op: Op) -> None:
+    _takes("groups")(op)
+    if len(op.groups) != 1 or op.groups[0] < 1:
+        raise PlanError(f"{op.kind.value} takes one head count, got {list(op.groups)}")
 
 
 def _infer_transpose(op: Op, current: list[Shape]) -> list[Shape]:
@@ -202,14 +302,14 @@ def _infer_concat(op: Op, current: list[Shape]) -> list[Shape]:
 
 
 def _infer_split(op: Op, current: list[Shape]) -> list[Shape]:
-    if len(current) != 1 or sum(op.sizes) != current[0][0]:
+    if len(current) != 1 or not current[0] or sum(op.sizes) != current[0][0]:
         raise PlanError(f"{op} does not fit shape {current}")
     return [(n, *current[0][1:]) for n in op.sizes]
 
 
 def _infer_regroup(op: Op, current: list[Shape]) -> list[Shape]:
     a, b = op.groups
-    if len(current) != 1 or current[0][0] % (a * b):
+    if len(current) != 1 or not current[0] or current[0][0] % (a * b):
         raise PlanError(f"{op} does not fit shape {current}")
     return current
 
@@ -242,29 +342,31 @@ def _regroup(op: Op, current: list[torch.Tensor]) -> list[torch.Tensor]:
 
 _KINDS: dict[OpKind, _Kind] = {
     OpKind.TRANSPOSE: _Kind(
-        text=lambda op: "transpose", infer=_infer_transpose,
+        check=_takes(), text=lambda op: "transpose", infer=_infer_transpose,
         apply=lambda op, ts: [t.transpose(0, 1) for t in ts],
         invert=lambda op, before: op),
     OpKind.RESHAPE: _Kind(
-        text=lambda op: f"reshape{op.shape}", infer=_infer_reshape,
+        check=_takes("shape", "from_shape"), text=lambda op: f"reshape{op.shape}",
+        infer=_infer_reshape,
         apply=lambda op, ts: [ts[0].reshape(op.shape)],
         invert=lambda op, before: Op(OpKind.RESHAPE, shape=op.from_shape, from_shape=op.shape)),
     OpKind.CONCAT: _Kind(
-        text=lambda op: f"concat{list(op.sizes)}", infer=_infer_concat,
+        check=_check_concat, text=lambda op: f"concat{list(op.sizes)}", infer=_infer_concat,
         apply=lambda op, ts: [torch.cat(ts, dim=0)],
         invert=lambda op, before: Op(OpKind.SPLIT, sizes=tuple(s[0] for s in before))),
     OpKind.SPLIT: _Kind(
-        text=lambda op: f"split{list(op.sizes)}", infer=_infer_split,
+        check=_check_split, text=lambda op: f"split{list(op.sizes)}", infer=_infer_split,
         apply=lambda op, ts: list(torch.split(ts[0], list(op.sizes), dim=0)),
         invert=lambda op, before: Op(OpKind.CONCAT, sizes=op.sizes)),
     OpKind.REGROUP: _Kind(
-        text=lambda op: f"regroup{op.groups[0]}x{op.groups[1]}", infer=_infer_regroup,
+        check=_check_regroup, text=lambda op: f"regroup{op.groups[0]}x{op.groups[1]}",
+        infer=_infer_regroup,
         apply=_regroup,
         invert=lambda op, before: Op(OpKind.REGROUP, groups=(op.groups[1], op.groups[0]))),
     OpKind.ROPE: _Kind(
-        text=lambda op: f"rope{op.groups[0]}", infer=_infer_rope, apply=_rope,
+        check=_check_rope, text=lambda op: f"rope{op.groups[0]}", infer=_infer_rope, apply=_rope,
         invert=lambda op, before: Op(OpKind.UNROPE, groups=op.groups)),
     OpKind.UNROPE: _Kind(
-        text=lambda op: f"unrope{op.groups[0]}", infer=_infer_rope, apply=_rope,
+        check=_check_rope, text=lambda op: f"unrope{op.groups[0]}", infer=_infer_rope, apply=_rope,
         invert=lambda op, before: Op(OpKind.ROPE, groups=op.groups)),
 }

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from .confidence import DEFAULT_MIN_CONFIDENCE
 from .errors import PlanError
 from .hints import Hints, covers
-from .ops import Op, invert_ops
+from .ops import Op, as_shape, invert_ops
 
 if TYPE_CHECKING:
     from torch import nn
@@ -205,13 +205,14 @@ class Plan:
 
     def convert_checkpoint(self, src: Any, out: str | os.PathLike[str], *,
                            min_confidence: float = DEFAULT_MIN_CONFIDENCE,
-                           max_shard_bytes: int = 2 * 1024**3) -> list[Path]:
+                           max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False
+                           ) -> list[Path]:
         """Write the converted checkpoint as (sharded) safetensors without building the model;
         see `archalign.convert.convert_checkpoint`."""
         from .convert import convert_checkpoint
 
         return convert_checkpoint(self, src, out, min_confidence=min_confidence,
-                                  max_shard_bytes=max_shard_bytes)
+                                  max_shard_bytes=max_shard_bytes, overwrite=overwrite)
 
     def to_records(self) -> list[dict[str, Any]]:
         """One flat dict per match (for ``pandas.DataFrame(plan.to_records())``); ``nonfinite``
@@ -290,56 +291,80 @@ class Plan:
             raise PlanError(f"plan schema version {version!r} is not supported; this archalign "
                             f"reads version {PLAN_VERSION}: re-run `align` to make a new plan")
         try:
+            if not isinstance(data["matches"], Sequence) or isinstance(data["matches"], str):
+                raise PlanError("malformed plan: \"matches\" must be a list")
             for m in data["matches"]:
                 if not isinstance(m, Mapping) or set(m) - _MATCH_FIELDS:
                     extra = sorted(set(m) - _MATCH_FIELDS) if isinstance(m, Mapping) else m
-                    raise PlanError(f"malformed plan: match entry with unknown fields {extra!r}")
+                    raise PlanError(f"malformed plan: match entry with unknown fields {extra!r:.200}")
             matches = tuple(
                 Match(src=_keys(m["src"]), dst=_keys(m["dst"]),
-                      src_shapes=_shapes(m["src_shapes"]), dst_shapes=_shapes(m["dst_shapes"]),
-                      confidence=float(m["confidence"]),
-                      costs=tuple((str(k), float(v)) for k, v in m["costs"].items()),
-                      src_unit=str(m["src_unit"]), dst_unit=str(m["dst_unit"]),
-                      ops=tuple(Op.from_dict(op) for op in m.get("ops", ())))
+                      src_shapes=_shapes(m["src_shapes"], m["src"]),
+                      dst_shapes=_shapes(m["dst_shapes"], m["dst"]),
+                      confidence=_number(m["confidence"]),
+                      costs=tuple((_text(k), _number(v)) for k, v in m["costs"].items()),
+                      src_unit=_text(m["src_unit"]), dst_unit=_text(m["dst_unit"]),
+                      ops=tuple(Op.from_dict(op) for op in _list(m.get("ops", ()))))
                 for m in data["matches"])
             mismatches = tuple(
                 Mismatch(src=_keys(m["src"]), dst=_keys(m["dst"]),
-                         src_shapes=_shapes(m["src_shapes"]), dst_shapes=_shapes(m["dst_shapes"]),
-                         reason=str(m["reason"]), confidence=float(m.get("confidence", 0.0)))
-                for m in data.get("mismatches", ()))
+                         src_shapes=_shapes(m["src_shapes"], m["src"]),
+                         dst_shapes=_shapes(m["dst_shapes"], m["dst"]),
+                         reason=_text(m["reason"]), confidence=_number(m.get("confidence", 0.0)))
+                for m in _list(data.get("mismatches", ())))
             plan = cls(
                 matches=matches, mismatches=mismatches,
                 unmatched_src=_keys(data.get("unmatched_src", ())),
                 unmatched_dst=_keys(data.get("unmatched_dst", ())),
-                tied_src=tuple((str(a), str(b)) for a, b in data.get("tied_src", ())),
-                tied_dst=tuple((str(a), str(b)) for a, b in data.get("tied_dst", ())),
-                src_tracer=str(data.get("src_tracer", "")),
-                dst_tracer=str(data.get("dst_tracer", "")),
-                verification=str(data.get("verification", "")),
+                tied_src=tuple((_text(a), _text(b)) for a, b in _list(data.get("tied_src", ()))),
+                tied_dst=tuple((_text(a), _text(b)) for a, b in _list(data.get("tied_dst", ()))),
+                src_tracer=_text(data.get("src_tracer", "")),
+                dst_tracer=_text(data.get("dst_tracer", "")),
+                verification=_text(data.get("verification", "")),
                 hints=Hints.from_dict(data.get("hints", {})),
                 nonfinite=_keys(data.get("nonfinite", ())),
             )
         except PlanError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise PlanError(f"malformed plan: {type(exc).__name__}: {exc}") from exc
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError,
+                RecursionError) as exc:
+            raise PlanError(f"malformed plan: {type(exc).__name__}: {exc!s:.300}") from exc
         written = Counter(k for m in plan.matches for k in m.dst)
         twice = sorted(k for k, n in written.items() if n > 1)
         if twice:
             raise PlanError(f"the plan writes these destination keys twice: {', '.join(twice)}")
-        for m in plan.matches:
-            if len(m.src_shapes) != len(m.src) or len(m.dst_shapes) != len(m.dst) or not (
-                    0.0 <= m.confidence <= 1.0):
-                raise PlanError(f"malformed match {m.dst}: shapes must pair with keys and "
-                                f"confidence lie in [0, 1]")
+        entries: tuple[Match | Mismatch, ...] = (*plan.matches, *plan.mismatches)
+        for entry in entries:
+            if (not entry.src or not entry.dst or len(entry.src_shapes) != len(entry.src)
+                    or len(entry.dst_shapes) != len(entry.dst)
+                    or not 0.0 <= entry.confidence <= 1.0):
+                raise PlanError(f"malformed {type(entry).__name__.lower()} {entry.dst}: it names "
+                                "source and destination keys, one shape per key, and a "
+                                "confidence in [0, 1]; fix the plan file or re-run align")
         return plan
 
     @classmethod
-    def from_json(cls, text: str) -> Plan:
+    def from_json(cls, text: str | bytes) -> Plan:
+        """Rebuild a plan from `to_json` output (UTF-8 when given bytes).
+
+        Raises
+        ------
+        PlanError
+            If ``text`` is not JSON (or not UTF-8), nests deeper than Python can parse, or is not
+            a plan (see `from_dict`).
+        """
         try:
+            if isinstance(text, (bytes, bytearray)):
+                text = bytes(text).decode("utf-8")
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"a plan file must be JSON: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise PlanError(f"a plan file is UTF-8 text; byte {exc.start} is not: {exc.reason}"
+                            ) from exc
+        except RecursionError as exc:
+            raise PlanError("a plan file must be JSON a few levels deep; this one nests deeper "
+                            "than Python can parse") from exc
+        except ValueError as exc:  # JSONDecodeError, and integers of more than 4300 digits
+            raise PlanError(f"a plan file must be JSON: {exc!s:.300}") from exc
         return cls.from_dict(data)
 
 
@@ -356,20 +381,50 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
     Raises
     ------
     PlanError
-        If the file is not a plan of a supported schema version.
+        If the file is not a plan of a supported schema version (the message names the file).
+    OSError
+        If the file cannot be read (naming it).
     """
-    return Plan.from_json(Path(path).read_text(encoding="utf-8"))
+    try:
+        return Plan.from_json(Path(path).read_bytes())
+    except PlanError as exc:
+        raise PlanError(f"{str(path)!r}: {exc}") from exc
 
 
 def _round(x: float) -> float:
     return round(float(x), 6) if math.isfinite(x) else float(x)
 
 
-def _keys(values: Sequence[Any]) -> tuple[str, ...]:
-    if isinstance(values, str) or not all(isinstance(v, str) for v in values):
-        raise TypeError(f"expected a list of keys, got {values!r}")
-    return tuple(values)
+def _list(values: Any) -> Sequence[Any]:
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Sequence):
+        raise TypeError(f"expected a list, got {values!r:.200}")
+    return values
 
 
-def _shapes(values: Sequence[Any]) -> tuple[Shape, ...]:
-    return tuple(tuple(int(d) for d in s) for s in values)
+def _text(value: Any) -> str:
+    """A string of the plan file; one that UTF-8 cannot encode (a lone surrogate, which JSON
+    escapes allow) would fail later, when printed or written."""
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r:.200}")
+    if not value.isascii():
+        value.encode("utf-8")  # UnicodeEncodeError: a ValueError, reported as malformed
+    return value
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number, got {value!r:.200}")
+    return float(value)  # OverflowError for integers beyond a float's range
+
+
+def _keys(values: Any) -> tuple[str, ...]:
+    if isinstance(values, str) or not all(isinstance(v, str) for v in _list(values)):
+        raise TypeError(f"expected a list of keys, got {values!r:.200}")
+    return tuple(_text(v) for v in values)
+
+
+def _shapes(values: Any, keys: Any) -> tuple[Shape, ...]:
+    """The shapes of ``keys``, in order (checked against them later)."""
+    names = list(keys) if isinstance(keys, list) else []
+    return tuple(as_shape(s, f"the shape of {names[i]!r}" if i < len(names) else f"shape {i}")
+                 for i, s in enumerate(_list(values)))

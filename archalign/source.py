@@ -22,6 +22,7 @@ from torch import nn
 
 from .checkpoint import LazySafetensors, read_checkpoint
 from .errors import SourceError
+from .interrupts import interrupts_kept
 
 __all__ = ["TensorSource", "TensorSpec", "has_nonfinite", "read_destination", "read_source",
            "storage_start"]
@@ -223,11 +224,14 @@ def read_source(obj: Any, *, role: str = "source") -> TensorSource:
     ------
     SourceError
         If ``obj`` is none of those, holds no tensor, or holds values that are not tensors.
+    KeyboardInterrupt
+        On Ctrl-C, also when a native reader swallowed it (`archalign.interrupts`).
     """
     if isinstance(obj, nn.Module):
         return _read_module(obj, role)
     if isinstance(obj, (str, os.PathLike)):
-        return _read_checkpoint(Path(obj), role)
+        with interrupts_kept():
+            return _read_checkpoint(Path(obj), role)
     if isinstance(obj, Mapping):
         return _read_state_dict(obj, role, description="state_dict")
     raise SourceError(
@@ -258,6 +262,7 @@ def _read_module(module: nn.Module, role: str, *, structure: bool = True) -> Ten
             f"the {role} module {type(module).__name__} has no parameters or buffers; "
             "there is nothing to align"
         )
+    _refuse_nested(state, f"{role} module {type(module).__name__}")
     specs, aliases = _specs_and_aliases(state, by_identity=True)
     module_types: dict[str, str] = {}
     layer_owners: frozenset[str] = frozenset()
@@ -291,6 +296,7 @@ def _read_state_dict(state: Mapping[Any, Any], role: str, description: str,
             else f"the {role} {description} has keys that are not strings"
         )
     tensors: dict[str, torch.Tensor] = dict(state)
+    _refuse_nested(tensors, f"{role} {description}")
     specs, aliases = _specs_and_aliases(tensors, by_identity=False)
     owners = {_owner(k) for k in specs}
     layer_owners = frozenset(o for o in owners if _looks_like_layer(o, specs))
@@ -323,6 +329,21 @@ def _read_checkpoint(path: Path, role: str) -> TensorSource:
         ordered=checkpoint.ordered,
         _tensors=checkpoint.tensors,
     )
+
+
+def _refuse_nested(state: Mapping[str, torch.Tensor], description: str) -> None:
+    """Nested (ragged) tensors have no shape to plan with.
+
+    Raises
+    ------
+    SourceError
+        Naming up to five of them.
+    """
+    nested = [k for k, v in state.items() if v.is_nested]
+    if nested:
+        raise SourceError(f"the {description} holds nested tensors, which have no single shape: "
+                          f"{', '.join(map(repr, nested[:5]))}; store them as regular tensors "
+                          "(e.g. torch.nested.to_padded_tensor) or leave them out")
 
 
 def _specs_and_aliases(

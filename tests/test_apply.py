@@ -308,6 +308,36 @@ def test_half_destination_from_float_source():
     assert torch.equal(dst.fc2.bias, src.enc[2].bias.half())
 
 
+@pytest.mark.parametrize("lazy", [False, True])
+@pytest.mark.parametrize("atomic", [False, True])
+def test_values_beyond_float16_load_as_inf_and_are_reported(tmp_path, lazy, atomic, caplog):  # type: ignore[no-untyped-def]
+    src, dst = models()
+    dst = dst.half()
+    with torch.no_grad():
+        src.enc[2].bias[0] = 1e5  # float16 holds at most 65504
+    given: object = src
+    if lazy:
+        given = tmp_path / "src.safetensors"
+        save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(given))
+    report = apply_plan(make_plan(src, dst), dst, given, atomic=atomic)
+    assert report.nonfinite == ("fc2.bias",)
+    assert torch.isinf(dst.fc2.bias[0]) and "float16" in caplog.text
+    assert apply_plan(make_plan(src, dst), dst, given, check_finite=False).nonfinite == ()
+
+
+@pytest.mark.parametrize("change", ["complex", "sparse"])
+def test_a_source_tensor_that_cannot_be_written_is_refused_before_any_write(change):  # type: ignore[no-untyped-def]
+    src, dst = models()
+    state = dict(src.state_dict())
+    last = "enc.2.weight"  # written last: a refusal after the first write would show
+    state[last] = (state[last].to(torch.complex64) if change == "complex"
+                   else state[last].to_sparse())
+    before = snapshot(dst)
+    with pytest.raises(ApplyError, match=f"refused before writing anything: .*'{last}'"):
+        apply_plan(make_plan(src, dst), dst, state)
+    assert unchanged(dst, before) == []
+
+
 class TiedDst(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -478,7 +508,7 @@ def test_a_failed_write_puts_meta_tensors_back():
     plan = make_plan(src, dst)
     broken = Match(src=("enc.2.weight",), dst=("fc2.weight",), src_shapes=((2, 4),),
                    dst_shapes=((2, 4),), confidence=1.0, costs=(), src_unit="enc.2",
-                   dst_unit="fc2", ops=(Op("regroup", groups=(2, 1)),))
+                   dst_unit="fc2", ops=(Op("reshape", shape=(2, 4), from_shape=(2, 4)),))
     plan = Plan(matches=(*plan.matches[:2], broken), source=plan.source)
     real = archalign.apply.apply_ops
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from pathlib import Path
 
@@ -104,6 +105,7 @@ def _write_npz(path):
     ("name", "writer", "message"),
     [
         ("missing.pt", None, "does not exist"),
+        ("w\0.pt", None, "holds a NUL character"),
         ("w.npz", _write_npz, "unknown suffix '.npz'"),
         ("w.safetensors", _write_garbage, "cannot read the source file"),
         ("w.pt", _write_garbage, "torch.load(weights_only=True)"),
@@ -179,3 +181,73 @@ def test_reading_keeps_one_file_open_between_reads(tmp_path: Path, monkeypatch) 
     assert len(opened) == len(keys)
     with read_source(model).reading():  # an in-memory source: nothing to open
         pass
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/tmp/outside.safetensors",
+                                  "sub/../../outside.safetensors", "C:\\outside.safetensors",
+                                  "..\\outside.safetensors", ""])
+def test_an_index_naming_a_file_outside_its_folder_is_refused(tmp_path: Path, name: str) -> None:
+    save_file({"w": torch.ones(2)}, str(tmp_path / "outside.safetensors"))
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": name}}))
+    with pytest.raises(SourceError, match=r"outside|not the name of a \.safetensors"):
+        read_source(folder)
+
+
+def test_a_shard_that_links_outside_the_folder_is_refused(tmp_path: Path) -> None:
+    save_file({"w": torch.ones(2)}, str(tmp_path / "secret.safetensors"))
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "model-1.safetensors").symlink_to(tmp_path / "secret.safetensors")
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "model-1.safetensors"}}))
+    with pytest.raises(SourceError, match=r"a link to .*secret\.safetensors.* outside the folder"):
+        read_source(folder)
+    (folder / "model.safetensors.index.json").unlink()
+    with pytest.raises(SourceError, match="outside the folder"):  # the folder's single file too
+        read_source(folder)
+    assert read_source(folder / "model-1.safetensors").specs  # named itself: the user chose it
+
+
+def test_a_hugging_face_cache_snapshot_reads_its_blobs(tmp_path: Path) -> None:
+    repo = tmp_path / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    index = write_sharded(nn.Linear(2, 2), repo / "blobs", per_shard=1)
+    for blob in sorted((repo / "blobs").iterdir()):
+        (snapshot / blob.name).symlink_to(Path("../../blobs") / blob.name)
+    assert index.exists()
+    assert set(read_source(snapshot).specs) == {"weight", "bias"}
+
+
+def test_a_folder_holding_one_shard_without_its_index_is_not_a_checkpoint(tmp_path: Path) -> None:
+    save_file({"w": torch.ones(2)}, str(tmp_path / "model-00002-of-00003.safetensors"))
+    with pytest.raises(SourceError, match="one shard of 3, and no index"):
+        read_source(tmp_path)
+    (tmp_path / "model-00002-of-00003.safetensors").rename(tmp_path / ".archalign-shard.safetensors")
+    with pytest.raises(SourceError, match="0 safetensors indexes and 0 safetensors files"):
+        read_source(tmp_path)  # hidden files (leftovers) are not read
+
+
+@pytest.mark.parametrize("text", ['{"weight_map": ' * 50_000 + "{}" + "}" * 50_000,
+                                  b'{"weight_map": {"w": "\xff.safetensors"}}', "[1]",
+                                  '{"weight_map": {}}', '{"weight_map": {"w": 1}}',
+                                  '{"weight_map": {"w": "config.json"}}'])
+def test_a_tampered_index_is_a_source_error(tmp_path: Path, text: str | bytes) -> None:
+    index = tmp_path / "model.safetensors.index.json"
+    if isinstance(text, bytes):
+        index.write_bytes(text)
+    else:
+        index.write_text(text)
+    with pytest.raises(SourceError):
+        read_source(index)
+
+
+def test_an_old_format_pickle_is_read_without_mmap(tmp_path: Path) -> None:
+    state = small_state_dict()
+    path = tmp_path / "old.pt"
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    source = read_source(path)
+    assert all(torch.equal(source.get(k), v) for k, v in state.items())

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import archalign
-from archalign.checks import check_plan, check_value, refuse_unwritable
+from archalign.checks import check_plan, check_value, gains_nonfinite, refuse_unwritable
 from archalign.errors import ApplyError, PlanError
 from archalign.ops import Op
 from archalign.source import read_destination, read_source
@@ -70,3 +70,53 @@ def test_check_value_refuses_what_copy_would_refuse() -> None:
     with pytest.raises(ApplyError, match="expanded"):
         check_value("w", torch.zeros(1, 3).expand(2, 3), torch.zeros(2, 3))
     check_value("w", torch.zeros(2, 3), torch.ones(2, 3))
+
+
+def _refusal(state: dict[str, torch.Tensor], dst: nn.Module, **to: torch.dtype) -> str:
+    """The message `refuse_unwritable` gives for a plain copy of every key of ``state``."""
+    for key, dtype in to.items():
+        getattr(dst, key).data = getattr(dst, key).data.to(dtype)
+    plan = archalign.align(state, dst)
+    with pytest.raises(ApplyError) as info:
+        refuse_unwritable(plan.matches, (), read_source(state), read_destination(dst))
+    return str(info.value)
+
+
+@pytest.mark.parametrize("layout", ["to_sparse", "to_sparse_csr"])
+def test_a_sparse_source_or_destination_tensor_is_refused_by_name(layout: str) -> None:
+    state = {"weight": getattr(torch.randn(4, 3), layout)(), "bias": torch.randn(4)}
+    assert "source tensor 'weight' is not dense" in _refusal(state, nn.Linear(3, 4))
+    dst = nn.Linear(3, 4)
+    dst.weight = nn.Parameter(torch.randn(4, 3).to_sparse())
+    assert "destination tensor 'weight' is not dense" in _refusal(
+        {"weight": torch.randn(4, 3), "bias": torch.randn(4)}, dst)
+
+
+def test_complex_values_into_real_ones_are_refused() -> None:
+    state = {"weight": torch.randn(4, 3, dtype=torch.complex64), "bias": torch.randn(4)}
+    assert "imaginary part would be dropped" in _refusal(state, nn.Linear(3, 4))
+
+
+def test_integers_that_would_wrap_are_refused_and_those_that_fit_pass() -> None:
+    into = torch.zeros(3, dtype=torch.int8)
+    check_value("ids", into, torch.tensor([-128, 0, 127]))
+    with pytest.raises(ApplyError, match=r"'ids'.*\[0, 200\].*torch.int8 \[-128, 127\]"):
+        check_value("ids", into, torch.tensor([0, 5, 200]))
+    with pytest.raises(ApplyError, match="wrap"):
+        check_value("flag", torch.zeros(2, dtype=torch.bool), torch.tensor([0, 2]))
+
+
+@pytest.mark.parametrize(("dtype", "value", "gains"), [
+    (torch.float16, 65504.0, False),  # the largest float16
+    (torch.float16, 65519.0, False),  # rounds down to it
+    (torch.float16, 65520.0, True),  # rounds up to Inf
+    (torch.float16, -1e5, True),
+    (torch.bfloat16, 1e38, False),
+    (torch.float32, 1e300, True),  # from float64
+    (torch.float16, float("inf"), False),  # the source was not finite: not gained
+])
+def test_values_beyond_the_destination_range_are_found(dtype, value, gains) -> None:  # type: ignore[no-untyped-def]
+    source = torch.tensor([0.5, value], dtype=torch.float64 if abs(value) > 1e38 else torch.float32)
+    assert gains_nonfinite(torch.zeros(2, dtype=dtype), source) is gains
+    assert gains_nonfinite(torch.zeros(2, dtype=dtype), torch.tensor([70000, 1])) is (
+        dtype == torch.float16)

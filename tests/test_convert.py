@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 
 import archalign
-from archalign.errors import PlanError, UsageError
+import archalign.convert
+from archalign.errors import ApplyError, PlanError, UsageError
 from corpus import get_pair, run_model
 
 
@@ -55,3 +61,116 @@ def test_a_plan_whose_adaptation_does_not_fit_is_refused_before_any_file(tmp_pat
     with pytest.raises(PlanError, match="concat"):
         plan.convert_checkpoint(src, tmp_path / "out", max_shard_bytes=20_000)
     assert not (tmp_path / "out").exists()
+
+
+def _mlp() -> tuple[torch.nn.Module, archalign.Plan]:
+    pair = get_pair("mlp->mlp_identical")
+    src = pair.make_src()
+    return src, archalign.align(src, pair.make_dst())
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt(), SafetensorError(
+    "Error while serializing: I/O error: No space left on device (os error 28)")])
+@pytest.mark.parametrize("earlier", [False, True])
+def test_a_failed_conversion_leaves_nothing_and_keeps_the_earlier_checkpoint(
+        tmp_path: Path, monkeypatch, failure: BaseException, earlier: bool) -> None:  # type: ignore[no-untyped-def]
+    src, plan = _mlp()
+    out = tmp_path / "out"
+    if earlier:
+        plan.convert_checkpoint(src, out)
+    before = _files(out) if earlier else None
+    real, calls = safetensors.torch.save_file, []
+
+    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(args[1])
+        if len(calls) == 3:
+            raise failure
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing)
+    expected = KeyboardInterrupt if isinstance(failure, KeyboardInterrupt) else OSError
+    with pytest.raises(expected) as info:
+        plan.convert_checkpoint(src, out, max_shard_bytes=200, overwrite=True)
+    if expected is OSError:
+        assert info.value.errno == 28 and info.value.filename == str(out)
+        assert "No space left on device (writing shard 3" in info.value.strerror
+    assert len(calls) == 3
+    assert (_files(out) == before) if earlier else not out.exists()
+
+
+def test_a_file_size_limit_is_an_os_error_and_leaves_nothing(tmp_path: Path) -> None:
+    script = (
+        "import resource, sys, torch, archalign\n"
+        "from corpus import get_pair\n"
+        "pair = get_pair('mlp->mlp_identical'); src = pair.make_src()\n"
+        "plan = archalign.align(src, pair.make_dst())\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300))\n"
+        "try:\n"
+        "    plan.convert_checkpoint(src, sys.argv[1])\n"
+        "except OSError as exc:\n"
+        "    print(exc.errno, exc.filename)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], check=True,
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.stdout.split() == [str(errno.EFBIG), str(tmp_path / "out" / "model.safetensors")]
+    assert not (tmp_path / "out").exists()
+
+
+def test_converting_into_an_earlier_checkpoint_needs_overwrite_and_leaves_no_stale_file(
+        tmp_path: Path) -> None:
+    src, plan = _mlp()
+    plan.convert_checkpoint(src, tmp_path, max_shard_bytes=200)  # sharded
+    (tmp_path / "config.json").write_text("{}")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(1.0)
+    with pytest.raises(UsageError, match=r"already holds a checkpoint.*overwrite=True"):
+        plan.convert_checkpoint(src, tmp_path)
+    files = plan.convert_checkpoint(src, tmp_path, overwrite=True)  # one file now
+    assert [p.name for p in files] == ["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    back = archalign.source.read_source(tmp_path)
+    for match in plan.matches:
+        assert torch.equal(back.get(match.dst[0]), src.state_dict()[match.src[0]])
+
+
+def test_a_destination_key_safetensors_reserves_is_refused_before_any_file(tmp_path: Path) -> None:
+    src, plan = _mlp()
+    first = dataclasses.replace(plan.matches[0], dst=("__metadata__",))
+    plan = dataclasses.replace(plan, matches=(first, *plan.matches[1:]))
+    with pytest.raises(PlanError, match="'__metadata__', the name safetensors keeps"):
+        plan.convert_checkpoint(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failing_adaptation_is_an_apply_error_and_leaves_nothing(tmp_path: Path,
+                                                                  monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    pair = get_pair("hf_llama->hf_phi3")
+    src = pair.make_src()
+    plan = archalign.align(src, pair.make_dst())
+    real = archalign.convert.apply_ops
+
+    def failing(tensors, ops):  # type: ignore[no-untyped-def]
+        if ops:
+            raise RuntimeError("injected")
+        return real(tensors, ops)
+
+    monkeypatch.setattr(archalign.convert, "apply_ops", failing)
+    with pytest.raises(ApplyError, match="injected; nothing was written"):
+        plan.convert_checkpoint(src, tmp_path / "out", max_shard_bytes=20_000)
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_source_tensor_written_to_two_keys_is_stored_twice(tmp_path: Path) -> None:
+    src, plan = _mlp()
+    first = plan.matches[0]
+    twin = dataclasses.replace(first, dst=(first.dst[0] + "_twin",))
+    plan = dataclasses.replace(plan, matches=(*plan.matches, twin))
+    plan.convert_checkpoint(src, tmp_path)
+    back = archalign.source.read_source(tmp_path)
+    assert torch.equal(back.get(first.dst[0]), back.get(twin.dst[0]))

@@ -222,17 +222,28 @@ def _match_without(key: str) -> dict:
         (_match_without("src_unit"), "malformed plan: KeyError"),
         (_match_with(src="enc.0.weight"), "expected a list of keys"),
         (_match_with(dst=[1]), "expected a list of keys"),
-        (_match_with(src_shapes=[["four", 3]]), "malformed plan: ValueError"),
-        (_match_with(src_shapes=[4]), "malformed plan: TypeError"),
+        (_match_with(src_shapes=[["four", 3]]), "the shape of 'enc.0.weight' holds 'four'"),
+        (_match_with(src_shapes=[[4.5, 3]]), "holds 4.5, not a size"),
+        (_match_with(src_shapes=[[True, 3]]), "holds True, not a size"),
+        (_match_with(src_shapes=[[-1, 3]]), "holds -1, not a size"),
+        (_match_with(src_shapes=[4]), "the shape of 'enc.0.weight' must be a list of sizes"),
         (_match_with(costs=[["type", 0.0]]), "malformed plan: AttributeError"),
-        (_match_with(confidence="high"), "malformed plan: ValueError"),
+        (_match_with(confidence="high"), "expected a number, got 'high'"),
+        (_match_with(confidence=10**400), "malformed plan: OverflowError"),
+        (_match_with(src=[]), "malformed match"),
         (_with(mismatches=[{"src": ["a"]}]), "malformed plan: KeyError"),
         (_with(unmatched_dst="fc2.weight"), "expected a list of keys"),
         (_with(unmatched_src=None), "malformed plan"),
         (_with(tied_src=[["a"]]), "malformed plan: ValueError"),
         (_match_with(ops=[{"op": "rotate"}]), "unknown adaptation 'rotate'"),
         (_match_with(ops=[{"op": "reshape", "shape": [4], "colour": 1}]), "unknown fields ['colour']"),
-        (_match_with(ops=[{"shape": [4]}]), "malformed plan: KeyError"),
+        (_match_with(ops=[{"shape": [4]}]), "an adaptation is an object with a string \"op\""),
+        (_match_with(ops=[{"op": "regroup", "groups": [4]}]), "two group counts"),
+        (_match_with(ops=[{"op": "regroup", "groups": []}]), "two group counts"),
+        (_match_with(ops=[{"op": "split", "sizes": [0, 4]}]), "sizes must be positive"),
+        (_match_with(ops=[{"op": "transpose", "sizes": [4]}]), "takes no sizes"),
+        (_with(mismatches=[{"src": ["a"], "dst": ["b"], "src_shapes": [[1]], "dst_shapes": [[2]],
+                            "reason": "r", "confidence": 7}]), "malformed mismatch"),
     ],
 )
 def test_malformed_plans_raise_plan_error(data, message):
@@ -298,3 +309,22 @@ def test_nonfinite_source_keys_are_listed_for_review():
     assert [r["nonfinite"] for r in plan.to_records()] == [True, False]
     assert "NaN/Inf" not in str(make_plan())
     assert plan.inverse().nonfinite == ()  # they are source keys: not the inverse's source
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('{"a": ' * 100_000 + "1" + "}" * 100_000, "nests deeper than Python can parse"),
+    ("[" + "1" * 5000 + "]", "must be JSON"),
+    (json.dumps(_valid()).replace('"src_shapes": [[4, 3]]', '"src_shapes": [[1e400, 3]]', 1),
+     "holds inf, not a size"),
+    (json.dumps(_valid()).replace('"fc1.weight"', '"\\ud800"', 1), "UnicodeEncodeError"),
+])
+def test_plan_text_that_python_cannot_hold_is_a_plan_error(text: str, message: str) -> None:
+    with pytest.raises(PlanError, match=message):
+        Plan.from_json(text)
+
+
+def test_a_plan_file_that_is_not_utf8_is_a_plan_error_naming_it(tmp_path) -> None:
+    path = tmp_path / "plan.json"
+    path.write_bytes(make_plan().to_json().replace("fc1", "f\xe9").encode("latin-1"))
+    with pytest.raises(PlanError, match=r"plan\.json.*UTF-8 text; byte \d+ is not"):
+        load_plan(path)

@@ -352,3 +352,15 @@ def test_read_destination_keeps_what_writing_needs():
 def test_read_destination_refuses_what_is_not_a_module():
     with pytest.raises(SourceError, match=r"must be an nn\.Module, got dict"):
         read_destination({"w": torch.zeros(1)})
+
+
+def test_a_nested_tensor_is_refused_when_read_by_name() -> None:
+    import archalign
+
+    torch.manual_seed(0)
+    state = dict(nn.Linear(3, 4).state_dict())
+    state["ragged"] = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    with pytest.raises(SourceError, match="nested tensors, which have no single shape: 'ragged'"):
+        read_source(state)
+    with pytest.raises(SourceError, match="'ragged'"):
+        archalign.align(state, nn.Linear(3, 4))  # was a bare RuntimeError from torch
