@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 BATCH = 2  # samples per made input: two, so that an output that ignores its input shows it
 _SEQUENCE = 16  # tokens per made sequence
+_SMALL_SIDES = (32,)  # image sides tried first: a convolutional model takes any, cheaply
 _IMAGE_SIDES = (32, 64, 224)  # image sides tried when a model does not say its own
 _MAX_ELEMENTS = 2_000_000  # a made input larger than this is not tried (a cheap check, not a load)
 
@@ -145,8 +146,11 @@ def _candidates(src: nn.Module, dst: nn.Module) -> Iterator[_Candidate]:
         if main == "input_ids" and vocab:
             yield _tokens(vocab, f"token ids below the vocabulary {vocab}")
     channels = _first(_channels(m) for m in (dst, src))
-    for side in _declared_sides(dst, src):
-        yield _image(channels or 3, side, "the models' declared image size")
+    sides = [*_SMALL_SIDES, *(s for s in _declared_sides(dst, src) if s not in _SMALL_SIDES)]
+    if channels or sides[len(_SMALL_SIDES):]:  # a model that takes images: the cheapest first
+        for side in sides:
+            yield _image(channels or 3, side, "small images" if side in _SMALL_SIDES else
+                         "the models' declared image size")
     if vocab:
         yield _tokens(vocab, f"token ids below the vocabulary {vocab}")
     for model in (dst, src):
@@ -168,7 +172,7 @@ def _tokens(vocab: int, how: str) -> _Candidate:
 
 
 def _image(channels: int, side: int, how: str) -> _Candidate:
-    return _random((BATCH, channels, side, side), f"{how}: images {(BATCH, channels, side, side)}")
+    return _random((BATCH, channels, side, side), f"{how} {(BATCH, channels, side, side)}")
 
 
 def _random(shape: tuple[int, ...], how: str) -> _Candidate:
