@@ -137,12 +137,15 @@ def same(a: torch.Tensor | None, b: torch.Tensor | None, *,
          rtol: float = ACTIVATION_RTOL) -> bool | None:
     """Whether two activations are the same tensor, up to a permutation of axes and a reshape.
 
-    Returns None when they cannot be compared (missing, not floating point, or element counts
-    that differ); True when one layout of ``a`` equals ``b`` within ``rtol`` of its scale.
+    Returns None when they cannot be compared (missing, or not floating point); False when their
+    element counts differ (no layout makes them the same); True when one layout of ``a`` equals
+    ``b`` within ``rtol`` of its scale.
     """
     if a is None or b is None or not (a.is_floating_point() and b.is_floating_point()):
         return None
-    if a.numel() != b.numel() or not a.numel():
+    if a.numel() != b.numel():
+        return False
+    if not a.numel():
         return None
     x, y = a.detach().float().cpu(), b.detach().float().cpu()
     tolerance = rtol * max(float(x.abs().max()), float(y.abs().max()), _FLOOR)

@@ -158,6 +158,14 @@ def _run(tensors, ops):
             half = t.shape[0] // heads // 2
             inner = (half, 2) if kind == "rope" else (2, half)
             tensors = [t.reshape(heads, *inner, *t.shape[1:]).transpose(1, 2).reshape(t.shape)]
+        elif kind == "pad":  # zero rows before and after, on axis 0
+            before, after = op["sizes"]
+            t = tensors[0]
+            tensors = [torch.cat([t.new_zeros((before, *t.shape[1:])), t,
+                                  t.new_zeros((after, *t.shape[1:]))])]
+        elif kind == "crop":
+            before, after = op["sizes"]
+            tensors = [tensors[0][before:tensors[0].shape[0] - after]]
         else:
             raise ValueError("unknown operation " + repr(kind))
     return tensors

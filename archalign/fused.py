@@ -242,7 +242,12 @@ def _candidate_groups(parts: Sequence[UnitFeatures]) -> list[tuple[UnitFeatures,
 
 
 def _siblings(group: Sequence[UnitFeatures]) -> bool:
-    """Whether the members may be pieces of one fused tensor: they read the very same tensor,
-    or what they read is not known."""
+    """Whether the members may be pieces of one fused tensor, by what they read: the very same
+    tensor (q, k and v of self-attention; gate and up), or, for cross-attention, the first one
+    thing (the query) and all others another (key and value). A run whose last member reads
+    what the others produced (an output projection after q, k and v) is no fused tensor. Two
+    members, or reads not known, always may."""
     reads = [f.reads for f in group]
-    return None in reads or len(set(reads)) == 1
+    if len(group) < 3 or None in reads:
+        return True
+    return len(set(reads)) == 1 or len(set(reads[1:])) == 1

@@ -14,7 +14,15 @@ regroup    rows laid out (a, b, rest) -> (b, a, rest)  regroup with a and b swap
 rope       per head, rows on interleaved pairs ->      unrope
            rows on halves (rotary conventions)
 unrope     per head, halves -> interleaved pairs       rope
+pad        ``sizes`` (before, after) zero rows added   crop
+           on axis 0
+crop       ``sizes`` (before, after) rows removed      pad
+           from axis 0
 =========  ==========================================  =======================================
+
+``pad`` is what OPT's learned position embedding needs against GPT-2's (two leading rows that no
+position reads) and what padded vocabularies need: the rows added hold zeros, and ``crop`` takes
+them away again.
 
 ``rope`` is what transformers' ``PermuteForRope`` and ``convert_llama_weights_to_hf.py``'s
 ``permute`` do to a query or key projection: Meta's reference rotates interleaved pairs of rows
@@ -53,6 +61,8 @@ class OpKind(str, enum.Enum):
     REGROUP = "regroup"
     ROPE = "rope"
     UNROPE = "unrope"
+    PAD = "pad"
+    CROP = "crop"
 
     def __str__(self) -> str:
         return self.value
@@ -275,6 +285,32 @@ def _check_regroup(op: Op) -> None:
                         f"{list(op.groups)}")
 
 
+def _check_pad(op: Op) -> None:
+    _takes("sizes", needs="sizes")(op)
+    if len(op.sizes) != 2:
+        raise PlanError(f"a {op.kind.value} takes (before, after) row counts, got "
+                        f"{list(op.sizes)}")
+
+
+def _infer_pad(op: Op, current: list[Shape]) -> list[Shape]:
+    before, after = op.sizes
+    if len(current) != 1 or not current[0]:
+        raise PlanError(f"{op} needs one tensor of rank >= 1, got shapes {current}")
+    rows = current[0][0] + (before + after if op.kind is OpKind.PAD else -(before + after))
+    if rows < 0 or (op.kind is OpKind.CROP and rows == 0):
+        raise PlanError(f"{op} does not fit shape {current}")
+    return [(rows, *current[0][1:])]
+
+
+def _pad(op: Op, current: list[torch.Tensor]) -> list[torch.Tensor]:
+    before, after = op.sizes
+    t = current[0]
+    if op.kind is OpKind.CROP:
+        return [t[before:t.shape[0] - after]]
+    pieces = [t.new_zeros((before, *t.shape[1:])), t, t.new_zeros((after, *t.shape[1:]))]
+    return [torch.cat(pieces, dim=0)]
+
+
 def _check_rope(op: Op) -> None:
     _takes("groups")(op)
     if len(op.groups) != 1 or op.groups[0] < 1:
@@ -366,6 +402,12 @@ _KINDS: dict[OpKind, _Kind] = {
     OpKind.ROPE: _Kind(
         check=_check_rope, text=lambda op: f"rope{op.groups[0]}", infer=_infer_rope, apply=_rope,
         invert=lambda op, before: Op(OpKind.UNROPE, groups=op.groups)),
+    OpKind.PAD: _Kind(
+        check=_check_pad, text=lambda op: f"pad{list(op.sizes)}", infer=_infer_pad, apply=_pad,
+        invert=lambda op, before: Op(OpKind.CROP, sizes=op.sizes)),
+    OpKind.CROP: _Kind(
+        check=_check_pad, text=lambda op: f"crop{list(op.sizes)}", infer=_infer_pad, apply=_pad,
+        invert=lambda op, before: Op(OpKind.PAD, sizes=op.sizes)),
     OpKind.UNROPE: _Kind(
         check=_check_rope, text=lambda op: f"unrope{op.groups[0]}", infer=_infer_rope, apply=_rope,
         invert=lambda op, before: Op(OpKind.ROPE, groups=op.groups)),

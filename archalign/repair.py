@@ -34,7 +34,7 @@ from .activations import same
 from .graph import Unit
 from .ops import Op, OpKind
 from .pairing import MatchMode, fused_pairs, pair_tensors
-from .plan import Match, Plan
+from .plan import Match, Mismatch, Plan
 from .trial import Trial, TrialRunner
 
 __all__ = ["SEARCH_SECONDS", "SEARCH_TRIALS", "Context", "repair", "suspected"]
@@ -206,6 +206,7 @@ def _alternatives(plan: Plan, trial: Trial, context: Context, runner: TrialRunne
     bad, window = focus
     if bad is None:  # every layer agrees: what is left unmatched may be what is missing
         yield from _filled(plan, context)
+        yield from _padded(plan, context)
     if bad is not None:
         yield from _layouts(plan, bad, context)
         yield from _member_orders(plan, bad, context)
@@ -223,6 +224,49 @@ def _alternatives(plan: Plan, trial: Trial, context: Context, runner: TrialRunne
             yield from _other_sources(plan, a, trial, context, runner)
     if bad is not None:
         yield from _filled(plan, context)
+        yield from _padded(plan, context)
+
+
+MAX_PAD = 16  # near misses whose leading axes differ by at most this many rows are tried padded
+
+
+def _padded(plan: Plan, context: Context) -> Iterator[Plan]:
+    """A near miss whose tensors differ only in their number of rows, by a few, loaded with rows
+    added (``pad``) or taken away (``crop``) at each offset: OPT's position table keeps two
+    leading rows GPT-2's does not have; vocabularies are padded to a multiple."""
+    units = {t: k for k, u in context.dst_units.items() for t in u.tensors}
+    groups: dict[tuple[str, ...], list[Mismatch]] = {}
+    for mm in plan.mismatches:
+        if len(mm.src) == len(mm.dst) == 1 and mm.dst[0] in units:
+            groups.setdefault((units[mm.dst[0]],), []).append(mm)
+    for (dst_unit,), misses in groups.items():
+        if dst_unit in context.frozen:
+            continue
+        rows = {_row_difference(mm.src_shapes[0], mm.dst_shapes[0]) for mm in misses}
+        if len(rows) != 1 or None in rows:
+            continue
+        (d,) = rows
+        assert d is not None
+        src_unit = misses[0].src[0].rpartition(".")[0] or misses[0].src[0]
+        for k in range(abs(d) + 1):
+            op = Op(OpKind.PAD if d > 0 else OpKind.CROP, sizes=(k, abs(d) - k))
+            new = [Match(src=mm.src, dst=mm.dst, src_shapes=mm.src_shapes,
+                         dst_shapes=mm.dst_shapes, confidence=mm.confidence,
+                         costs=(("repaired", 1.0),), src_unit=src_unit, dst_unit=dst_unit,
+                         ops=(op,)) for mm in misses]
+            keys = {k2 for mm in misses for k2 in mm.dst}
+            yield dataclasses.replace(
+                plan, matches=(*plan.matches, *new),
+                mismatches=tuple(mm for mm in plan.mismatches if not set(mm.dst) & keys))
+
+
+def _row_difference(src: tuple[int, ...], dst: tuple[int, ...]) -> int | None:
+    """How many rows ``dst`` has more than ``src`` (negative: fewer), when that is all they
+    differ in, by at most `MAX_PAD`; None otherwise."""
+    if len(src) != len(dst) or not src or src[1:] != dst[1:] or src[0] == dst[0]:
+        return None
+    d = dst[0] - src[0]
+    return d if abs(d) <= MAX_PAD else None
 
 
 def _filled(plan: Plan, context: Context) -> Iterator[Plan]:

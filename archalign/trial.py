@@ -228,6 +228,9 @@ def _expected_output(sources: Sequence[Activation], match: Match) -> torch.Tenso
         return None
     tensors = [o for o in outputs if o is not None]
     axis = _feature_axis(tensors[0], match)
+    if len(tensors) > 1 and any(_without(t.shape, axis) != _without(tensors[0].shape, axis)
+                                for t in tensors):
+        return None  # pieces that ran on different inputs (a cross-attention's q and kv)
     out = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=axis)
     permuting = [op for op in match.ops if op.kind in _FEATURE_PERMUTING]
     if not permuting or out.dim() == 0:
@@ -236,6 +239,13 @@ def _expected_output(sources: Sequence[Activation], match: Match) -> torch.Tenso
     if not _fits(moved.shape[0], permuting):
         return None
     return apply_ops([moved], permuting)[0].movedim(0, axis)
+
+
+def _without(shape: torch.Size, axis: int) -> tuple[int, ...]:
+    dims = list(shape)
+    if dims:
+        del dims[axis]
+    return tuple(dims)
 
 
 def _feature_axis(output: torch.Tensor, match: Match) -> int:

@@ -30,10 +30,14 @@ def test_same_is_not_fooled_by_permuted_values() -> None:
 
 
 @pytest.mark.parametrize(("a", "b"), [
-    (None, torch.ones(2)), (torch.ones(2), torch.ones(3)),
+    (None, torch.ones(2)), (torch.ones(0), torch.ones(0)),
     (torch.ones(2, dtype=torch.long), torch.ones(2, dtype=torch.long))])
 def test_same_is_none_when_nothing_can_be_compared(a, b) -> None:
     assert same(a, b) is None
+
+
+def test_activations_of_other_sizes_are_different() -> None:
+    assert same(torch.ones(2), torch.ones(3)) is False  # a wrong counterpart, not "unknown"
 
 
 def test_informative() -> None:

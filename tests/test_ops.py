@@ -23,6 +23,8 @@ CASES = [
     ([(16, 6)], (Op("rope", groups=(2,)),), [(16, 6)]),
     ([(16,)], (Op("unrope", groups=(4,)),), [(16,)]),
     ([(6, 8)], (T, Op("rope", groups=(2,))), [(8, 6)]),
+    ([(64, 8)], (Op("pad", sizes=(2, 0)),), [(66, 8)]),
+    ([(5,)], (Op("pad", sizes=(1, 3)),), [(9,)]),
 ]
 
 
@@ -93,6 +95,7 @@ def test_squeeze_shape() -> None:
     ([(6, 4)], Op("split", sizes=(2, 2))),
     ([(7, 4)], Op("regroup", groups=(3, 2))),
     ([(12, 4)], Op("rope", groups=(4,))),  # 3 rows per head: not pairs
+    ([(3, 4)], Op("crop", sizes=(2, 1))),  # nothing would be left
 ])
 def test_an_op_that_does_not_fit_names_the_shapes(shapes, op) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(PlanError, match=r"\(\d"):
