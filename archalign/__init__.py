@@ -2,7 +2,16 @@
 
 from .apply import apply_plan
 from .cost import CostWeights
-from .errors import AlignError, ApplyError, ArchalignError, PlanError, SourceError, UsageError
+from .errors import (
+    AlignError,
+    ApplyError,
+    ArchalignError,
+    PlanError,
+    RunError,
+    SourceError,
+    StrictError,
+    UsageError,
+)
 from .hints import Hints
 from .pipeline import align, align_and_load
 from .plan import Match, Mismatch, Plan, load_plan
@@ -21,8 +30,10 @@ __all__ = [
     "Mismatch",
     "Plan",
     "PlanError",
+    "RunError",
     "Skipped",
     "SourceError",
+    "StrictError",
     "UsageError",
     "Verification",
     "align",

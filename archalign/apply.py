@@ -19,7 +19,7 @@ from torch import nn
 
 from .checks import check_plan, check_value, refuse_unwritable
 from .confidence import DEFAULT_MIN_CONFIDENCE
-from .errors import ApplyError, PlanError, UsageError
+from .errors import ApplyError, PlanError, StrictError, UsageError
 from .ops import apply_ops
 from .plan import Match, Mismatch, Plan
 from .policies import choose_policy, resize
@@ -99,10 +99,11 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
     ------
     PlanError
         If a key or shape in the plan no longer agrees with ``dst`` or the source.
+    StrictError
+        If ``strict`` and some destination tensor would stay unloaded (nothing is written).
     ApplyError
-        If ``strict`` and some destination tensor would stay unloaded, or a value cannot be
-        computed or written (the message says whether ``dst`` is unchanged or which tensors
-        were written).
+        If a value cannot be computed or written (the message says whether ``dst`` is
+        unchanged or which tensors were written).
     SourceError
         If ``dst`` is not a module, or the source cannot be read.
     """
@@ -133,7 +134,7 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
         why = {s.dst: s.reason for s in skipped}
         shown = "; ".join(f"{k} ({why.get(k, 'no counterpart')})" for k in missing[:10])
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-        raise ApplyError(f"strict: {len(missing)} destination tensors would stay unloaded: "
+        raise StrictError(f"strict: {len(missing)} destination tensors would stay unloaded: "
                          f"{shown}{more}. Lower min_confidence, fix the plan, or pass strict=False")
 
     refuse_unwritable(to_load, by_policy, source, target)
