@@ -16,6 +16,7 @@ from .hints import Hints
 from .pipeline import align, align_and_load
 from .plan import Match, Mismatch, Plan, load_plan
 from .report import Divergence, LoadReport, Skipped, Verification
+from .source import read_source
 from .verify import verify
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "align_and_load",
     "apply_plan",
     "load_plan",
+    "read_source",
     "verify",
 ]
 

@@ -352,3 +352,15 @@ def test_read_destination_keeps_what_writing_needs():
 def test_read_destination_refuses_what_is_not_a_module():
     with pytest.raises(SourceError, match=r"must be an nn\.Module, got dict"):
         read_destination({"w": torch.zeros(1)})
+
+
+def test_a_tensor_source_is_accepted_as_it_is_and_entry_needs_a_file() -> None:
+    import archalign
+
+    model = nn.Linear(3, 2)
+    source = read_source(model)
+    assert read_source(source) is source
+    plan = archalign.align(source, nn.Linear(3, 2))  # a source read once, with its options
+    assert len(plan.matches) == 2
+    with pytest.raises(SourceError, match=r"pass obj\['model'\] instead"):
+        read_source({"model": model.state_dict()}, entry="model")
