@@ -8,6 +8,7 @@ for how a load is all or nothing without copying the destination.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal
 import threading
@@ -94,6 +95,7 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
     Returns
     -------
     LoadReport
+        With ``report.plan``: this plan (without the source it carries).
 
     Raises
     ------
@@ -169,6 +171,7 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
         tied=tuple(sorted(target.aliases.items())),
         adapted=tuple(adapted),
         nonfinite=tuple(nonfinite),
+        plan=dataclasses.replace(plan, source=None),
     )
     logger.info("%s", str(report).splitlines()[0])
     return report

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import archalign
-from archalign.checks import check_plan, check_value, refuse_unwritable
+from archalign.checks import check_plan, check_value, refuse_unwritable, unplanned_keys
 from archalign.errors import ApplyError, PlanError
 from archalign.ops import Op
 from archalign.source import read_destination, read_source
@@ -70,3 +70,13 @@ def test_check_value_refuses_what_copy_would_refuse() -> None:
     with pytest.raises(ApplyError, match="expanded"):
         check_value("w", torch.zeros(1, 3).expand(2, 3), torch.zeros(2, 3))
     check_value("w", torch.zeros(2, 3), torch.ones(2, 3))
+
+
+def test_keys_a_plan_never_mentions_say_it_was_made_for_other_models() -> None:
+    src, dst, plan = _plan()
+    assert unplanned_keys(plan, read_source(src), read_destination(dst)) == ([], [])
+    deeper = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(2, 2))
+    assert unplanned_keys(plan, read_source(deeper), read_destination(deeper)) == (
+        ["2.weight", "2.bias"], ["2.weight", "2.bias"])
+    dropped = plan.drop("1")  # what the plan leaves untouched on purpose is still known to it
+    assert unplanned_keys(dropped, read_source(src), read_destination(dst))[1] == []
