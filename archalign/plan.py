@@ -205,13 +205,14 @@ class Plan:
 
     def convert_checkpoint(self, src: Any, out: str | os.PathLike[str], *,
                            min_confidence: float = DEFAULT_MIN_CONFIDENCE,
-                           max_shard_bytes: int = 2 * 1024**3) -> list[Path]:
+                           max_shard_bytes: int = 2 * 1024**3,
+                           progress: Callable[[int, int], None] | None = None) -> list[Path]:
         """Write the converted checkpoint as (sharded) safetensors without building the model;
         see `archalign.convert.convert_checkpoint`."""
         from .convert import convert_checkpoint
 
         return convert_checkpoint(self, src, out, min_confidence=min_confidence,
-                                  max_shard_bytes=max_shard_bytes)
+                                  max_shard_bytes=max_shard_bytes, progress=progress)
 
     def to_records(self) -> list[dict[str, Any]]:
         """One flat dict per match (for ``pandas.DataFrame(plan.to_records())``); ``nonfinite``
