@@ -14,6 +14,7 @@ from .errors import (
 )
 from .hints import Hints
 from .pipeline import align, align_and_load
+from .outputs import save_model
 from .plan import Match, Mismatch, Plan, load_plan
 from .report import Divergence, LoadReport, Skipped, Verification
 from .source import read_source
@@ -42,6 +43,7 @@ __all__ = [
     "apply_plan",
     "load_plan",
     "read_source",
+    "save_model",
     "verify",
 ]
 
