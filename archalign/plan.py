@@ -197,11 +197,13 @@ class Plan:
 
         return to_python(self, min_confidence=min_confidence)
 
-    def to_html(self, path: str | os.PathLike[str], *, title: str = "archalign plan") -> None:
-        """Write the visual review report; see `archalign.html.save_html`."""
+    def to_html(self, path: str | os.PathLike[str], *, title: str = "archalign plan",
+                source: str = "", destination: str = "") -> None:
+        """Write the visual review report (``source``, ``destination``: what is compared, shown
+        under the title); see `archalign.html.save_html`."""
         from .html import save_html
 
-        save_html(self, path, title=title)
+        save_html(self, path, title=title, source=source, destination=destination)
 
     def convert_checkpoint(self, src: Any, out: str | os.PathLike[str], *,
                            min_confidence: float = DEFAULT_MIN_CONFIDENCE,
