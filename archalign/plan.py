@@ -197,6 +197,13 @@ class Plan:
 
         return to_python(self, min_confidence=min_confidence)
 
+    def to_conversion_rules(self, *, min_confidence: float = 0.0,
+                            destination: str = "DestinationModel") -> str:
+        """transformers v5 conversion rules' source; see `archalign.exports.to_conversion_rules`."""
+        from .exports import to_conversion_rules
+
+        return to_conversion_rules(self, min_confidence=min_confidence, destination=destination)
+
     def to_html(self, path: str | os.PathLike[str], *, title: str = "archalign plan",
                 source: str = "", destination: str = "") -> None:
         """Write the visual review report (``source``, ``destination``: what is compared, shown
