@@ -13,8 +13,8 @@ from .errors import (
     UsageError,
 )
 from .hints import Hints
-from .pipeline import align, align_and_load
 from .outputs import save_model
+from .pipeline import align, align_and_load
 from .plan import Match, Mismatch, Plan, load_plan
 from .report import Divergence, LoadReport, Skipped, Verification
 from .source import read_source
