@@ -162,8 +162,8 @@ def build_review(plan: Plan) -> Review:
     flags = find_flags(plan)
     rows = tuple(_row(i, plan.matches[i], bad, flags[i]) for i in order)
     counts = Counter(f for row in rows for f in row.flags)
-    notes = tuple(f"{flag.value} ({counts[flag]} rows): {flag.note}" for flag in Flag
-                  if counts[flag])
+    notes = tuple(f"{flag.value} ({counts[flag]} row{'s' if counts[flag] > 1 else ''}): "
+                  f"{flag.note}" for flag in Flag if counts[flag])
     return Review(header=tuple(describe_header(plan)), rows=rows,
                   not_loaded=tuple(_describe_mismatches(plan)),
                   unmatched=tuple(_describe_unmatched(plan)), flag_notes=notes)
