@@ -243,7 +243,10 @@ def _convert(args: argparse.Namespace, console: Console) -> int:
     from .convert import convert_checkpoint
     from .outputs import check_output, copy_config
 
-    check_output(args.output)
+    if str(args.output).endswith(".safetensors"):
+        raise UsageError(f"convert writes a folder (model.safetensors, or shards and an index); "
+                         f"-o {args.output} names a file: give a folder")
+    check_output(args.output, file=False)
     config = _config_file(args.config) if args.config is not None else None
     plan = _read_plan(args.plan)
     src = load_source(args.src, entry=args.entry)
@@ -299,7 +302,7 @@ def _export(args: argparse.Namespace, console: Console) -> int:
 def _report(args: argparse.Namespace, console: Console) -> int:
     from .outputs import check_output
 
-    check_output(args.output)
+    check_output(args.output, file=True)
     plan = _aligned(args, console)
     plan.to_html(args.output, title=f"{Path(args.src).name} -> {args.dst}",
                  source=args.src, destination=args.dst)
@@ -316,15 +319,15 @@ def _read_plan(path: Path) -> Plan:
                         "'archalign propose -o plan.json' saves")
     try:
         return load_plan(path)
+    except OSError:
+        raise
     except ArchalignError as exc:
         raise PlanError(f"{path}: {exc}") from exc
     except UnicodeDecodeError as exc:
         raise PlanError(f"{path} is not a plan (not UTF-8 text): give the plan JSON that "
                         "'archalign propose -o plan.json' saves") from exc
-    except ValueError as exc:  # whatever a tampered file raises: it is still an input error
-        if isinstance(exc, ArchalignError):
-            raise
-        raise PlanError(f"{path} is not a valid plan: {exc}") from exc
+    except Exception as exc:  # whatever else a tampered file makes the parser raise: an input
+        raise PlanError(f"{path} is not a valid plan: {type(exc).__name__}: {exc}") from exc
 
 
 def _check_fit(plan: Plan, path: Path, src: Any, dst: Any) -> None:

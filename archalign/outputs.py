@@ -64,10 +64,18 @@ def output_kind(model: nn.Module, path: str | os.PathLike[str]) -> OutputKind:
     return OutputKind.HUGGING_FACE if _is_hugging_face(model) else OutputKind.FOLDER
 
 
-def check_output(path: str | os.PathLike[str]) -> None:
+def check_output(path: str | os.PathLike[str], *, file: bool | None = None) -> None:
     """Refuse, before any work, an output `save_model` or `archalign.convert_checkpoint` could not
-    write: a folder that does not exist, a folder where a ``.safetensors`` file is named or a
-    file where a folder is needed, a folder that is not writable.
+    write: a folder that does not exist, a folder where a file is named or a file where a folder
+    is needed, a folder that is not writable.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Where the output goes.
+    file : bool, optional
+        Whether the output is one file; by default, when ``path`` ends in ``.safetensors`` (as
+        `save_model` decides).
 
     Raises
     ------
@@ -78,9 +86,9 @@ def check_output(path: str | os.PathLike[str]) -> None:
     parent = target.parent
     if not parent.is_dir():
         raise OSError(errno.ENOENT, "the output's folder does not exist", str(parent))
-    if str(target).endswith(".safetensors"):
+    if str(target).endswith(".safetensors") if file is None else file:
         if target.is_dir():
-            raise OSError(errno.EISDIR, "is a folder, not a .safetensors file", str(target))
+            raise OSError(errno.EISDIR, "is a folder, not a file", str(target))
     elif target.exists() and not target.is_dir():
         raise OSError(errno.ENOTDIR, "is a file; a folder is needed (or name a .safetensors "
                       "file)", str(target))

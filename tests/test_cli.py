@@ -348,3 +348,26 @@ def test_a_hugging_face_destination_round_trips_through_from_pretrained(tmp_path
     inputs = pair.make_inputs()
     assert float((run_model(loaded, inputs) - run_model(src, inputs)).abs().max()) <= 1e-5
 
+
+
+def test_a_tampered_plan_is_an_input_error_whatever_the_parser_raises(tmp_path: Path,
+                                                                      capsys) -> None:  # type: ignore[no-untyped-def]
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    for path in (deep, tmp_path / "text.json"):
+        if path.name == "text.json":
+            path.write_text("not json")
+        assert main(["show", str(path)]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert line.startswith(f"error: {path}") and len(line) < 400
+
+
+def test_report_and_convert_check_their_output_first(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    page = tmp_path / "page.html"
+    page.write_text("an earlier page")  # re-running report overwrites it
+    assert main(["report", "torch.nn:Linear(2, 2)", "torch.nn:Linear(2, 2)", "-o", str(page),
+                 "--no-check"]) == 0
+    assert "archalign" in page.read_text()
+    capsys.readouterr()
+    assert main(["convert", "x.safetensors", "plan.json", "-o", str(tmp_path / "o.safetensors")]) == 2
+    assert "convert writes a folder" in one_error_line(capsys.readouterr().err)
