@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from .plan import Match, Plan
 
 __all__ = ["COLUMNS", "FLAGS_COLUMN", "Band", "Flag", "Review", "ReviewRow", "band_of",
-           "build_review", "describe_header", "describe_leftovers", "format_plan",
+           "build_review", "describe_header", "describe_leftovers", "find_flags", "format_plan",
            "format_plan_html", "format_shape"]
 
 COLUMNS = ("conf", "destination", "source", "shape", "adaptation")  # every table's columns
@@ -170,7 +170,18 @@ def build_review(plan: Plan) -> Review:
 
 
 def find_flags(plan: Plan) -> list[tuple[Flag, ...]]:
-    """The flags of each match of ``plan`` (in ``plan.matches`` order); see the module."""
+    """The flags of each match of ``plan``, in ``plan.matches`` order (see the module).
+
+    Parameters
+    ----------
+    plan : Plan
+        The plan; only its own data is read (tracers, keys, shapes, cost terms).
+
+    Returns
+    -------
+    list of tuple of Flag
+        One tuple per match, in `Flag` order; empty for a match the output check confirmed.
+    """
     order_only = _order_only(plan)
     shifted = _index_shifts(plan)
     out: list[tuple[Flag, ...]] = []
