@@ -47,7 +47,14 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 
 @contextlib.contextmanager
 def import_paths(folders: Sequence[str | os.PathLike[str]]) -> Iterator[None]:
-    """Let factories import modules from ``folders`` (first on ``sys.path``) inside the block."""
+    """Let factories import modules from ``folders`` (first on ``sys.path``) inside the block;
+    ``sys.path`` is as before afterwards (modules imported stay imported).
+
+    Raises
+    ------
+    SourceError
+        If one of ``folders`` is not a folder.
+    """
     added = [str(Path(f).resolve()) for f in folders]
     for folder in added:
         if not Path(folder).is_dir():
