@@ -137,7 +137,7 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
         shown = "; ".join(f"{k} ({why.get(k, 'no counterpart')})" for k in missing[:10])
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
         raise StrictError(f"strict: {len(missing)} destination tensors would stay unloaded: "
-                         f"{shown}{more}. Lower min_confidence, fix the plan, or pass strict=False")
+                          f"{shown}{more}. Lower min_confidence, fix the plan, or pass strict=False")
 
     refuse_unwritable(to_load, by_policy, source, target)
 

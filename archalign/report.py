@@ -4,7 +4,7 @@ tensors not used) and what running both models showed (`Verification`, `Divergen
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
@@ -75,8 +75,8 @@ class LoadReport:
     verification: Verification | None = None  # outputs compared after the load, when asked for
     adapted: tuple[Adapted, ...] = ()  # loaded keys that went through an adaptation or a policy
     nonfinite: tuple[str, ...] = ()  # loaded keys whose values hold NaN or Inf (loaded, and warned)
-    plan: Plan | None = None  # the plan that was applied (its matches' confidences, costs), as
-    # plain data: without the source it was made from (`Plan.source` is None)
+    plan: Plan | None = field(default=None, repr=False)  # the plan applied (its matches'
+    # confidences and costs), as plain data: without the source it was made from (source None)
 
     @property
     def complete(self) -> bool:
