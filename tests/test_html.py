@@ -393,6 +393,7 @@ def test_the_slider_starts_at_the_default_and_counts_what_apply_loads(tmp_path: 
     assert f"apply(min_confidence=0.50) loads {loads} of {len(plan.matches)} matched tensors " \
            "(the default)" in dom
     assert '<output id="minv">0.50</output>' in dom
+    assert 'class="wire faded"' in dom  # what a default apply skips is drawn faded
     assert ">vit.pt (torchvision)</span>" in dom and ">timm VisionTransformer</span>" in dom
     assert status["data-flagged"] == str(flagged)
     assert dom.count('class="tag flag"') >= 1
@@ -405,3 +406,18 @@ def test_the_slider_starts_at_the_default_and_counts_what_apply_loads(tmp_path: 
     assert int(status["data-visible"]) == len({(m.src_unit, m.dst_unit) for m, r in
                                                zip(plan.matches, archalign.review.find_flags(plan))
                                                if r})
+
+
+@needs_chromium
+def test_only_below_draws_the_lines_a_default_apply_skips(tmp_path: Path, weak_vit) -> None:  # type: ignore[no-untyped-def]
+    plan, _, _ = weak_vit
+    page = tmp_path / "weak.html"
+    save_html(plan, page)
+    status, dom = render_in_browser(tmp_path, page, "#below=1")
+    skipped = {(m.src_unit, m.dst_unit) for m in plan.matches if m.confidence < 0.5}
+    lines = {}
+    for m in plan.matches:  # a line is below when its least sure row is
+        key = (m.src_unit, m.dst_unit)
+        lines[key] = min(lines.get(key, 1.0), m.confidence)
+    assert skipped and int(status["data-visible"]) == sum(c < 0.5 for c in lines.values())
+    assert 'class="wire faded"' not in dom

@@ -396,9 +396,10 @@
       } else if (onlyFlagged) {
         show = false;
       }
+      var faded = show && !loaded && !below;  /* "only below" draws the lines it asked for in full */
       w.g.classList.toggle("hidden", !show);
-      w.g.classList.toggle("faded", show && !loaded);
-      if (show && loaded) { visible++; }
+      w.g.classList.toggle("faded", faded);
+      if (show && !faded) { visible++; }  /* data-visible: the lines drawn in full */
       if (show) { live.src[l.src] = true; live.dst[l.dst] = true; }
     });
     ["src", "dst"].forEach(function (side) {
