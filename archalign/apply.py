@@ -7,6 +7,7 @@ for how a load is all or nothing without copying the destination.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -16,7 +17,7 @@ from torch import nn
 
 from .checks import check_plan, check_value, gains_nonfinite, refuse_unwritable
 from .confidence import DEFAULT_MIN_CONFIDENCE
-from .errors import ApplyError, PlanError, UsageError
+from .errors import ApplyError, PlanError, StrictError, UsageError
 from .interrupts import interrupts_kept, sigint_deferred
 from .ops import apply_ops
 from .plan import Match, Mismatch, Plan
@@ -92,15 +93,17 @@ def apply_plan(plan: Plan, dst: nn.Module, src: Any = None, *, min_confidence: f
     Returns
     -------
     LoadReport
+        With ``report.plan``: this plan (without the source it carries).
 
     Raises
     ------
     PlanError
         If a key or shape in the plan no longer agrees with ``dst`` or the source.
+    StrictError
+        If ``strict`` and some destination tensor would stay unloaded (nothing is written).
     ApplyError
-        If ``strict`` and some destination tensor would stay unloaded, or a value cannot be
-        computed or written (the message says whether ``dst`` is unchanged or which tensors
-        were written).
+        If a value cannot be computed or written (the message says whether ``dst`` is
+        unchanged or which tensors were written).
     SourceError
         If ``dst`` is not a module, or the source cannot be read.
     KeyboardInterrupt
@@ -142,8 +145,8 @@ def _apply_plan(plan: Plan, dst: nn.Module, src: Any, *, min_confidence: float, 
         why = {s.dst: s.reason for s in skipped}
         shown = "; ".join(f"{k} ({why.get(k, 'no counterpart')})" for k in missing[:10])
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-        raise ApplyError(f"strict: {len(missing)} destination tensors would stay unloaded: "
-                         f"{shown}{more}. Lower min_confidence, fix the plan, or pass strict=False")
+        raise StrictError(f"strict: {len(missing)} destination tensors would stay unloaded: "
+                          f"{shown}{more}. Lower min_confidence, fix the plan, or pass strict=False")
 
     refuse_unwritable(to_load, by_policy, source, target)
 
@@ -177,6 +180,7 @@ def _apply_plan(plan: Plan, dst: nn.Module, src: Any, *, min_confidence: float, 
         tied=tuple(sorted(target.aliases.items())),
         adapted=tuple(adapted),
         nonfinite=tuple(nonfinite),
+        plan=dataclasses.replace(plan, source=None),
     )
     logger.debug("%s", str(report).splitlines()[0])
     return report

@@ -43,7 +43,7 @@ class Checkpoint(NamedTuple):
     description: str  # how to name it in messages: "file model.pt", "checkpoint x.index.json"
 
 
-def read_checkpoint(path: Path, role: str) -> Checkpoint:
+def read_checkpoint(path: Path, role: str, *, entry: str | None = None) -> Checkpoint:
     """Read the checkpoint at ``path`` for planning.
 
     Parameters
@@ -54,13 +54,17 @@ def read_checkpoint(path: Path, role: str) -> Checkpoint:
         ``{"state_dict": {...}, ...}``).
     role : str
         "source" or "destination", used in error messages.
+    entry : str, optional
+        For a pickle that holds a training checkpoint (``{"model": {...}, "optimizer": {...}}``):
+        the key of the entry that holds the weights.
 
     Raises
     ------
     SourceError
         If the path does not exist, has an unknown suffix, or does not hold a readable state_dict;
         if a folder holds no checkpoint, several, or a lone shard; if a file of a folder or an
-        index lies outside that folder.
+        index lies outside that folder; if ``entry`` is not a key of the pickle's top level, or
+        is given for a safetensors file.
     """
     if "\0" in str(path):
         raise SourceError(f"the {role} path {str(path)!r} holds a NUL character, which no file "
@@ -69,6 +73,9 @@ def read_checkpoint(path: Path, role: str) -> Checkpoint:
         path = _pick_in_folder(path, role)
     if not path.exists():
         raise SourceError(f"the {role} file {str(path)!r} does not exist")
+    if entry is not None and path.suffix not in PICKLE_SUFFIXES:
+        raise SourceError(f"entry={entry!r} picks an entry of a pickle checkpoint; the {role} "
+                          f"file {str(path)!r} is not one (safetensors files hold tensors only)")
     if path.name.endswith(".safetensors.index.json"):
         return _read_safetensors(_shards_of(path, role), role, f"checkpoint {path.name}")
     if path.suffix == ".safetensors":
@@ -83,10 +90,15 @@ def read_checkpoint(path: Path, role: str) -> Checkpoint:
                 f"{exc}. archalign never unpickles code; if you trust the file, re-save its "
                 "tensors once with torch.save(model.state_dict(), ...) or safetensors"
             ) from exc
-        if isinstance(state, Mapping) and "state_dict" in state and isinstance(
+        if entry is not None:
+            state = _entry_of(state, entry, role, path)
+        elif isinstance(state, Mapping) and "state_dict" in state and isinstance(
             state["state_dict"], Mapping
         ):
             state = state["state_dict"]
+        elif isinstance(state, Mapping) and state and not any(isinstance(v, torch.Tensor)
+                                                              for v in state.values()):
+            raise SourceError(_training_checkpoint(state, role, path))
         if not isinstance(state, Mapping):
             raise SourceError(
                 f"the {role} file {str(path)!r} holds a {type(state).__name__}, not a state_dict"
@@ -98,6 +110,43 @@ def read_checkpoint(path: Path, role: str) -> Checkpoint:
         f".safetensors, .safetensors.index.json, {', '.join(PICKLE_SUFFIXES)}, or a folder"
     )
 
+
+def _entry_of(state: Any, entry: str, role: str, path: Path) -> Any:
+    """The entry ``entry`` of a training checkpoint (its top level must be a mapping)."""
+    if not isinstance(state, Mapping):
+        raise SourceError(f"entry={entry!r}: the {role} file {str(path)!r} holds a "
+                          f"{type(state).__name__}, not a mapping of entries")
+    if entry not in state:
+        raise SourceError(f"the {role} file {str(path)!r} has no entry {entry!r}; its entries: "
+                          f"{_describe_entries(state)}")
+    return state[entry]
+
+
+def _training_checkpoint(state: Mapping[Any, Any], role: str, path: Path) -> str:
+    """The error for a pickle whose top level holds entries, not tensors: which entry to pick."""
+    weights = [k for k, v in state.items() if isinstance(k, str) and _holds_tensors(v)]
+    pick = (f"; pick the entry that holds the weights: entry={weights[0]!r} (command line: "
+            f"--entry {weights[0]})" if weights else "")
+    return (f"the {role} file {str(path)!r} is a training checkpoint, not a state_dict: its "
+            f"entries are {_describe_entries(state)}{pick}")
+
+
+def _describe_entries(state: Mapping[Any, Any], limit: int = 8) -> str:
+    """``'model' (120 tensors), 'optimizer' (no tensors), 'epoch' (int)``, at most ``limit``."""
+    shown = []
+    for key, value in list(state.items())[:limit]:
+        if isinstance(value, Mapping):
+            count = sum(isinstance(v, torch.Tensor) for v in value.values())
+            shown.append(f"{key!r} ({count} tensors)" if count else f"{key!r} (no tensors)")
+        else:
+            shown.append(f"{key!r} ({type(value).__name__})")
+    more = f" and {len(state) - limit} more" if len(state) > limit else ""
+    return ", ".join(shown) + more
+
+
+def _holds_tensors(value: Any) -> bool:
+    return isinstance(value, Mapping) and bool(value) and all(
+        isinstance(v, torch.Tensor) for v in value.values())
 
 
 def _pick_in_folder(folder: Path, role: str) -> Path:

@@ -19,7 +19,8 @@ from .ops import infer_shapes
 from .plan import Match, Mismatch, Plan
 from .source import TensorSource
 
-__all__ = ["check_plan", "check_value", "gains_nonfinite", "refuse_unwritable"]
+__all__ = ["check_plan", "check_value", "gains_nonfinite", "refuse_unwritable",
+           "unplanned_keys"]
 
 
 _QUANTIZED = frozenset(d for d in (getattr(torch, n, None) for n in (
@@ -228,3 +229,23 @@ def gains_nonfinite(into: torch.Tensor, value: torch.Tensor) -> bool:
     if not biggest > limit:  # also NaN: the source itself is not finite there
         return False
     return bool((~torch.isfinite(value.detach().to(dtype)) & torch.isfinite(value)).any())
+
+
+def unplanned_keys(plan: Plan, source: TensorSource, target: TensorSource
+                   ) -> tuple[list[str], list[str]]:
+    """The keys of each side that ``plan`` never mentions (in no match, mismatch, unmatched
+    list or tie): a plan made for a resnet50 applied to a resnet101 leaves the extra blocks
+    there. Applying still works, but it was made for other models.
+
+    Returns
+    -------
+    (list of str, list of str)
+        The source's, then the destination's such keys, in their state_dict order.
+    """
+    entries: list[Match | Mismatch] = [*plan.matches, *plan.mismatches]
+    known_src = {k for m in entries for k in m.src}
+    known_src.update(plan.unmatched_src, *plan.tied_src)
+    known_dst = {k for m in entries for k in m.dst}
+    known_dst.update(plan.unmatched_dst, *plan.tied_dst)
+    return ([k for k in source.specs if k not in known_src],
+            [k for k in target.specs if k not in known_dst])

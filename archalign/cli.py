@@ -1,64 +1,100 @@
-"""The ``archalign`` command line: propose, show, apply, verify, export (and report).
+"""The ``archalign`` command line: propose, show, apply, convert, verify, export and report.
 
-Exit codes: 0 done; 1 refused (``--strict`` and something would stay unloaded, or outputs differ
-under ``verify``); 2 usage or input error.
+Exit codes: 0 done; 1 refused (``--strict`` and something would stay unloaded, or the outputs
+differ under ``verify``); 2 usage or input error, said in one line on stderr, without a
+traceback (a bad argument, a model that cannot be built or rejects ``--input``, a file that
+cannot be read or written, a plan that does not fit the models); 3 an internal error (a bug:
+the traceback is printed); 130 interrupted.
+
+Models come from factories (`archalign.factories`), which import from installed packages only:
+``--import-path DIR`` lets them import from ``DIR`` too (``--import-path .`` for a module in the
+current directory). Everything printed passes through `archalign.terminal`, which shows keys and
+messages as they are (no markup, no escape sequence reaches the terminal).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from torch import nn
 
+from . import __version__
+from .checkpoint import PICKLE_SUFFIXES
 from .confidence import DEFAULT_MIN_CONFIDENCE
-from .errors import ApplyError, ArchalignError, SourceError
+from .convert import DEFAULT_SHARD_BYTES
+from .errors import ArchalignError, PlanError, RunError, SourceError, StrictError, UsageError
+from .factories import build_model, import_paths, load_source, parse_input
 from .plan import Plan, load_plan
-from .review import COLUMNS, Band, ReviewRow, build_review
+from .terminal import PrintableFormatter, make_console, print_plan, printable, progress_bar, say
 
 __all__ = ["main"]
 
-_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+EXIT_DONE, EXIT_REFUSED, EXIT_INPUT, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if "" not in sys.path:  # factories from local modules, as with `python -m archalign`
-        sys.path.insert(0, "")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    args = _parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("archalign")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    out, err = make_console(), make_console(stderr=True)
     try:
-        return int(args.run(args, console))
-    except ApplyError as exc:
-        console.print(f"[red]refused:[/red] {exc}")
-        return 1
-    except (ArchalignError, ImportError, AttributeError, ValueError, OSError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        return 2
+        with import_paths(args.import_path or ()):
+            return int(args.run(args, out))
+    except StrictError as exc:
+        _error(err, "refused", exc)
+        return EXIT_REFUSED
+    except (ArchalignError, OSError) as exc:
+        _error(err, "error", exc)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        _error(err, "interrupted", "stopped by Ctrl-C")
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: say so, with the traceback
+        say(err, "".join(traceback.format_exception(exc)))
+        _error(err, "internal error", f"{type(exc).__name__}: {exc} (this is a bug in archalign; "
+                                      "please report it with the traceback above)")
+        return EXIT_BUG
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _error(console: Console, label: str, exc: BaseException | str) -> None:
+    """One line on stderr: ``label: message`` (an OSError names its file first)."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    else:
+        text = str(exc) or type(exc).__name__
+    say(console, f"{label}: " + " ".join(printable(text).split()), "red")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="archalign",
         description="Move trained weights between PyTorch models whose names do not line up.",
-        epilog="SRC is a checkpoint file (.safetensors, .pt, .pth, .bin) or a factory; DST is a "
-               "factory: 'module:callable' or 'module:callable(literal args)', e.g. "
-               "\"torchvision.models:resnet18\" or \"timm:create_model('resnet18')\".")
+        epilog="SRC is a checkpoint (.safetensors, .pt, .pth, .bin, .ckpt, a sharded index or its "
+               "folder), a factory, or a Hugging Face model's folder or config.json; DST is a "
+               "factory or a Hugging Face folder or config.json. A factory is 'module:callable' "
+               "or 'module:callable(literal args)', e.g. \"torchvision.models:resnet18\" or "
+               "\"timm:create_model('resnet18')\". Exit codes: 0 done, 1 refused, 2 usage or "
+               "input error, 3 internal error.")
+    parser.add_argument("--version", action="version", version=f"archalign {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    parser.add_argument("--import-path", action="append", metavar="DIR",
+                        help="let factories import modules from DIR (e.g. '.'; repeatable); by "
+                             "default they import installed packages only")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     p = sub.add_parser("propose", help="align SRC to DST and print the plan for review")
@@ -73,26 +109,49 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_show)
 
     p = sub.add_parser("apply", help="load SRC into DST as a plan says and save the weights")
-    p.add_argument("src", help="source checkpoint or factory")
+    _source(p)
     p.add_argument("plan", type=Path, help="plan JSON from 'propose'")
-    p.add_argument("dst", help="destination factory")
-    p.add_argument("-o", "--output", type=Path, required=True, help="write .safetensors here")
+    p.add_argument("dst", help="destination factory, or Hugging Face folder or config.json")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="OUT.safetensors: one file of the destination's state_dict (timm loads "
+                        "it with pretrained_cfg_overlay=dict(file=...)); any other path: a "
+                        "folder (a Hugging Face destination's from_pretrained folder)")
     p.add_argument("--min-confidence", type=float, default=DEFAULT_MIN_CONFIDENCE)
     p.add_argument("--strict", action="store_true", help="exit 1 unless every tensor loads")
     p.add_argument("--shape-policy", choices=["slice", "input_channels", "resample", "auto"],
                    help="load shape mismatches with this policy")
+    _shards(p)
     p.set_defaults(run=_apply)
+
+    p = sub.add_parser("convert", help="write SRC converted by a plan, without building DST")
+    _source(p)
+    p.add_argument("plan", type=Path, help="plan JSON from 'propose'")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the folder to write")
+    p.add_argument("--config", type=Path, metavar="CONFIG",
+                   help="a Hugging Face config.json (or its folder) to copy into the output, "
+                        "so that from_pretrained loads it")
+    p.add_argument("--min-confidence", type=float, default=DEFAULT_MIN_CONFIDENCE)
+    _shards(p)
+    p.set_defaults(run=_convert)
 
     p = sub.add_parser("verify", help="run both models on one input and compare the outputs")
     _models(p)
     p.add_argument("--plan", type=Path, help="load SRC into DST with this plan first")
     p.set_defaults(run=_verify)
 
-    p = sub.add_parser("export", help="export a plan as a transformers key_mapping or Python")
+    p = sub.add_parser("export", help="export a plan as a transformers key_mapping or conversion "
+                                      "rules, or as a standalone Python converter")
     p.add_argument("plan", type=Path)
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--key-mapping", type=Path, help="write a JSON key_mapping here")
-    group.add_argument("--python", type=Path, help="write a standalone converter here")
+    group.add_argument("--python", type=Path,
+                       help="write a standalone converter here (python FILE IN OUT; it also "
+                            "defines a timm-style checkpoint_filter_fn)")
+    group.add_argument("--conversion-rules", type=Path,
+                       help="write transformers v5 conversion rules (WeightRenaming, "
+                            "WeightConverter) here, as a Python module")
+    p.add_argument("--destination-class", default="DestinationModel",
+                   help="the destination's transformers class, for --conversion-rules")
     p.add_argument("--min-confidence", type=float, default=0.0)
     p.set_defaults(run=_export)
 
@@ -103,9 +162,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _source(p: argparse.ArgumentParser) -> None:
+    """SRC and the options that say how to read it."""
+    p.add_argument("src", help="source checkpoint, factory, or Hugging Face folder or config.json")
+    p.add_argument("--entry", metavar="KEY",
+                   help="the entry of a training checkpoint that holds the weights (e.g. "
+                        "'model' for {'model': ..., 'optimizer': ...})")
+
+
 def _models(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="source checkpoint or factory")
-    p.add_argument("dst", help="destination factory")
+    _source(p)
+    p.add_argument("dst", help="destination factory, or Hugging Face folder or config.json")
     p.add_argument("--input", dest="example", metavar="SPEC",
                    help="an input both models accept: 'randn:1,3,224,224' (floats) or "
                         "'ids:2,16' (token ids); used to order untraceable models and to check "
@@ -113,184 +180,178 @@ def _models(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-check", action="store_true", help="do not run the models")
 
 
+def _shards(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-shard-size", type=int, default=DEFAULT_SHARD_BYTES, metavar="BYTES",
+                   help="a folder's checkpoint is split into shards of this size")
+
+
 # ------------------------------------------------------------------------------- commands
 
-def _aligned(args: argparse.Namespace, console: Console) -> tuple[Any, nn.Module, Plan]:
+def _aligned(args: argparse.Namespace, console: Console) -> Plan:
     """Build both sides and align them, showing the current stage on a terminal."""
     from .pipeline import align
 
     with console.status("building the models", spinner="dots") as status:
-        src, dst = load_source(args.src), build_model(args.dst)
-        plan = align(src, dst, example_inputs=parse_input(args.example, dst),
-                     check_outputs=not args.no_check,
-                     progress=lambda stage: status.update(stage))
-    return src, dst, plan
+        src = load_source(args.src, entry=args.entry)
+        dst = build_model(args.dst)
+        example = parse_input(args.example, dst)
+        try:
+            return align(src, dst, example_inputs=example, check_outputs=not args.no_check,
+                         progress=lambda stage: status.update(stage))
+        except RunError as exc:
+            hint = ("give an --input both models accept" if args.example is not None else
+                    "give an --input both models accept, or --no-check not to run them")
+            raise RunError(f"{exc}; {hint}") from exc
 
 
 def _propose(args: argparse.Namespace, console: Console) -> int:
-    _, _, plan = _aligned(args, console)
+    plan = _aligned(args, console)
     print_plan(plan, console, limit=args.limit)
     if args.output:
         plan.save(args.output)
-        console.print(f"saved {args.output}")
-    return 0
+        say(console, f"saved {args.output}")
+    return EXIT_DONE
 
 
 def _show(args: argparse.Namespace, console: Console) -> int:
-    print_plan(load_plan(args.plan), console, limit=args.limit)
-    return 0
+    print_plan(_read_plan(args.plan), console, limit=args.limit)
+    return EXIT_DONE
 
 
 def _apply(args: argparse.Namespace, console: Console) -> int:
-    from safetensors.torch import save_file
+    from .outputs import check_output, save_model
 
-    plan = load_plan(args.plan)
-    src, dst = load_source(args.src), build_model(args.dst)
-    with Progress(TextColumn("loading"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("loading", total=None)
+    check_output(args.output)
+    plan = _read_plan(args.plan)
+    with console.status("building the models", spinner="dots"):
+        src, dst = load_source(args.src, entry=args.entry), build_model(args.dst)
+    _check_fit(plan, args.plan, src, dst)
+    with progress_bar(console, "loading") as update:
         report = plan.apply(dst, src, min_confidence=args.min_confidence, strict=args.strict,
-                            shape_policy=args.shape_policy,
-                            progress=lambda done, total: bar.update(task, completed=done,
-                                                                    total=total))
-    console.print(str(report), markup=False)
-    aliases = dict(report.tied)
-    state = {k: v.detach().contiguous() for k, v in dst.state_dict().items() if k not in aliases}
-    metadata = {"format": "pt", "archalign_tied": json.dumps(aliases)}
-    save_file(state, str(args.output), metadata=metadata)
-    console.print(f"saved {args.output} ({len(state)} tensors)")
-    return 0
+                            shape_policy=args.shape_policy, progress=update)
+    say(console, str(report))
+    with progress_bar(console, "saving") as update:
+        saved = save_model(dst, args.output, max_shard_bytes=args.max_shard_size,
+                           progress=update)
+    files = f"{len(saved.files)} file" + ("s" if len(saved.files) > 1 else "")
+    say(console, f"saved {args.output} ({saved.kind.value}: {saved.tensors} tensors in {files}); "
+                 f"load it with {saved.load_with}")
+    return EXIT_DONE
+
+
+def _convert(args: argparse.Namespace, console: Console) -> int:
+    from .convert import convert_checkpoint
+    from .outputs import check_output, copy_config
+
+    if str(args.output).endswith(".safetensors"):
+        raise UsageError(f"convert writes a folder (model.safetensors, or shards and an index); "
+                         f"-o {args.output} names a file: give a folder")
+    check_output(args.output, file=False)
+    config = _config_file(args.config) if args.config is not None else None
+    plan = _read_plan(args.plan)
+    src = load_source(args.src, entry=args.entry)
+    with progress_bar(console, "converting") as update:
+        files = convert_checkpoint(plan, src, args.output, min_confidence=args.min_confidence,
+                                   max_shard_bytes=args.max_shard_size, progress=update)
+    if config is not None:
+        files.insert(0, copy_config(config, args.output))
+    say(console, f"saved {args.output} ({', '.join(f.name for f in files)})")
+    return EXIT_DONE
 
 
 def _verify(args: argparse.Namespace, console: Console) -> int:
+    from torch import nn
+
     from .verify import verify
 
-    src, dst = load_source(args.src), build_model(args.dst)
+    src, dst = load_source(args.src, entry=args.entry), build_model(args.dst)
     if not isinstance(src, nn.Module):
-        raise SourceError("verify runs both models: SRC must be a factory, not a checkpoint")
+        raise SourceError("verify runs both models: SRC must be a model (a factory or a Hugging "
+                          "Face folder), not a checkpoint")
     inputs = parse_input(args.example, dst)
     if inputs is None:
-        raise SourceError("verify needs --input (e.g. --input randn:1,3,224,224)")
+        raise UsageError("verify needs --input (e.g. --input randn:1,3,224,224)")
     plan = None
     if args.plan:
-        plan = load_plan(args.plan)
-        console.print(str(plan.apply(dst, src)), markup=False)
+        plan = _read_plan(args.plan)
+        _check_fit(plan, args.plan, src, dst)
+        say(console, str(plan.apply(dst, src)))
     result = verify(src, dst, inputs, plan=plan)
-    console.print(str(result), markup=False)
-    return 0 if result.ok else 1
+    say(console, str(result))
+    return EXIT_DONE if result.ok else EXIT_REFUSED
 
 
 def _export(args: argparse.Namespace, console: Console) -> int:
-    plan = load_plan(args.plan)
+    plan = _read_plan(args.plan)
     if args.key_mapping:
         mapping = plan.to_key_mapping(min_confidence=args.min_confidence)
-        args.key_mapping.write_text(json.dumps(mapping, indent=1) + "\n", encoding="utf-8")
-        console.print(f"saved {args.key_mapping} ({len(mapping)} patterns)")
+        _write_text(args.key_mapping, json.dumps(mapping, indent=1) + "\n")
+        say(console, f"saved {args.key_mapping} ({len(mapping)} patterns)")
+    elif args.python:
+        _write_text(args.python, plan.to_python(min_confidence=args.min_confidence))
+        say(console, f"saved {args.python} (run it: python {args.python} IN OUT)")
     else:
-        args.python.write_text(plan.to_python(min_confidence=args.min_confidence),
-                               encoding="utf-8")
-        console.print(f"saved {args.python}")
-    return 0
+        rules = plan.to_conversion_rules(min_confidence=args.min_confidence,
+                                         destination=args.destination_class)
+        _write_text(args.conversion_rules, rules)
+        say(console, f"saved {args.conversion_rules} (import it and call register(), then "
+                     f"{args.destination_class}.from_pretrained)")
+    return EXIT_DONE
 
 
 def _report(args: argparse.Namespace, console: Console) -> int:
-    _, _, plan = _aligned(args, console)
-    plan.to_html(args.output)
-    console.print(f"saved {args.output}")
-    return 0
+    from .outputs import check_output
+
+    check_output(args.output, file=True)
+    plan = _aligned(args, console)
+    plan.to_html(args.output, title=f"{Path(args.src).name} -> {args.dst}",
+                 source=args.src, destination=args.dst)
+    say(console, f"saved {args.output}")
+    return EXIT_DONE
 
 
 # ------------------------------------------------------------------------------- helpers
 
-def print_plan(plan: Plan, console: Console, *, limit: int = 0) -> None:
-    """The review table (`archalign.review.build_review`), at most ``limit`` rows (0: all): each
-    row in its band's colour, bold when it stands out; then what is not loaded, and a summary."""
-    review = build_review(plan)
-    for line in review.header:
-        console.print(line, markup=False)
-    table = Table()
-    for column in COLUMNS:
-        table.add_column(column, overflow="fold")
-    for row in review.rows[:limit or None]:
-        table.add_row(*row.cells, style=_row_style(row))
-    console.print(table)
-    if limit and len(review.rows) > limit:
-        console.print(f"... {len(review.rows) - limit} more rows (--limit 0 shows all)")
-    for line in review.not_loaded:
-        console.print(line, style="red", markup=False)
-    for line in review.unmatched:
-        console.print(line, markup=False)
-    below = sum(row.below_default for row in review.rows)
-    adapted = sum(row.adapted for row in review.rows)
-    console.print(f"[bold]{len(review.rows) - below} to load ({adapted} adapted), "
-                  f"{below} below confidence {DEFAULT_MIN_CONFIDENCE}, "
-                  f"{len(plan.unmatched_dst)} destination tensors left untouched[/bold]")
-
-
-_BAND_STYLES = {Band.LOW: "red", Band.MID: "yellow", Band.HIGH: ""}  # rich styles of the bands
-
-
-def _row_style(row: ReviewRow) -> str:
-    """A review row's rich style: its band's colour, bold when it stands out."""
-    return " ".join(s for s in (_BAND_STYLES[row.band], "bold" if row.stands_out else "") if s)
-
-
-def load_source(spec: str) -> Any:
-    """A checkpoint path (by suffix) or a model built from a factory spec."""
-    if Path(spec).suffix in _FILE_SUFFIXES or Path(spec).exists():
-        return spec
-    return build_model(spec)
-
-
-def build_model(spec: str) -> nn.Module:
-    """Build a model from ``module:callable`` or ``module:callable(literal, key=literal)``.
-
-    Raises
-    ------
-    SourceError
-        If the spec is malformed, its arguments are not Python literals, or it builds no module.
-    """
-    module_name, sep, call = spec.partition(":")
-    if not sep or not module_name or not call:
-        raise SourceError(f"model spec {spec!r} is not 'module:callable' or a checkpoint file")
-    name, args, kwargs = call, [], {}
-    if "(" in call:
-        try:
-            tree = ast.parse(call, mode="eval").body
-            if not isinstance(tree, ast.Call):
-                raise ValueError("not a call")
-            name = ast.unparse(tree.func)
-            args = [ast.literal_eval(a) for a in tree.args]
-            kwargs = {k.arg: ast.literal_eval(k.value) for k in tree.keywords if k.arg}
-        except (SyntaxError, ValueError) as exc:
-            raise SourceError(f"model spec {spec!r}: arguments must be Python literals "
-                              f"({exc})") from exc
-    target: Any = importlib.import_module(module_name)
-    for part in name.split("."):
-        target = getattr(target, part)
-    model = target(*args, **kwargs)
-    if not isinstance(model, nn.Module):
-        raise SourceError(f"{spec!r} built a {type(model).__name__}, not an nn.Module")
-    return model.eval()
-
-
-def parse_input(spec: str | None, model: nn.Module) -> Any:
-    """``randn:1,3,224,224`` -> a float tensor; ``ids:2,16`` -> token ids below the vocab size."""
-    if spec is None:
-        return None
-    kind, _, dims = spec.partition(":")
+def _read_plan(path: Path) -> Plan:
+    """The plan saved at ``path``; a checkpoint given by mistake is named as one."""
+    if path.is_dir() or path.suffix in (".safetensors", *PICKLE_SUFFIXES):
+        raise PlanError(f"{path} is a checkpoint, not a plan: give the plan JSON that "
+                        "'archalign propose -o plan.json' saves")
     try:
-        shape = tuple(int(d) for d in dims.split(",") if d)
-    except ValueError as exc:
-        raise SourceError(f"--input {spec!r}: the shape must be integers, e.g. randn:1,3,224,224"
-                          ) from exc
-    generator = torch.Generator().manual_seed(0)
-    if kind == "randn":
-        return torch.randn(shape, generator=generator)
-    if kind == "ids":
-        vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 100
-        return {"input_ids": torch.randint(0, int(vocab), shape, generator=generator)}
-    raise SourceError(f"--input {spec!r}: use 'randn:SHAPE' or 'ids:SHAPE'")
+        return load_plan(path)
+    except (OSError, ArchalignError):
+        raise  # both name the file already
+    except Exception as exc:  # whatever else a tampered file makes the parser raise: an input
+        raise PlanError(f"{path} is not a valid plan: {type(exc).__name__}: {exc}") from exc
+
+
+def _check_fit(plan: Plan, path: Path, src: Any, dst: Any) -> None:
+    """Refuse a plan made for another destination: tensors it holds that the plan never
+    mentions would stay untouched without the plan having said so. (Source tensors the plan
+    does not know are only unused: the report lists them.)"""
+    from .checks import unplanned_keys
+    from .source import read_destination, read_source
+
+    _, keys = unplanned_keys(plan, read_source(src), read_destination(dst))
+    if keys:
+        shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+        raise PlanError(f"{path} was made for another destination: {len(keys)} of the "
+                        f"destination's tensors are not in it ({shown}); make a plan for these "
+                        "models with 'archalign propose SRC DST -o plan.json'")
+
+
+def _config_file(path: Path) -> Path:
+    config = path / "config.json" if path.is_dir() else path
+    if not config.is_file():
+        raise SourceError(f"--config {str(path)!r}: no config.json there")
+    return config
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 if __name__ == "__main__":  # pragma: no cover

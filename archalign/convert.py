@@ -3,11 +3,13 @@
 The plan knows every destination key and shape; the source is read one tensor at a time (a
 ``.safetensors`` or sharded source is lazy), so peak memory is about one output shard.
 
-All or nothing: every file is written into a hidden staging folder inside the output folder
-(``.archalign-partial-*``, removed on any failure, Ctrl-C included) and moved into place only
-when all of them are complete. A folder that already holds a checkpoint is refused unless
-``overwrite=True``; then its safetensors files and indexes are replaced as a set (see
-`convert_checkpoint`), so that no later read returns a stale index or stale shards.
+`write_safetensors` is archalign's one writer of safetensors checkpoints: `convert_checkpoint`
+and `archalign.outputs` (a loaded model saved as a Hugging Face folder or a file) both write
+through it. All or nothing: every file is written into a hidden staging folder inside the output
+folder (``.archalign-partial-*``, removed on any failure, Ctrl-C included) and moved into place
+only when all of them are complete, replacing the files of an earlier checkpoint as a set, so
+that no later read returns a stale index or stale shards. A failure (a full disk, a file-size
+limit, a read-only folder) names the real file in an `OSError`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,32 +37,41 @@ from .ops import apply_ops
 from .plan import Match, Plan
 from .source import TensorSource, read_source
 
-__all__ = ["convert_checkpoint"]
+__all__ = ["DEFAULT_SHARD_BYTES", "convert_checkpoint", "write_safetensors",
+           "write_safetensors_file"]
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_SHARD_BYTES = 2 * 1024**3  # a checkpoint larger than this is written as shards
+INDEX_NAME = "model.safetensors.index.json"  # the Hugging Face names of a (sharded) checkpoint
+SINGLE_NAME = "model.safetensors"
 _RESERVED_KEY = "__metadata__"  # the safetensors header's own entry: no tensor may be named so
+
+Progress = Callable[[int, int], None]  # called as progress(written, total) after each tensor
 
 
 def convert_checkpoint(plan: Plan, src: Any, out: str | os.PathLike[str], *,
                        min_confidence: float = DEFAULT_MIN_CONFIDENCE,
-                       max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> list[Path]:
+                       max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+                       progress: Progress | None = None) -> list[Path]:
     """Convert ``src`` with ``plan`` into safetensors files under ``out``.
 
     One file (``model.safetensors``) when everything fits in ``max_shard_bytes``; otherwise
     ``model-0000k-of-0000n.safetensors`` shards and a Hugging Face
-    ``model.safetensors.index.json``. Only matches at or above ``min_confidence`` are written;
-    destination keys the plan does not load are absent (load with ``strict=False``).
+    ``model.safetensors.index.json`` (see `write_safetensors`). Only matches at or above
+    ``min_confidence`` are written; destination keys the plan does not load are absent (load with
+    ``strict=False``). Tied destination tensors are written once, under their primary key, as
+    Hugging Face writes them: a folder that also holds the destination's ``config.json`` loads
+    with ``from_pretrained`` (which ties them again).
 
     Parameters
     ----------
     overwrite : bool
         Whether to replace the checkpoint ``out`` already holds (any ``*.safetensors`` file or
-        ``*.safetensors.index.json``; other files, such as ``config.json``, are kept). The new
-        files are written completely first; then the old indexes are removed, then the old
-        safetensors files, and the new files are moved in, the index last. A reader
-        (`archalign.checkpoint`) finds at every moment either a whole checkpoint, old or new,
-        or a folder it refuses (several files without an index, or a lone shard).
+        ``*.safetensors.index.json``; other files, such as ``config.json``, are kept; see
+        `write_safetensors` for the order in which they are replaced).
+    progress : callable, optional
+        Called as ``progress(converted, total)`` after each destination tensor is computed.
 
     Returns
     -------
@@ -82,8 +93,7 @@ def convert_checkpoint(plan: Plan, src: Any, out: str | os.PathLike[str], *,
         ``out`` holds a checkpoint already and ``overwrite`` is False.
     OSError
         If a file cannot be written (full disk, read-only folder, file-size limit), naming the
-        output file; nothing new is then left in ``out``, and the checkpoint it held is intact
-        (only the final renames, after every file was written, touch it).
+        output file; nothing new is then left in ``out``, and the checkpoint it held is intact.
     KeyboardInterrupt
         On Ctrl-C while writing: as for an `OSError`. One during the final renames waits for
         them to end.
@@ -102,26 +112,29 @@ def convert_checkpoint(plan: Plan, src: Any, out: str | os.PathLike[str], *,
             shown = ", ".join(p.name for p in old[:5]) + (" ..." if len(old) > 5 else "")
             raise UsageError(f"the folder {str(folder)!r} already holds a checkpoint ({shown}); "
                              "pass overwrite=True to replace it, or choose another folder")
-        created = not folder.exists()
-        folder.mkdir(parents=True, exist_ok=True)
-        try:
-            staging = Path(tempfile.mkdtemp(prefix=".archalign-partial-", dir=folder))
-        except OSError as exc:  # it names the staging folder, which the caller never chose
-            raise OSError(exc.errno, exc.strerror, str(folder)) from exc
-        try:
-            names = _write_all(matches, source, staging, folder, max_shard_bytes)
-            with sigint_deferred():  # a few renames: a Ctrl-C waits for them
-                _move_in(staging, folder, names, old)
-        except BaseException:
-            if created:
-                shutil.rmtree(folder, ignore_errors=True)  # nothing of ours was there before
-            raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    files = [folder / name for name in names]
-    logger.info("wrote %s", ", ".join(map(str, files)) if len(files) < 4 else
-                f"{len(files) - 1} shards and {files[-1]}")
-    return files
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        return write_safetensors(_converted(matches, source, progress), folder,
+                                 max_shard_bytes=max_shard_bytes)
+
+
+def _converted(matches: list[Match], source: TensorSource, progress: Progress | None
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each destination tensor, computed from the source one match at a time."""
+    total = sum(len(m.dst) for m in matches)
+    done = 0
+    with source.reading():  # a lazy source keeps its file open between tensors
+        for match in matches:
+            try:
+                values = apply_ops([source.get(k) for k in match.src], match.ops)
+            except Exception as exc:
+                raise ApplyError(f"computing {', '.join(map(repr, match.dst))} from "
+                                 f"{', '.join(map(repr, match.src))} failed: {exc}; nothing "
+                                 "was written") from exc
+            for key, value in zip(match.dst, values):
+                yield key, value
+                done += 1
+                if progress is not None:
+                    progress(done, total)
 
 
 def _refuse_unstorable(matches: list[Match], min_confidence: float) -> None:
@@ -141,6 +154,98 @@ def _refuse_unstorable(matches: list[Match], min_confidence: float) -> None:
                         "is nothing to write (a checkpoint without tensors cannot be read back)")
 
 
+def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], out: str | os.PathLike[str],
+                      *, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                      metadata: Mapping[str, str] | None = None) -> list[Path]:
+    """Write named tensors into the folder ``out`` as a Hugging Face checkpoint.
+
+    ``model.safetensors`` when they fit in ``max_shard_bytes``, otherwise shards
+    ``model-0000k-of-0000n.safetensors`` of at most that size (a larger tensor gets a shard of
+    its own) and ``model.safetensors.index.json``. Tensors are taken one at a time: at most one
+    shard is held in memory. The folder is created if its parent exists. The files of an
+    earlier checkpoint in the folder are replaced once the new ones are complete: the old
+    indexes are removed, then the old safetensors files, and the new files are moved in, the
+    index last, so that a reader (`archalign.checkpoint`) finds at every moment either a whole
+    checkpoint, old or new, or a folder it refuses (several files without an index, or a lone
+    shard). Other files (``config.json``) are kept.
+
+    Parameters
+    ----------
+    tensors : iterable of (str, Tensor)
+        Key and value of each tensor, in the order to write them.
+    out : str or os.PathLike
+        The folder.
+    max_shard_bytes : int
+        The size of a shard.
+    metadata : mapping of str to str, optional
+        Stored in every file's header (``{"format": "pt"}`` is always there).
+
+    Returns
+    -------
+    list of Path
+        The files written (the index last, when there is one).
+
+    Raises
+    ------
+    OSError
+        If the folder's parent does not exist, ``out`` is a file, or a file cannot be written
+        (read-only folder, full disk, file-size limit): the error names the file, nothing new
+        is left behind, and an earlier checkpoint there is intact.
+    """
+    folder = Path(out)
+    _check_folder(folder.parent)
+    if folder.exists() and not folder.is_dir():
+        raise OSError(errno.ENOTDIR, "the output folder is a file", str(folder))
+    meta = {"format": "pt", **(metadata or {})}
+    old = _checkpoint_files(folder)
+    created = not folder.exists()
+    try:
+        folder.mkdir(exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".archalign-partial-", dir=folder))
+    except OSError as exc:  # name the folder asked for, not the staging folder
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise OSError(exc.errno, exc.strerror, str(folder)) from exc
+    try:
+        names = _write_all(tensors, staging, folder, max_shard_bytes, meta)
+        with sigint_deferred():  # a few renames: a Ctrl-C waits for them
+            _move_in(staging, folder, names, old)
+    except BaseException:
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)  # nothing of ours was there before
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    files = [folder / name for name in names]
+    logger.info("wrote %s", ", ".join(map(str, files)) if len(files) < 4 else
+                f"{len(files) - 1} shards and {files[-1]}")
+    return files
+
+
+def write_safetensors_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *,
+                           metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``tensors`` into one safetensors file at ``path`` (replaced as a whole, or not at all).
+
+    Raises
+    ------
+    OSError
+        If the folder of ``path`` does not exist, or the file cannot be written (naming it).
+    """
+    target = Path(path)
+    _check_folder(target.parent)
+    temp = target.with_name(f".{target.name}.archalign-partial")
+    try:
+        _save({k: v.detach().contiguous() for k, v in tensors.items()}, temp,
+              {"format": "pt", **(metadata or {})}, str(target), "the file")
+        _rename(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+# ------------------------------------------------------------------------------- file system
+
 def _checkpoint_files(folder: Path) -> list[Path]:
     """The checkpoint files a folder holds: what `archalign.checkpoint` would read there."""
     if not folder.is_dir():
@@ -149,44 +254,41 @@ def _checkpoint_files(folder: Path) -> list[Path]:
         p.suffix == ".safetensors" or p.name.endswith(".safetensors.index.json")))
 
 
-def _write_all(matches: list[Match], source: TensorSource, staging: Path, folder: Path,
-               max_shard_bytes: int) -> list[str]:
+def _check_folder(folder: Path) -> None:
+    """Refuse a folder that does not exist (or is a file) before anything is computed."""
+    if not folder.is_dir():
+        reason = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise OSError(errno.ENOENT if not folder.exists() else errno.ENOTDIR,
+                      f"the output folder {reason}", str(folder))
+
+
+def _write_all(tensors: Iterable[tuple[str, torch.Tensor]], staging: Path, folder: Path,
+               max_shard_bytes: int, metadata: dict[str, str]) -> list[str]:
     """Write every shard (and the index) into ``staging`` (inside ``folder``, the output folder
     that write errors name); returns their names, index last."""
-    from safetensors.torch import save_file
-
     shard: dict[str, torch.Tensor] = {}
     size = 0
     written: list[list[str]] = []  # the keys of each shard written, as staging/part-k
 
     def flush() -> None:
         part = staging / f"part-{len(written) + 1:05d}.safetensors"
-        _save(save_file, shard, part, str(folder), f"shard {len(written) + 1}")
+        _save(shard, part, metadata, str(folder), f"shard {len(written) + 1}")
         written.append(list(shard))
         shard.clear()
 
-    with source.reading():  # a lazy source keeps its file open between tensors
-        for match in matches:
-            try:
-                values = apply_ops([source.get(k) for k in match.src], match.ops)
-            except Exception as exc:
-                raise ApplyError(f"computing {', '.join(map(repr, match.dst))} from "
-                                 f"{', '.join(map(repr, match.src))} failed: {exc}; nothing "
-                                 "was written") from exc
-            for key, value in zip(match.dst, values):
-                nbytes = value.numel() * value.element_size()
-                if shard and size + nbytes > max_shard_bytes:
-                    flush()
-                    size = 0
-                value = value.detach().contiguous()
-                if any(value.data_ptr() == v.data_ptr() for v in shard.values() if v.numel()):
-                    value = value.clone()  # one source tensor written twice: its own copy
-                shard[key] = value
-                size += nbytes
+    for key, value in tensors:
+        nbytes = value.numel() * value.element_size()
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+            size = 0
+        value = value.detach().contiguous()
+        if any(value.data_ptr() == v.data_ptr() for v in shard.values() if v.numel()):
+            value = value.clone()  # one source tensor written twice: its own copy
+        shard[key] = value
+        size += nbytes
     if not written:
-        _save(save_file, shard, staging / "model.safetensors", str(folder / "model.safetensors"),
-              "the checkpoint")
-        return ["model.safetensors"]
+        _save(shard, staging / SINGLE_NAME, metadata, str(folder / SINGLE_NAME), "the checkpoint")
+        return [SINGLE_NAME]
     flush()
     total = len(written)
     names: list[str] = []
@@ -196,37 +298,58 @@ def _write_all(matches: list[Match], source: TensorSource, staging: Path, folder
         (staging / f"part-{n:05d}.safetensors").replace(staging / name)
         names.append(name)
         weight_map.update(dict.fromkeys(keys, name))
-    index = "model.safetensors.index.json"
     total_size = sum((staging / name).stat().st_size for name in names)
     text = json.dumps({"metadata": {"total_size": total_size},
                        "weight_map": dict(sorted(weight_map.items()))}, indent=1) + "\n"
     try:
-        (staging / index).write_text(text, encoding="utf-8")
+        (staging / INDEX_NAME).write_text(text, encoding="utf-8")
     except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, str(folder / index)) from exc
-    return [*names, index]
+        raise OSError(exc.errno, exc.strerror, str(folder / INDEX_NAME)) from exc
+    return [*names, INDEX_NAME]
 
 
-def _save(save_file: Callable[..., None], tensors: dict[str, torch.Tensor], path: Path,
-          shown: str, what: str) -> None:
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str], shown: str,
+          what: str) -> None:
     """``save_file``, whose write errors (a `SafetensorError` naming no file) become an
     `OSError` naming ``shown`` (the output file, or the output folder for a shard, whose final
     name is known only at the end), with the system's error number when it gives one.
     """
+    from safetensors.torch import save_file
+
     try:
-        save_file(tensors, str(path), metadata={"format": "pt"})
+        save_file(tensors, str(path), metadata=metadata)
     except OSError as exc:
-        raise OSError(exc.errno, f"{exc.strerror} (writing {what})", shown) from exc
+        raise OSError(exc.errno, _reason(str(exc.strerror or exc), what), shown) from exc
     except Exception as exc:
         found = re.search(r"os error (\d+)", str(exc))
         code = int(found.group(1)) if found else errno.EIO
-        raise OSError(code, f"{os.strerror(code)} (writing {what}, {len(tensors)} tensors: {exc})",
-                      shown) from exc
+        raise OSError(code, _reason(os.strerror(code), what), shown) from exc
+
+
+def _reason(reason: str, what: str) -> str:
+    """The system's reason, and which shard it hit when the error names the folder."""
+    return f"{reason} (writing {what})" if what.startswith("shard") else reason
+
+
+def _rename(temp: Path, target: Path) -> None:
+    """Give ``temp`` its final name, with the permissions a new file gets (safetensors writes
+    through a private temporary file, readable by its owner only)."""
+    try:
+        os.chmod(temp, 0o666 & ~_umask())
+        os.replace(temp, target)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(target)) from exc
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _move_in(staging: Path, folder: Path, names: list[str], old: list[Path]) -> None:
-    """Replace the old checkpoint files by the new ones (see `convert_checkpoint`'s
-    ``overwrite`` for why in this order)."""
+    """Replace the old checkpoint files by the new ones (see `write_safetensors` for why in
+    this order), with the permissions a new file gets."""
     for path in old:
         if path.name.endswith(".index.json"):
             path.unlink()
@@ -234,4 +357,4 @@ def _move_in(staging: Path, folder: Path, names: list[str], old: list[Path]) -> 
         if not path.name.endswith(".index.json") and path.name not in names:
             path.unlink()
     for name in names:  # the index last
-        (staging / name).replace(folder / name)
+        _rename(staging / name, folder / name)

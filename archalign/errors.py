@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["AlignError", "ApplyError", "ArchalignError", "PlanError", "SourceError", "UsageError"]
+__all__ = ["AlignError", "ApplyError", "ArchalignError", "PlanError", "RunError", "SourceError",
+           "StrictError", "UsageError"]
 
 
 class ArchalignError(Exception):
@@ -23,6 +24,14 @@ class PlanError(ArchalignError, ValueError):
 
 class ApplyError(ArchalignError):
     """Applying a plan was refused (``strict`` and something stayed unloaded, or a copy failed)."""
+
+
+class StrictError(ApplyError):
+    """``strict=True`` and some destination tensor would stay unloaded: nothing was written."""
+
+
+class RunError(ArchalignError, RuntimeError):
+    """A model could not be run on the example inputs (it rejects their shape, type or device)."""
 
 
 class UsageError(ArchalignError, ValueError):

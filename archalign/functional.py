@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .confidence import DISAGREEING, DIVERGING, UNVERIFIED_CAP, VERIFIED_CONFIDENCE
+from .errors import RunError
 from .graph import UnitGraph
 from .hints import ResolvedHints
 from .inputs import BoundInputs
@@ -69,7 +70,12 @@ def decide_by_activations(plan: Plan, src: nn.Module, dst: nn.Module, inputs: Bo
     -------
     Plan
         Repaired where running showed how, with ``verification`` saying what ran and what it
-        showed. When the models cannot be run on the input, the plan as it was, saying so.
+        showed. When the models cannot be run on a made input, the plan as it was, saying so.
+
+    Raises
+    ------
+    RunError
+        If a model does not run on the input the user gave.
     """
     try:
         runner = TrialRunner(src, dst, inputs, src_graph.units, dst_graph.units)
@@ -86,7 +92,12 @@ def decide_by_activations(plan: Plan, src: nn.Module, dst: nn.Module, inputs: Bo
             return dataclasses.replace(plan, verification=f"{inputs.how}; {why}"
                                        if inputs.how != "given" else why)
         repaired, trial = repair(plan, runner, context)
-    except Exception as exc:  # a model that does not run on the input, or a plan it cannot take
+    except RunError:
+        if inputs.how == "given":  # the user's input does not run: their mistake to hear of
+            raise
+        why = "not checked: the input made for the models does not run on both"
+        return dataclasses.replace(plan, verification=f"{inputs.how}; {why}")
+    except Exception as exc:  # a plan the destination cannot take
         why = f"not checked: running the models failed ({type(exc).__name__}: {first_line(exc)})"
         logger.warning("the plan could not be tried: %s", why)
         return dataclasses.replace(plan, verification=f"{inputs.how}; {why}")

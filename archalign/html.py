@@ -4,10 +4,14 @@ The page shows the source and destination layers side by side, one row per unit 
 tensors), in execution order, with a line between the two columns for every matched unit pair:
 coloured by its lowest review band, labelled with its adaptation when it has one, dashed for a
 near miss (`Mismatch`). Unmatched keys are shown, highlighted, among the rows of their side. A
-summary on top gives the counts, the tracers and the output check; a slider filters by confidence,
-a search box finds a key, and hovering (or clicking) a line shows its review rows
-(`archalign.review`: confidence, band, shapes and adaptation as every review shows them, in the
-review's order) with their cost terms.
+summary on top names what is compared (the source and destination, when given) and gives the
+counts, the tracers and the output check. Every matched destination tensor shows its confidence
+in its band's colour, and rows whose review rows carry a flag (`archalign.review.Flag`:
+order-only evidence, a prior, an index shift) are marked and counted. A slider filters by
+confidence; it starts at the default threshold (`DEFAULT_MIN_CONFIDENCE`) and says how many
+tensors ``apply(min_confidence=...)`` loads at its value. A search box finds a key, and hovering
+(or clicking) a line shows its review rows (`archalign.review`: confidence, band, shapes,
+adaptation and flags as every review shows them, in the review's order) with their cost terms.
 
 The page needs no network. Its markup, CSS and JavaScript are package files
 (``archalign/assets/report.html``, ``report.css``, ``report.js``, read with `importlib.resources`)
@@ -39,10 +43,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .confidence import HIGH_CONFIDENCE, LOW_CONFIDENCE
+from .confidence import DEFAULT_MIN_CONFIDENCE, HIGH_CONFIDENCE, LOW_CONFIDENCE
 from .graph import natural_key
 from .plan import Match, Mismatch, Plan
-from .review import ReviewRow, build_review, format_shape
+from .review import Flag, ReviewRow, build_review, format_shape
 
 __all__ = ["render_html", "save_html"]
 
@@ -50,7 +54,8 @@ __all__ = ["render_html", "save_html"]
 Shape = tuple[int, ...]
 
 
-def render_html(plan: Plan, *, title: str = "archalign plan") -> str:
+def render_html(plan: Plan, *, title: str = "archalign plan", source: str = "",
+                destination: str = "") -> str:
     """The plan as a self-contained HTML page (inline CSS and JavaScript, no network access).
 
     Parameters
@@ -59,13 +64,18 @@ def render_html(plan: Plan, *, title: str = "archalign plan") -> str:
         The plan to show, as returned by `archalign.align` or `archalign.load_plan`.
     title : str
         The page title and heading.
+    source, destination : str
+        What is compared, shown under the title: e.g. the source checkpoint's file name and the
+        destination model's name (a plan does not record them).
 
     Returns
     -------
     str
-        The page, ASCII only (every other character is escaped), deterministic for a given plan.
+        The page, ASCII only (every other character is escaped), deterministic for a given plan
+        and names.
     """
     data = _report_data(plan, title)
+    data["summary"].update(source=source, destination=destination)
     fields = {"TITLE": _html_text(title), "DATA": _script_json(data),
               "STYLE": _asset("report.css"), "SCRIPT": _asset("report.js")}
     # one pass, so that text inserted for one placeholder is never scanned for another
@@ -73,7 +83,8 @@ def render_html(plan: Plan, *, title: str = "archalign plan") -> str:
                   _asset("report.html"))
 
 
-def save_html(plan: Plan, path: str | os.PathLike[str], *, title: str = "archalign plan") -> None:
+def save_html(plan: Plan, path: str | os.PathLike[str], *, title: str = "archalign plan",
+              source: str = "", destination: str = "") -> None:
     """Write `render_html` of the plan to ``path``.
 
     Parameters
@@ -84,8 +95,11 @@ def save_html(plan: Plan, path: str | os.PathLike[str], *, title: str = "archali
         The file to write (overwritten if it exists).
     title : str
         The page title and heading.
+    source, destination : str
+        What is compared (see `render_html`).
     """
-    Path(path).write_text(render_html(plan, title=title), encoding="ascii")
+    Path(path).write_text(render_html(plan, title=title, source=source, destination=destination),
+                          encoding="ascii")
 
 
 # --------------------------------------------------------------------------- layout
@@ -261,6 +275,12 @@ def _report_data(plan: Plan, title: str) -> dict[str, Any]:
             link(src.row_of(mm.src[0]), dst.row_of(mm.dst[0]), "mismatch")["items"].append(
                 _mismatch_item(mm))
 
+    for row in review:  # each matched destination tensor shows its row's confidence and flags
+        for key in row.dst:
+            for tensor in dst.row_of(key)["tensors"]:
+                if tensor["key"] == key:
+                    tensor.update(conf=row.conf, band=row.band.value,
+                                  flags=[f.value for f in row.flags])
     src_rows, dst_rows = src.finish(), dst.finish()
     out_links = []
     position = {row.index: n for n, row in enumerate(review)}
@@ -274,9 +294,10 @@ def _report_data(plan: Plan, title: str) -> dict[str, Any]:
             out.update(confidence=_number(worst.confidence), conf=worst.conf,
                        band=worst.band.value,
                        ops=list(dict.fromkeys(r.adaptation for r in rows if r.adaptation)),
+                       flags=[f.value for f in Flag if any(f in r.flags for r in rows)],
                        items=[_match_item(r, plan.matches[r.index]) for r in rows])
         else:
-            out.update(confidence=None, ops=[], items=li["items"])
+            out.update(confidence=None, ops=[], flags=[], items=li["items"])
         out_links.append(out)
     adapted = sum(m.adapted for m in plan.matches)
     summary = {
@@ -292,7 +313,11 @@ def _report_data(plan: Plan, title: str) -> dict[str, Any]:
         "tied_dst": [list(t) for t in plan.tied_dst],
         "nonfinite": list(plan.nonfinite),
     }
-    return {"title": title, "low": LOW_CONFIDENCE, "high": HIGH_CONFIDENCE, "summary": summary,
+    counts = {f.value: sum(f in r.flags for r in review) for f in Flag}
+    return {"title": title, "low": LOW_CONFIDENCE, "high": HIGH_CONFIDENCE,
+            "default": DEFAULT_MIN_CONFIDENCE, "summary": summary,
+            "flags": [{"flag": f.value, "rows": counts[f.value], "note": f.note}
+                      for f in Flag if counts[f.value]],
             "src": src_rows, "dst": dst_rows, "links": out_links}
 
 
@@ -303,6 +328,7 @@ def _match_item(row: ReviewRow, m: Match) -> dict[str, Any]:
             "dst_shapes": [format_shape(s) for s in m.dst_shapes],
             "src_shapes": [format_shape(s) for s in m.src_shapes],
             "adaptation": row.adaptation, "nonfinite": row.nonfinite,
+            "flags": [f.value for f in row.flags],
             "costs": [[k, _number(v)] for k, v in m.costs]}
 
 

@@ -141,6 +141,10 @@ def align_and_load(src: Any, dst: nn.Module, *, example_inputs: ExampleInputs = 
                    weights: CostWeights | None = None) -> LoadReport:
     """`align` then `Plan.apply` in one call; returns the load report.
 
+    The report carries the plan (``report.plan``: every match's confidence and costs). When some
+    destination tensors stay at their initial values (skipped, or without a counterpart), a
+    WARNING on the ``archalign`` logger says how many and names the first ones.
+
     Parameters
     ----------
     shape_policy : str or dict, optional
@@ -159,10 +163,24 @@ def align_and_load(src: Any, dst: nn.Module, *, example_inputs: ExampleInputs = 
     plan = align(src, dst, example_inputs=example_inputs, weights=weights)
     report = plan.apply(dst, min_confidence=min_confidence, strict=strict,
                         shape_policy=shape_policy)
+    if report.missing:
+        skipped = {s.dst for s in report.skipped}
+        low = sum(k in skipped for k in report.missing)
+        logger.warning(
+            "%d of %d destination tensors stay at their initial values (%d skipped below "
+            "min_confidence %.2f or by shape, %d without counterpart): %s. See report.missing, "
+            "and report.plan for the confidences", len(report.missing),
+            len(report.loaded) + len(report.missing), low, min_confidence,
+            len(report.missing) - low, _first_keys(report.missing))
     if verify is None:
         return report
     check = run_verification(src, dst, verify, plan=plan)
     return dataclasses.replace(report, verification=check)
+
+
+def _first_keys(keys: tuple[str, ...], limit: int = 5) -> str:
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
 
 
 AUTO_CHECK_LIMIT = 200_000_000  # elements: above this, outputs are checked only when asked

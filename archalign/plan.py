@@ -197,22 +197,32 @@ class Plan:
 
         return to_python(self, min_confidence=min_confidence)
 
-    def to_html(self, path: str | os.PathLike[str], *, title: str = "archalign plan") -> None:
-        """Write the visual review report; see `archalign.html.save_html`."""
+    def to_conversion_rules(self, *, min_confidence: float = 0.0,
+                            destination: str = "DestinationModel") -> str:
+        """transformers v5 conversion rules' source; see `archalign.exports.to_conversion_rules`."""
+        from .exports import to_conversion_rules
+
+        return to_conversion_rules(self, min_confidence=min_confidence, destination=destination)
+
+    def to_html(self, path: str | os.PathLike[str], *, title: str = "archalign plan",
+                source: str = "", destination: str = "") -> None:
+        """Write the visual review report (``source``, ``destination``: what is compared, shown
+        under the title); see `archalign.html.save_html`."""
         from .html import save_html
 
-        save_html(self, path, title=title)
+        save_html(self, path, title=title, source=source, destination=destination)
 
     def convert_checkpoint(self, src: Any, out: str | os.PathLike[str], *,
                            min_confidence: float = DEFAULT_MIN_CONFIDENCE,
-                           max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False
-                           ) -> list[Path]:
+                           max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False,
+                           progress: Callable[[int, int], None] | None = None) -> list[Path]:
         """Write the converted checkpoint as (sharded) safetensors without building the model;
         see `archalign.convert.convert_checkpoint`."""
         from .convert import convert_checkpoint
 
         return convert_checkpoint(self, src, out, min_confidence=min_confidence,
-                                  max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+                                  max_shard_bytes=max_shard_bytes, overwrite=overwrite,
+                                  progress=progress)
 
     def to_records(self) -> list[dict[str, Any]]:
         """One flat dict per match (for ``pandas.DataFrame(plan.to_records())``); ``nonfinite``

@@ -3,8 +3,12 @@ tensors not used) and what running both models showed (`Verification`, `Divergen
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 __all__ = ["Adapted", "Divergence", "LoadReport", "Skipped", "Verification"]
 
@@ -71,6 +75,8 @@ class LoadReport:
     verification: Verification | None = None  # outputs compared after the load, when asked for
     adapted: tuple[Adapted, ...] = ()  # loaded keys that went through an adaptation or a policy
     nonfinite: tuple[str, ...] = ()  # loaded keys whose values hold NaN or Inf (loaded, and warned)
+    plan: Plan | None = field(default=None, repr=False)  # the plan applied (its matches'
+    # confidences and costs), as plain data: without the source it was made from (source None)
 
     @property
     def complete(self) -> bool:
@@ -82,14 +88,16 @@ class LoadReport:
                  f"skipped {len(self.skipped)}, "
                  f"{len(self.missing)} destination tensors left untouched, "
                  f"{len(self.unexpected)} source tensors unused"]
-        lines.extend(f"  adapted {a.dst} <- {a.src}: {a.how}" for a in self.adapted)
-        lines.extend(f"  skipped {s.dst} <- {s.src}: {s.reason}" for s in self.skipped)
+        lines.extend(_capped([f"  adapted {a.dst} <- {a.src}: {a.how}" for a in self.adapted],
+                             "adapted"))
+        lines.extend(_capped([f"  skipped {s.dst} <- {s.src}: {s.reason}" for s in self.skipped],
+                             "skipped"))
         skipped = {s.dst for s in self.skipped}
         untouched = [k for k in self.missing if k not in skipped]
         if untouched:
-            lines.append(f"  untouched (no counterpart in the source): {', '.join(untouched)}")
+            lines.append(f"  untouched (no counterpart in the source): {_listed(untouched)}")
         if self.unexpected:
-            lines.append(f"  unused source tensors: {', '.join(self.unexpected)}")
+            lines.append(f"  unused source tensors: {_listed(self.unexpected)}")
         if self.tied:
             lines.append("  tied: " + ", ".join(f"{a} = {p}" for a, p in self.tied))
         if self.nonfinite:
@@ -97,3 +105,19 @@ class LoadReport:
         if self.verification is not None:
             lines.append(f"  verification: {self.verification}")
         return "\n".join(lines)
+
+
+LISTED = 12  # keys a report names in one line, lines of one kind it prints, before "and N more"
+
+
+def _listed(keys: Sequence[str]) -> str:
+    """At most `LISTED` keys, comma-separated, then how many more."""
+    more = f" and {len(keys) - LISTED} more" if len(keys) > LISTED else ""
+    return ", ".join(keys[:LISTED]) + more
+
+
+def _capped(lines: list[str], kind: str) -> list[str]:
+    """At most `LISTED` lines, then one saying how many more of ``kind`` there are."""
+    if len(lines) <= LISTED:
+        return lines
+    return [*lines[:LISTED], f"  ... and {len(lines) - LISTED} more {kind}"]

@@ -3,30 +3,51 @@
 `build_review` turns a plan into a `Review`: the header lines, one `ReviewRow` per match (lowest
 rounded confidence first, then by destination keys) and the lines for what is not loaded. The text
 table (`format_plan`, which ``str(plan)`` prints), the Jupyter table (`format_plan_html`), the
-command line's table (`archalign.cli.print_plan`) and the HTML page (`archalign.html`) all render
+command line's table (`archalign.terminal.print_plan`) and the HTML page (`archalign.html`) all render
 these rows, so that they agree on the order, the shape format and the highlighting: a row's colour
 is its `Band`, and it stands out (bold, or tagged) when apply skips it by default, when it is
-adapted, or when its source holds NaN/Inf.
+adapted, when its source holds NaN/Inf, or when it carries a `Flag`.
+
+Flags mark rows whose confidence rests on weaker ground than it seems, found from the plan's own
+data (no model is needed, so a saved plan shows them too):
+
+- `Flag.ORDER_ONLY`: neither side's order is an execution order (tracers ``registration``,
+  ``state_dict`` or ``sorted``) and another destination layer of the same shapes was a rival,
+  so the order of registration or of names decided between them;
+- `Flag.PRIOR`: a convention decided, not the structure: a cost term ``same_name`` (where the
+  alignment could not tell, the very same name did) or any term whose name starts with
+  ``prior`` (the convention for named priors);
+- `Flag.INDEX_SHIFT`: among the matches of one pair of key templates (``blocks.#.fc`` <-
+  ``layers.#.mlp``), ordered by the destination's block indices, the source's indices of this
+  row go backwards against a neighbour's: a swap or a misplaced block.
+
+A match confirmed by the output check (a ``verified`` cost term) carries no flag: running both
+models proved it.
 """
 
 from __future__ import annotations
 
 import enum
 import html
+import itertools
+import re
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
-from .confidence import DEFAULT_MIN_CONFIDENCE, HIGH_CONFIDENCE, LOW_CONFIDENCE
+from .confidence import DEFAULT_MIN_CONFIDENCE, HIGH_CONFIDENCE, LOW_CONFIDENCE, trust_in
+from .graph import Tracer
 
 if TYPE_CHECKING:
     from .plan import Match, Plan
 
-__all__ = ["COLUMNS", "Band", "Review", "ReviewRow", "band_of", "build_review",
-           "describe_header", "describe_leftovers", "format_plan", "format_plan_html",
-           "format_shape"]
+__all__ = ["COLUMNS", "FLAGS_COLUMN", "Band", "Flag", "Review", "ReviewRow", "band_of",
+           "build_review", "describe_header", "describe_leftovers", "find_flags", "format_plan",
+           "format_plan_html", "format_shape"]
 
 COLUMNS = ("conf", "destination", "source", "shape", "adaptation")  # every table's columns
+FLAGS_COLUMN = "flags"  # the column added after `COLUMNS` when some row carries a `Flag`
 
 
 class Band(str, enum.Enum):
@@ -38,6 +59,28 @@ class Band(str, enum.Enum):
 
 
 _BAND_COLOURS = {Band.LOW: "#fdd", Band.MID: "#ffc", Band.HIGH: "#efe"}  # Jupyter row backgrounds
+
+
+class Flag(str, enum.Enum):
+    """Why a row's confidence may rest on weaker ground than it seems (see the module)."""
+
+    ORDER_ONLY = "order-only"  # same-shaped rivals told apart by registration or name order
+    PRIOR = "prior"  # decided by a convention (the same name in a tie, a named prior)
+    INDEX_SHIFT = "index-shift"  # its block indices go backwards against a neighbour's
+
+    @property
+    def note(self) -> str:
+        """What the flag means and what to do, for the line under a table."""
+        return _FLAG_NOTES[self]
+
+
+_FLAG_NOTES = {
+    Flag.ORDER_ONLY: "no execution order on both sides: registration or name order chose among "
+                     "layers of the same shapes; pass example inputs, or check the outputs",
+    Flag.PRIOR: "a convention decided (the same name where the structure could not tell)",
+    Flag.INDEX_SHIFT: "its block indices go backwards against its neighbours' (a swap or a "
+                      "misplaced block); pin the right pair or check the outputs",
+}
 
 
 def band_of(confidence: float) -> Band:
@@ -66,6 +109,7 @@ class ReviewRow:
     below_default: bool  # confidence < DEFAULT_MIN_CONFIDENCE: `apply` skips it unless told
     adapted: bool  # the tensors are transformed on the way (``match.ops``)
     nonfinite: bool  # a source tensor held NaN/Inf when the plan was made
+    flags: tuple[Flag, ...] = ()  # why its confidence may rest on weaker ground (see `Flag`)
 
     @property
     def cells(self) -> tuple[str, str, str, str, str]:
@@ -73,9 +117,14 @@ class ReviewRow:
         return (self.conf, ", ".join(self.dst), ", ".join(self.src), self.shape, self.adaptation)
 
     @property
+    def flag_text(self) -> str:
+        """The row's flags as the `FLAGS_COLUMN` shows them: ``order-only index-shift``."""
+        return " ".join(f.value for f in self.flags)
+
+    @property
     def stands_out(self) -> bool:
         """Whether a reviewer should look at this row whatever its band."""
-        return self.below_default or self.adapted or self.nonfinite
+        return self.below_default or self.adapted or self.nonfinite or bool(self.flags)
 
 
 class Review(NamedTuple):
@@ -85,6 +134,12 @@ class Review(NamedTuple):
     rows: tuple[ReviewRow, ...]  # one per match: lowest rounded confidence first, then by dst
     not_loaded: tuple[str, ...]  # one line per near miss (`Mismatch`), with its reason
     unmatched: tuple[str, ...]  # the destination keys without counterpart, the unused source keys
+    flag_notes: tuple[str, ...] = ()  # one line per `Flag` some row carries: count and meaning
+
+    @property
+    def flagged(self) -> bool:
+        """Whether some row carries a flag (the tables then show `FLAGS_COLUMN`)."""
+        return any(row.flags for row in self.rows)
 
 
 def build_review(plan: Plan) -> Review:
@@ -104,10 +159,84 @@ def build_review(plan: Plan) -> Review:
     bad = set(plan.nonfinite)
     order = sorted(range(len(plan.matches)),
                    key=lambda i: (round(plan.matches[i].confidence, 2), plan.matches[i].dst))
-    rows = tuple(_row(i, plan.matches[i], bad) for i in order)
+    flags = find_flags(plan)
+    rows = tuple(_row(i, plan.matches[i], bad, flags[i]) for i in order)
+    counts = Counter(f for row in rows for f in row.flags)
+    notes = tuple(f"{flag.value} ({counts[flag]} row{'s' if counts[flag] > 1 else ''}): "
+                  f"{flag.note}" for flag in Flag if counts[flag])
     return Review(header=tuple(describe_header(plan)), rows=rows,
                   not_loaded=tuple(_describe_mismatches(plan)),
-                  unmatched=tuple(_describe_unmatched(plan)))
+                  unmatched=tuple(_describe_unmatched(plan)), flag_notes=notes)
+
+
+def find_flags(plan: Plan) -> list[tuple[Flag, ...]]:
+    """The flags of each match of ``plan``, in ``plan.matches`` order (see the module).
+
+    Parameters
+    ----------
+    plan : Plan
+        The plan; only its own data is read (tracers, keys, shapes, cost terms).
+
+    Returns
+    -------
+    list of tuple of Flag
+        One tuple per match, in `Flag` order; empty for a match the output check confirmed.
+    """
+    order_only = _order_only(plan)
+    shifted = _index_shifts(plan)
+    out: list[tuple[Flag, ...]] = []
+    for i, m in enumerate(plan.matches):
+        terms = m.cost_terms
+        if "verified" in terms:
+            out.append(())
+            continue
+        found = []
+        if i in order_only:
+            found.append(Flag.ORDER_ONLY)
+        if any(t == "same_name" or t.startswith("prior") for t in terms):
+            found.append(Flag.PRIOR)
+        if i in shifted:
+            found.append(Flag.INDEX_SHIFT)
+        out.append(tuple(found))
+    return out
+
+
+def _order_only(plan: Plan) -> set[int]:
+    """Matches whose destination layer had a same-shaped rival, when no side's order executes."""
+    try:
+        trust = trust_in(Tracer(plan.src_tracer), Tracer(plan.dst_tracer))
+    except ValueError:  # a hand-made plan that names no tracer: nothing to say
+        return set()
+    if trust.order_trust >= 1.0:
+        return set()
+    shapes: dict[str, list[tuple[int, ...]]] = defaultdict(list)
+    for m in plan.matches:
+        shapes[m.dst_unit].extend(m.dst_shapes)
+    signature = {unit: tuple(sorted(s)) for unit, s in shapes.items()}
+    alike = Counter(signature.values())
+    return {i for i, m in enumerate(plan.matches)
+            if "pinned" not in m.cost_terms and alike[signature[m.dst_unit]] > 1}
+
+
+_DIGITS = re.compile(r"\d+")
+
+
+def _index_shifts(plan: Plan) -> set[int]:
+    """Matches whose source block indices go backwards against a neighbour's, among the layer
+    pairs of the same key templates ordered by their destination indices."""
+    groups: dict[tuple[str, str], dict[str, tuple[int, ...]]] = defaultdict(dict)
+    for m in plan.matches:
+        if not _DIGITS.search(m.dst_unit) or not _DIGITS.search(m.src_unit):
+            continue
+        key = (_DIGITS.sub("#", m.dst_unit), _DIGITS.sub("#", m.src_unit))
+        groups[key].setdefault(m.dst_unit, tuple(int(d) for d in _DIGITS.findall(m.src_unit)))
+    backwards: set[str] = set()
+    for units in groups.values():
+        ordered = sorted(units, key=lambda u: tuple(int(d) for d in _DIGITS.findall(u)))
+        for a, b in itertools.pairwise(ordered):
+            if units[a] > units[b]:
+                backwards.update((a, b))
+    return {i for i, m in enumerate(plan.matches) if m.dst_unit in backwards}
 
 
 def describe_header(plan: Plan) -> list[str]:
@@ -142,13 +271,18 @@ def format_plan(plan: Plan, *, limit: int | None = None) -> str:
     first (at most ``limit`` rows, then how many more), then what was left out."""
     review = build_review(plan)
     rows = review.rows if limit is None else review.rows[:limit]
-    body = [row.cells for row in rows]
-    widths = [max(len(r[k]) for r in [COLUMNS, *body]) for k in range(len(COLUMNS))]
+    columns: tuple[str, ...] = COLUMNS
+    body: list[tuple[str, ...]] = [row.cells for row in rows]
+    if review.flagged:
+        columns = (*COLUMNS, FLAGS_COLUMN)
+        body = [(*row.cells, row.flag_text) for row in rows]
+    widths = [max(len(r[k]) for r in [columns, *body]) for k in range(len(columns))]
     lines = list(review.header)
-    lines.append("  ".join(h.ljust(w) for h, w in zip(COLUMNS, widths)).rstrip())
+    lines.append("  ".join(h.ljust(w) for h, w in zip(columns, widths)).rstrip())
     lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in body)
     if limit is not None and len(review.rows) > limit:
         lines.append(f"... {len(review.rows) - limit} more")
+    lines.extend(review.flag_notes)
     lines.extend(review.not_loaded)
     lines.extend(review.unmatched)
     return "\n".join(lines)
@@ -159,22 +293,25 @@ def format_plan_html(plan: Plan) -> str:
     table's lines and rows, each row coloured by its band, bold when it stands out."""
     review = build_review(plan)
     head = "".join(f"<p>{html.escape(line)}</p>" for line in review.header)
-    columns = "".join(f"<th>{c}</th>" for c in COLUMNS)
+    names = (*COLUMNS, FLAGS_COLUMN) if review.flagged else COLUMNS
+    columns = "".join(f"<th>{c}</th>" for c in names)
     cells = "".join(
         f"<tr data-band='{r.band.value}' style='background:{_BAND_COLOURS[r.band]}"
         f"{';font-weight:bold' if r.stands_out else ''}'>"
-        + "".join(f"<td>{html.escape(c)}</td>" for c in r.cells) + "</tr>"
+        + "".join(f"<td>{html.escape(c)}</td>"
+                  for c in ((*r.cells, r.flag_text) if review.flagged else r.cells)) + "</tr>"
         for r in review.rows)
-    tail = "".join(f"<p>{html.escape(line)}</p>" for line in (*review.not_loaded, *review.unmatched))
+    tail = "".join(f"<p>{html.escape(line)}</p>"
+                   for line in (*review.flag_notes, *review.not_loaded, *review.unmatched))
     return f"{head}<table><tr>{columns}</tr>{cells}</table>{tail}"
 
 
-def _row(index: int, m: Match, nonfinite: set[str]) -> ReviewRow:
+def _row(index: int, m: Match, nonfinite: set[str], flags: tuple[Flag, ...]) -> ReviewRow:
     return ReviewRow(index=index, confidence=m.confidence, conf=f"{m.confidence:.2f}",
                      dst=m.dst, src=m.src, shape=" ".join(format_shape(s) for s in m.dst_shapes),
                      adaptation=" ".join(map(str, m.ops)), band=band_of(m.confidence),
                      below_default=m.confidence < DEFAULT_MIN_CONFIDENCE, adapted=m.adapted,
-                     nonfinite=any(k in nonfinite for k in m.src))
+                     nonfinite=any(k in nonfinite for k in m.src), flags=flags)
 
 
 def _describe_mismatches(plan: Plan) -> list[str]:

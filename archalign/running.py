@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import RunError
+
 __all__ = ["ExampleInputs", "device_of", "dummy_inputs", "first_line", "run_in_eval", "split_inputs"]
 
 ExampleInputs = torch.Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any] | None
@@ -19,13 +21,23 @@ ExampleInputs = torch.Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any] |
 
 def run_in_eval(module: nn.Module, inputs: Any) -> Any:
     """Run ``module`` once on example inputs in eval mode without gradients; every submodule's
-    training flag is put back afterwards."""
+    training flag is put back afterwards.
+
+    Raises
+    ------
+    RunError
+        If the forward pass raises (the model rejects the inputs' shape, type or device): the
+        message names the model's class and the first line of the error.
+    """
     args, kwargs = split_inputs(inputs, device_of(module))
     modes = [(m, m.training) for m in module.modules()]
     try:
         module.eval()
         with torch.no_grad():
             return module(*args, **kwargs)
+    except Exception as exc:
+        raise RunError(f"running {type(module).__name__} on the example inputs failed: "
+                       f"{type(exc).__name__}: {first_line(exc)}") from exc
     finally:
         for m, mode in modes:
             m.training = mode

@@ -208,30 +208,44 @@ def _tensor_state(tensor: torch.Tensor) -> tuple[Any, ...] | None:
         return None
 
 
-def read_source(obj: Any, *, role: str = "source") -> TensorSource:
+def read_source(obj: Any, *, role: str = "source", entry: str | None = None) -> TensorSource:
     """Read an ``nn.Module``, a state_dict or a checkpoint file into a `TensorSource`.
+
+    What it returns is accepted wherever a source is (`archalign.align`, `Plan.apply`), so
+    that a checkpoint read with options is read once: ``align(read_source("last.ckpt",
+    entry="model"), dst)``.
 
     Parameters
     ----------
-    obj : nn.Module, Mapping[str, Tensor], str or os.PathLike
+    obj : nn.Module, Mapping[str, Tensor], str, os.PathLike or TensorSource
         The model, its state_dict, or the path of a ``.safetensors``/``.pt``/``.pth``/``.bin``
         file, of a sharded checkpoint's ``*.safetensors.index.json``, or of a folder holding one.
         Safetensors files are read lazily: headers for planning, one tensor at a time to apply.
+        A `TensorSource` is returned as it is.
     role : str
         "source" or "destination", used in error messages.
+    entry : str, optional
+        The entry of a pickled training checkpoint that holds the weights (``"model"`` for
+        ``{"model": {...}, "optimizer": {...}}``); see `archalign.checkpoint.read_checkpoint`.
 
     Raises
     ------
     SourceError
-        If ``obj`` is none of those, holds no tensor, or holds values that are not tensors.
+        If ``obj`` is none of those, holds no tensor, or holds values that are not tensors; if
+        ``entry`` is given for anything but a pickle checkpoint, or names no entry of it.
     KeyboardInterrupt
         On Ctrl-C, also when a native reader swallowed it (`archalign.interrupts`).
     """
+    if entry is not None and not isinstance(obj, (str, os.PathLike)):
+        raise SourceError(f"entry={entry!r} picks an entry of a checkpoint file; the {role} is a "
+                          f"{type(obj).__name__}: pass obj[{entry!r}] instead")
+    if isinstance(obj, TensorSource):
+        return obj
     if isinstance(obj, nn.Module):
         return _read_module(obj, role)
     if isinstance(obj, (str, os.PathLike)):
         with interrupts_kept():
-            return _read_checkpoint(Path(obj), role)
+            return _read_checkpoint(Path(obj), role, entry)
     if isinstance(obj, Mapping):
         return _read_state_dict(obj, role, description="state_dict")
     raise SourceError(
@@ -312,8 +326,8 @@ def _read_state_dict(state: Mapping[Any, Any], role: str, description: str,
     )
 
 
-def _read_checkpoint(path: Path, role: str) -> TensorSource:
-    checkpoint = read_checkpoint(path, role)
+def _read_checkpoint(path: Path, role: str, entry: str | None = None) -> TensorSource:
+    checkpoint = read_checkpoint(path, role, entry=entry)
     if checkpoint.headers is None:
         return _read_state_dict(checkpoint.tensors, role, description=checkpoint.description,
                                 ordered=checkpoint.ordered)

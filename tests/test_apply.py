@@ -96,9 +96,12 @@ def loaded_correctly(src: nn.Module, dst: nn.Module, pairs=PAIRS) -> bool:
 def test_apply_loads_every_tensor_and_reports():
     src, dst = models()
     before = snapshot(dst)
-    report = apply_plan(make_plan(src, dst), dst)
+    plan = make_plan(src, dst)
+    report = apply_plan(plan, dst)
     assert isinstance(report, LoadReport)
-    assert report == LoadReport(loaded=DST_KEYS, skipped=(), missing=(), unexpected=(), tied=())
+    assert report == LoadReport(loaded=DST_KEYS, skipped=(), missing=(), unexpected=(), tied=(),
+                                plan=plan)
+    assert report.plan is not None and report.plan.source is None  # plain data: no tensors kept
     assert report.complete
     assert loaded_correctly(src, dst)
     assert sorted(unchanged(dst, before)) == sorted(DST_KEYS)  # every tensor was written

@@ -251,3 +251,27 @@ def test_an_old_format_pickle_is_read_without_mmap(tmp_path: Path) -> None:
     torch.save(state, path, _use_new_zipfile_serialization=False)
     source = read_source(path)
     assert all(torch.equal(source.get(k), v) for k, v in state.items())
+
+
+def test_an_entry_of_a_training_checkpoint_is_picked(tmp_path: Path) -> None:
+    state = small_state_dict()
+    path = tmp_path / "last.ckpt"
+    torch.save({"model": state, "model_ema": state, "optimizer": {"state": {}}, "epoch": 4}, path)
+    with pytest.raises(SourceError) as exc:
+        read_source(path)
+    assert str(exc.value) == (
+        f"the source file {str(path)!r} is a training checkpoint, not a state_dict: its entries "
+        "are 'model' (4 tensors), 'model_ema' (4 tensors), 'optimizer' (no tensors), 'epoch' "
+        "(int); pick the entry that holds the weights: entry='model' (command line: --entry "
+        "model)")
+    picked = read_source(path, entry="model_ema")
+    assert list(picked.specs) == list(state) and picked.ordered
+    assert torch.equal(picked.get("0.weight"), state["0.weight"])
+    with pytest.raises(SourceError, match="has no entry 'ema'"):
+        read_source(path, entry="ema")
+    torch.save(state, tmp_path / "plain.pt")
+    with pytest.raises(SourceError, match=r"no entry 'model'; its entries: '0\.weight' \(Tensor\)"):
+        read_source(tmp_path / "plain.pt", entry="model")
+    save_file(dict(state), str(tmp_path / "m.safetensors"))
+    with pytest.raises(SourceError, match="safetensors files hold tensors only"):
+        read_source(tmp_path / "m.safetensors", entry="model")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import archalign
-from archalign.checks import check_plan, check_value, gains_nonfinite, refuse_unwritable
+from archalign.checks import check_plan, check_value, gains_nonfinite, refuse_unwritable, unplanned_keys
 from archalign.errors import ApplyError, PlanError
 from archalign.ops import Op
 from archalign.source import read_destination, read_source
@@ -120,3 +120,13 @@ def test_values_beyond_the_destination_range_are_found(dtype, value, gains) -> N
     assert gains_nonfinite(torch.zeros(2, dtype=dtype), source) is gains
     assert gains_nonfinite(torch.zeros(2, dtype=dtype), torch.tensor([70000, 1])) is (
         dtype == torch.float16)
+
+
+def test_keys_a_plan_never_mentions_say_it_was_made_for_other_models() -> None:
+    src, dst, plan = _plan()
+    assert unplanned_keys(plan, read_source(src), read_destination(dst)) == ([], [])
+    deeper = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(2, 2))
+    assert unplanned_keys(plan, read_source(deeper), read_destination(deeper)) == (
+        ["2.weight", "2.bias"], ["2.weight", "2.bias"])
+    dropped = plan.drop("1")  # what the plan leaves untouched on purpose is still known to it
+    assert unplanned_keys(dropped, read_source(src), read_destination(dst))[1] == []

@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from safetensors import SafetensorError
 
 import archalign
 import archalign.convert
+from archalign.convert import write_safetensors, write_safetensors_file
 from archalign.errors import ApplyError, PlanError, UsageError
 from corpus import get_pair, run_model
 
@@ -174,3 +176,79 @@ def test_one_source_tensor_written_to_two_keys_is_stored_twice(tmp_path: Path) -
     plan.convert_checkpoint(src, tmp_path)
     back = archalign.source.read_source(tmp_path)
     assert torch.equal(back.get(first.dst[0]), back.get(twin.dst[0]))
+
+
+# --------------------------------------------------------------------------- the writer
+
+
+def tensors(n: int, size: int = 64) -> list[tuple[str, torch.Tensor]]:
+    return [(f"layer.{i}.weight", torch.full((size,), float(i))) for i in range(n)]
+
+
+def test_convert_reports_progress_per_tensor(tmp_path: Path) -> None:
+    pair = get_pair("mlp->mlp_identical")
+    src = pair.make_src()
+    plan = archalign.align(src, pair.make_dst())
+    seen: list[tuple[int, int]] = []
+    plan.convert_checkpoint(src, tmp_path, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(n, len(plan.matches)) for n in range(1, len(plan.matches) + 1)]
+
+
+def test_a_new_checkpoint_replaces_every_file_of_an_earlier_one(tmp_path: Path) -> None:
+    sharded = write_safetensors(tensors(6), tmp_path, max_shard_bytes=600)
+    assert len(sharded) == 4 and sharded[-1].name == "model.safetensors.index.json"
+    (tmp_path / "notes.txt").write_text("kept")
+    single = write_safetensors(tensors(2), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "notes.txt"]
+    assert single == [tmp_path / "model.safetensors"]
+    assert sorted(archalign.read_source(tmp_path).specs) == ["layer.0.weight", "layer.1.weight"]
+
+
+def test_a_failed_write_names_the_real_file_and_leaves_nothing(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+    calls = []
+
+    def full_disk(shard: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+        calls.append(path)
+        if len(calls) == 2:  # the second shard: the first one is already on disk
+            raise safetensors.SafetensorError("Error while serializing: I/O error: No space left "
+                                              "on device (os error 28)")
+        real(shard, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(OSError) as exc:
+        write_safetensors(tensors(6), out, max_shard_bytes=600)
+    assert (exc.value.errno, exc.value.filename) == (errno.ENOSPC, str(out))
+    assert exc.value.strerror.startswith("No space left on device (writing shard")
+    assert not out.exists()  # the first shard and the folder it created are gone
+    calls.clear()
+    write_safetensors_file({"a": torch.zeros(2)}, tmp_path / "one.safetensors")  # call 1 writes
+    with pytest.raises(OSError) as exc:  # call 2 fails: the file written before stays whole
+        write_safetensors_file({"a": torch.ones(2)}, tmp_path / "one.safetensors")
+    assert exc.value.filename == str(tmp_path / "one.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.safetensors"]
+    assert torch.equal(archalign.read_source(tmp_path / "one.safetensors").get("a"), torch.zeros(2))
+
+
+def test_an_interrupted_write_leaves_no_temporary_file(tmp_path: Path) -> None:
+    def interrupted() -> Iterator[tuple[str, torch.Tensor]]:
+        yield from tensors(3)
+        raise KeyboardInterrupt
+
+    (tmp_path / "model.safetensors").write_bytes(b"earlier")
+    with pytest.raises(KeyboardInterrupt):
+        write_safetensors(interrupted(), tmp_path, max_shard_bytes=300)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # untouched
+    assert (tmp_path / "model.safetensors").read_bytes() == b"earlier"
+
+
+def test_a_missing_folder_is_named(tmp_path: Path) -> None:
+    with pytest.raises(OSError) as exc:
+        write_safetensors(tensors(1), tmp_path / "a" / "b")
+    assert (exc.value.errno, exc.value.filename) == (errno.ENOENT, str(tmp_path / "a"))
+    with pytest.raises(OSError, match="does not exist"):
+        write_safetensors_file({"a": torch.zeros(1)}, tmp_path / "a" / "x.safetensors")

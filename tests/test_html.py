@@ -333,3 +333,91 @@ def test_the_browser_check_does_catch_script_errors(tmp_path: Path) -> None:
     page.write_text(html.replace('"use strict";', '"use strict"; null.boom;'), encoding="ascii")
     with pytest.raises(AssertionError, match="Uncaught TypeError"):
         render_in_browser(tmp_path, page)
+
+
+# --------------------------------------------------------------------------- what a reviewer needs
+
+
+def test_the_page_names_what_it_compares_and_shows_every_confidence() -> None:
+    plan = small_plan()
+    data = embedded(render_html(plan, source="ckpt/old.pt", destination="timm resnet50"))
+    assert (data["summary"]["source"], data["summary"]["destination"]) == ("ckpt/old.pt",
+                                                                         "timm resnet50")
+    assert data["default"] == archalign.confidence.DEFAULT_MIN_CONFIDENCE
+    shown = {t["key"]: (t["conf"], t["band"]) for row in data["dst"] for t in row["tensors"]
+             if t["state"] == "matched"}
+    assert shown == {k: (f"{m.confidence:.2f}", archalign.review.band_of(m.confidence).value)
+                     for m in plan.matches for k in m.dst}
+    assert embedded(render_html(plan))["summary"]["source"] == ""  # a plan does not know them
+
+
+def test_flagged_rows_are_marked_on_the_page() -> None:
+    plan = Plan(matches=(*layer("enc.0", "blocks.0"), *layer("enc.2", "blocks.1"),
+                         *layer("enc.1", "blocks.2")),
+                src_tracer="registration", dst_tracer="registration")
+    data = embedded(render_html(plan))
+    flags = {t["key"]: t["flags"] for row in data["dst"] for t in row["tensors"]}
+    assert flags["blocks.0.weight"] == ["order-only"]
+    assert flags["blocks.1.weight"] == flags["blocks.2.bias"] == ["order-only", "index-shift"]
+    assert [f["flag"] for f in data["flags"]] == ["order-only", "index-shift"]
+    assert [f["rows"] for f in data["flags"]] == [6, 4]
+    assert [li["flags"] for li in data["links"]] == [["order-only"], ["order-only", "index-shift"],
+                                                     ["order-only", "index-shift"]]
+
+
+@pytest.fixture(scope="module")
+def weak_vit():  # type: ignore[no-untyped-def]
+    """A ViT plan from a state_dict: registration order against execution order, so that rows
+    are flagged, and some fall below the default threshold; with what a default apply loads."""
+    torch = pytest.importorskip("torch")
+    from corpus import get_pair
+
+    pair = get_pair("tv_vit->timm_vit")
+    src = pair.make_src()
+    plan = archalign.align(src.state_dict(), pair.make_dst())
+    return plan, len(plan.apply(pair.make_dst(), src.state_dict()).loaded), torch
+
+
+@needs_chromium
+def test_the_slider_starts_at_the_default_and_counts_what_apply_loads(tmp_path: Path,
+                                                                      weak_vit) -> None:  # type: ignore[no-untyped-def]
+    plan, loads, _ = weak_vit
+    review = archalign.review.build_review(plan)
+    below = sum(len(r.dst) for r in review.rows if r.below_default)
+    flagged = sum(bool(r.flags) for r in review.rows)
+    assert below and flagged and loads == sum(len(m.dst) for m in plan.matches) - below
+    page = tmp_path / "weak.html"
+    save_html(plan, page, source="vit.pt (torchvision)", destination="timm VisionTransformer")
+    status, dom = render_in_browser(tmp_path, page)
+    assert status["data-loads"] == str(loads)  # apply(min_confidence=0.50) loads exactly these
+    assert f"apply(min_confidence=0.50) loads {loads} of {len(plan.matches)} matched tensors " \
+           "(the default)" in dom
+    assert '<output id="minv">0.50</output>' in dom
+    assert 'class="wire faded"' in dom  # what a default apply skips is drawn faded
+    assert ">vit.pt (torchvision)</span>" in dom and ">timm VisionTransformer</span>" in dom
+    assert status["data-flagged"] == str(flagged)
+    assert dom.count('class="tag flag"') >= 1
+    rows = re.findall(r'<div class="row [^"]*\bsuspect\b', dom)
+    assert rows and len(rows) <= len(review.rows)
+    for row in review.rows[:5]:  # confidences are on the page, not only in a tooltip
+        assert f'<span class="conf {row.band.value}">{row.conf}</span>' in dom
+    status, dom = render_in_browser(tmp_path, page, "#min=0&flagged=1")
+    assert status["data-loads"] == str(sum(len(m.dst) for m in plan.matches))
+    assert int(status["data-visible"]) == len({(m.src_unit, m.dst_unit) for m, r in
+                                               zip(plan.matches, archalign.review.find_flags(plan))
+                                               if r})
+
+
+@needs_chromium
+def test_only_below_draws_the_lines_a_default_apply_skips(tmp_path: Path, weak_vit) -> None:  # type: ignore[no-untyped-def]
+    plan, _, _ = weak_vit
+    page = tmp_path / "weak.html"
+    save_html(plan, page)
+    status, dom = render_in_browser(tmp_path, page, "#below=1")
+    skipped = {(m.src_unit, m.dst_unit) for m in plan.matches if m.confidence < 0.5}
+    lines = {}
+    for m in plan.matches:  # a line is below when its least sure row is
+        key = (m.src_unit, m.dst_unit)
+        lines[key] = min(lines.get(key, 1.0), m.confidence)
+    assert skipped and int(status["data-visible"]) == sum(c < 0.5 for c in lines.values())
+    assert 'class="wire faded"' not in dom

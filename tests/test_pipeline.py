@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 
 import pytest
 import torch
@@ -185,3 +186,22 @@ def test_renamed_rewrapped_reordered_copy_is_recovered_exactly(
     x = torch.randn(2, widths[0]) if kind == "mlp" else torch.randn(2, widths[0], 5, 5)
     with torch.no_grad():
         assert torch.equal(src(x), dst(x))
+
+
+def test_align_and_load_warns_when_the_destination_stays_partly_initial(caplog) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    src, dst = mlp(10, 8, 5, 2), mlp(10, 5, 2)
+    with caplog.at_level(logging.WARNING, logger="archalign"):
+        report = archalign.align_and_load(src, dst)
+    (warning,) = [r for r in caplog.records if "stay at their initial values" in r.getMessage()]
+    assert warning.levelno == logging.WARNING
+    assert warning.getMessage().startswith(
+        "2 of 4 destination tensors stay at their initial values (2 skipped below min_confidence "
+        "0.50 or by shape, 0 without counterpart): 0.weight, 0.bias.")
+    assert report.plan is not None and report.plan.source is None  # plain data
+    assert [m.confidence for m in report.plan.matches] == [
+        m.confidence for m in archalign.align(src, mlp(10, 5, 2)).matches]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="archalign"):
+        complete = archalign.align_and_load(src, mlp(10, 8, 5, 2))
+    assert complete.complete and not caplog.records

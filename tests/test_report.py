@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from archalign.report import Adapted, LoadReport, Skipped
+from archalign.report import LISTED, Adapted, LoadReport, Skipped
 
 
 def full_report() -> LoadReport:
@@ -94,3 +94,17 @@ def test_skipped_fields():
     s = Skipped("dst.key", "src.key", "reason")
     assert (s.dst, s.src, s.reason) == ("dst.key", "src.key", "reason")
     assert s == ("dst.key", "src.key", "reason")
+
+
+def test_long_lists_are_cut_to_a_few_names_and_a_count():
+    missing = tuple(f"layer3.{i}.weight" for i in range(300))
+    skipped = tuple(Skipped(k, k, "confidence 0.10 < min_confidence 0.50") for k in missing[:20])
+    text = str(LoadReport(loaded=(), skipped=skipped, missing=missing,
+                          unexpected=tuple(f"u{i}" for i in range(13))))
+    lines = text.splitlines()
+    assert lines[LISTED + 1] == "  ... and 8 more skipped"
+    assert lines[LISTED + 2] == ("  untouched (no counterpart in the source): " +
+                                 ", ".join(missing[20:20 + LISTED]) + " and 268 more")
+    assert lines[-1] == "  unused source tensors: " + ", ".join(f"u{i}" for i in range(12)) + \
+        " and 1 more"
+    assert len(text) < 2500

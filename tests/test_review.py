@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from archalign.cli import print_plan
 from archalign.confidence import DEFAULT_MIN_CONFIDENCE, HIGH_CONFIDENCE, LOW_CONFIDENCE
 from archalign.html import render_html
 from archalign.ops import Op
@@ -23,6 +22,7 @@ from archalign.plan import Match, Mismatch, Plan
 from archalign.review import (
     COLUMNS,
     Band,
+    Flag,
     ReviewRow,
     band_of,
     build_review,
@@ -31,6 +31,7 @@ from archalign.review import (
     format_plan_html,
     format_shape,
 )
+from archalign.terminal import print_plan
 
 COSTS = (("type", 0.0), ("position", 0.125), ("name", 0.2), ("regret", 2.3))
 
@@ -348,3 +349,73 @@ def test_the_jupyter_table_has_the_text_tables_lines() -> None:
         assert f"<p>{line.replace('<', '&lt;').replace('>', '&gt;')}</p>" in text
     hostile = Plan(matches=(match("<b>", "<i>&", 0.7, ((1,),), ((1,),)),), verification="<x>")
     assert "<b>" not in format_plan_html(hostile) and "&lt;i&gt;&amp;" in format_plan_html(hostile)
+
+
+# --------------------------------------------------------------------------- flags
+
+
+def flagged_plan() -> Plan:
+    """Registration order on both sides (order-only evidence), blocks 1 and 2 swapped (an index
+    shift), a tie settled by the same name (a prior), a pinned pair and a unique layer."""
+    def block(i: int, j: int, conf: float, extra: tuple[tuple[str, float], ...] = ()) -> list[Match]:
+        return [dataclasses.replace(
+            match(f"layers.{j}.fc.{t}", f"blocks.{i}.fc.{t}", conf, (s,), (s,)),
+            costs=(*COSTS, *extra)) for t, s in (("weight", (4, 4)), ("bias", (4,)))]
+
+    head = dataclasses.replace(match("out.weight", "head.weight", 0.95, ((3, 4),), ((3, 4),)))
+    pinned = dataclasses.replace(match("emb.weight", "embed.weight", 1.0, ((4, 4),), ((4, 4),)),
+                                 costs=(("pinned", 1.0), ("regret", 0.0)))
+    return Plan(matches=(pinned, *block(0, 0, 0.8), *block(1, 2, 0.7), *block(2, 1, 0.7),
+                         *block(3, 3, 0.6, (("same_name", 1.0),)), head),
+                src_tracer="registration", dst_tracer="state_dict")
+
+
+def test_rows_are_flagged_from_the_plan_alone() -> None:
+    rows = {row.dst[0]: row.flags for row in build_review(flagged_plan()).rows}
+    assert rows["blocks.0.fc.weight"] == (Flag.ORDER_ONLY,)  # same shapes as the other blocks
+    assert rows["blocks.1.fc.bias"] == rows["blocks.2.fc.weight"] == (Flag.ORDER_ONLY,
+                                                                     Flag.INDEX_SHIFT)
+    assert rows["blocks.3.fc.weight"] == (Flag.ORDER_ONLY, Flag.PRIOR)
+    assert rows["head.weight"] == ()  # no rival of its shapes
+    assert rows["embed.weight"] == ()  # pinned by a reviewer
+    assert Plan.from_json(flagged_plan().to_json()) == flagged_plan()  # a saved plan keeps them
+    assert build_review(Plan.from_json(flagged_plan().to_json())) == build_review(flagged_plan())
+
+
+def test_execution_order_or_a_passed_output_check_clears_the_order_flags() -> None:
+    executed = dataclasses.replace(flagged_plan(), src_tracer="fx", dst_tracer="hooks")
+    rows = {row.dst[0]: row.flags for row in build_review(executed).rows}
+    assert rows["blocks.0.fc.weight"] == () and rows["blocks.3.fc.weight"] == (Flag.PRIOR,)
+    assert rows["blocks.1.fc.weight"] == (Flag.INDEX_SHIFT,)  # the order of indices still says so
+    verified = dataclasses.replace(flagged_plan(), matches=tuple(
+        dataclasses.replace(m, costs=(*m.costs, ("verified", 1.0))) for m in flagged_plan().matches))
+    assert not build_review(verified).flagged
+
+
+def test_a_named_prior_is_a_cost_term_starting_with_prior() -> None:
+    plan = Plan(matches=(dataclasses.replace(
+        match("a.weight", "b.weight", 0.8, ((2, 3),), ((2, 3),)),
+        costs=(("prior_layout_in_out", 0.1), ("regret", 1.0))),), src_tracer="fx", dst_tracer="fx")
+    assert build_review(plan).rows[0].flags == (Flag.PRIOR,)
+
+
+def test_flags_get_a_column_and_a_note_in_every_table() -> None:
+    plan = flagged_plan()
+    review = build_review(plan)
+    text = format_plan(plan).splitlines()
+    assert text[1] == "conf  destination         source              shape  adaptation  flags"
+    assert "0.70  blocks.1.fc.bias    layers.2.fc.bias    (4)                order-only index-shift" in text
+    assert review.flag_notes[0].startswith("order-only (8 rows): no execution order on both sides")
+    assert review.flag_notes[1].startswith("prior (2 rows): a convention decided")
+    assert review.flag_notes[2].startswith("index-shift (4 rows): its block indices go backwards")
+    assert text[-3:] == list(review.flag_notes)
+    assert all(row.stands_out for row in review.rows if row.flags)
+    jupyter = rows_of_jupyter(plan)
+    assert [cells[-1] for cells, _, _ in jupyter] == [row.flag_text for row in review.rows]
+    cli = rows_of_cli(plan)
+    assert [cells[-1] for cells, _, _ in cli] == [row.flag_text for row in review.rows]
+    assert [(cells[:-1], band, bold) for cells, band, bold in cli] == [
+        (row.cells, row.band, row.stands_out) for row in review.rows]
+    page = [it for items in rows_of_page(plan) for it in items]
+    by_dst = {row.dst: row for row in review.rows}
+    assert all(it["flags"] == [f.value for f in by_dst[tuple(it["dst"])].flags] for it in page)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from archalign.errors import RunError
 from archalign.running import device_of, dummy_inputs, first_line, run_in_eval, split_inputs
 
 
@@ -33,8 +34,11 @@ def test_run_in_eval_runs_without_gradients_and_restores_every_flag() -> None:
 
 def test_run_in_eval_restores_flags_when_the_model_raises() -> None:
     model = Probe().train()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RunError) as exc:  # also a RuntimeError, as the forward's error was
         run_in_eval(model, torch.ones(1, 7))
+    assert isinstance(exc.value, RuntimeError) and isinstance(exc.value.__cause__, RuntimeError)
+    assert str(exc.value).startswith("running Probe on the example inputs failed: RuntimeError: "
+                                     "mat1 and mat2 shapes cannot be multiplied")
     assert model.training and model.fc.training
 
 

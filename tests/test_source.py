@@ -364,3 +364,15 @@ def test_a_nested_tensor_is_refused_when_read_by_name() -> None:
         read_source(state)
     with pytest.raises(SourceError, match="'ragged'"):
         archalign.align(state, nn.Linear(3, 4))  # was a bare RuntimeError from torch
+
+
+def test_a_tensor_source_is_accepted_as_it_is_and_entry_needs_a_file() -> None:
+    import archalign
+
+    model = nn.Linear(3, 2)
+    source = read_source(model)
+    assert read_source(source) is source
+    plan = archalign.align(source, nn.Linear(3, 2))  # a source read once, with its options
+    assert len(plan.matches) == 2
+    with pytest.raises(SourceError, match=r"pass obj\['model'\] instead"):
+        read_source({"model": model.state_dict()}, entry="model")

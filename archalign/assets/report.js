@@ -37,6 +37,13 @@
   document.getElementById("title").textContent = data.title;
   var small = el("small", null, "archalign review report");
   document.getElementById("title").appendChild(small);
+  var compared = document.getElementById("compared");
+  [["source", S.source], ["destination", S.destination]].forEach(function (side, i) {
+    if (!side[1]) { return; }
+    if (i && compared.firstChild) { compared.appendChild(el("span", "arrow", "\u2192")); }
+    compared.appendChild(el("b", null, side[0]));
+    compared.appendChild(el("span", "name", side[1]));
+  });
   var cards = document.getElementById("cards");
   function card(n, label, warn) {
     var c = el("div", "card" + (warn && n > 0 ? " warn" : ""));
@@ -44,15 +51,19 @@
     c.appendChild(el("span", null, label));
     cards.appendChild(c);
   }
-  var lowCount = 0;
+  var lowCount = 0, flaggedCount = 0;
   data.links.forEach(function (l) {
     if (l.kind === "match") {
-      l.items.forEach(function (it) { if (it.band === "low") { lowCount++; } });
+      l.items.forEach(function (it) {
+        if (it.band === "low") { lowCount++; }
+        if (it.flags.length) { flaggedCount++; }
+      });
     }
   });
   card(S.matches, "matches");
   card(S.adapted, "adapted");
   card(lowCount, "below " + data.low.toFixed(2), true);
+  card(flaggedCount, "flagged", true);
   card(S.mismatches, "mismatches", true);
   card(S.unmatched_dst, "unmatched destination", true);
   card(S.unmatched_src, "unmatched source", false);
@@ -75,6 +86,16 @@
   if (S.nonfinite && S.nonfinite.length) {
     metaItem("NaN/Inf in the source", S.nonfinite.join(", "), "bad");
   }
+  if (data.flags.length) {
+    var notes = el("div", "flagnotes");
+    data.flags.forEach(function (f) {
+      var line = el("div");
+      line.appendChild(el("b", null, f.flag));
+      line.appendChild(document.createTextNode(" (" + plural(f.rows, "row") + "): " + f.note));
+      notes.appendChild(line);
+    });
+    meta.parentNode.insertBefore(notes, meta.nextSibling);
+  }
   var tiedBox = document.getElementById("tied");
   if (S.tied_src.length || S.tied_dst.length) {
     var det = el("details", "tied");
@@ -92,7 +113,8 @@
    ["var(--amber)", "\u2265 " + data.low.toFixed(2), ""],
    ["var(--red)", "< " + data.low.toFixed(2), ""],
    ["var(--miss)", "not loaded", "dash"],
-   [null, "unmatched", "box"]].forEach(function (x) {
+   [null, "unmatched", "box"],
+   [null, "flagged", "flag"]].forEach(function (x) {
     var s = el("span");
     var i = el("i", x[2]);
     if (x[0]) { i.style.borderTopColor = x[0]; }
@@ -120,13 +142,22 @@
       }
       r.appendChild(head);
       var ts = el("div", "tensors");
+      var flags = [];
       row.tensors.forEach(function (t) {
-        var s = el("span", "tensor " + t.state);
-        s.title = t.key + ({ matched: "", mismatch: "  (not loaded)", unmatched: "  (unmatched)" })[t.state];
+        var tf = t.flags || [];
+        var s = el("span", "tensor " + t.state + (tf.length ? " flagged" : ""));
+        s.title = t.key + ({ matched: "", mismatch: "  (not loaded)", unmatched: "  (unmatched)" })[t.state] +
+          (tf.length ? "  (" + tf.join(", ") + ")" : "");
         s.appendChild(document.createTextNode(t.label));
         if (t.shape) { s.appendChild(el("span", "shape", " " + t.shape)); }
+        if (t.conf) { s.appendChild(el("span", "conf " + t.band, t.conf)); }
+        tf.forEach(function (f) { if (flags.indexOf(f) < 0) { flags.push(f); } });
         ts.appendChild(s);
       });
+      if (flags.length) {
+        r.classList.add("suspect");
+        flags.forEach(function (f) { head.appendChild(el("span", "tag flag", f)); });
+      }
       r.appendChild(ts);
       r.addEventListener("mouseenter", function () { focusRow(side, i, true); });
       r.addEventListener("mouseleave", function () { focusRow(side, i, false); });
@@ -279,6 +310,7 @@
         info.appendChild(c);
         if (it.adaptation) { info.appendChild(el("span", "tag op", it.adaptation)); }
         if (it.nonfinite) { info.appendChild(el("span", "tag nonfinite", "NaN/Inf in the source")); }
+        it.flags.forEach(function (f) { info.appendChild(el("span", "tag flag", f)); });
         item.appendChild(info);
         if (!shared) { item.appendChild(costLine(it.costs)); }
       } else {
@@ -336,37 +368,55 @@
   }
 
   /* ------------------------------------------------------------ filter */
+  /* The slider is apply's min_confidence (it starts at the default): lines at or above it load
+   * and are drawn in full, the others fade ("only below" shows just those). The count is the
+   * destination tensors apply(min_confidence=...) writes from the plan's matches. */
   var minInput = document.getElementById("min");
   var belowInput = document.getElementById("below");
+  var flaggedInput = document.getElementById("flagged");
+  minInput.value = String(data["default"]);
   function applyFilter() {
-    var t = Number(minInput.value), below = belowInput.checked;
+    var t = Number(minInput.value), below = belowInput.checked, onlyFlagged = flaggedInput.checked;
     document.getElementById("minv").textContent = t.toFixed(2);
-    var visible = 0, tensors = 0, total = 0;
+    var visible = 0, loads = 0, total = 0;
     var live = { src: {}, dst: {} };
     wires.forEach(function (w) {
       var l = w.link;
-      var show = true;
+      var show = true, loaded = true;
       if (l.kind === "match") {
+        l.items.forEach(function (it) {
+          var c = num(it.confidence);
+          total += it.dst.length;
+          if (!(c < t)) { loads += it.dst.length; }  /* as apply: only c < t is skipped */
+        });
         var c = num(l.confidence);
-        show = below ? !(c >= t) : (c >= t || !(c === c));
-        total += l.items.length;
-        if (show) { tensors += l.items.length; }
+        loaded = c >= t || !(c === c);
+        show = below ? !loaded : true;
+        if (onlyFlagged && !l.flags.length) { show = false; }
+      } else if (onlyFlagged) {
+        show = false;
       }
+      var faded = show && !loaded && !below;  /* "only below" draws the lines it asked for in full */
       w.g.classList.toggle("hidden", !show);
-      if (show) { visible++; live.src[l.src] = true; live.dst[l.dst] = true; }
+      w.g.classList.toggle("faded", faded);
+      if (show && !faded) { visible++; }  /* data-visible: the lines drawn in full */
+      if (show) { live.src[l.src] = true; live.dst[l.dst] = true; }
     });
     ["src", "dst"].forEach(function (side) {
       rowEls[side].forEach(function (r, i) {
         r.classList.toggle("dim", rowLinks[side][i].length > 0 && !live[side][i]);
       });
     });
-    document.getElementById("shown").textContent = tensors + " of " + plural(total, "match") + " shown" +
-      (below ? "" : "  \u00b7  apply(min_confidence=" + t.toFixed(2) + ") loads " + tensors);
+    document.getElementById("shown").textContent = "apply(min_confidence=" + t.toFixed(2) + ") loads " +
+      loads + " of " + plural(total, "matched tensor") +
+      (t === data["default"] ? " (the default)" : "");
     status.setAttribute("data-visible", String(visible));
+    status.setAttribute("data-loads", String(loads));
     writeHash();
   }
   minInput.addEventListener("input", applyFilter);
   belowInput.addEventListener("change", applyFilter);
+  flaggedInput.addEventListener("change", applyFilter);
 
   /* ------------------------------------------------------------ search */
   var q = document.getElementById("q");
@@ -404,14 +454,16 @@
   q.addEventListener("keydown", function (e) { if (e.key === "Enter") { e.preventDefault(); next(); } });
 
   /* ------------------------------------------------------------ state in the URL */
-  /* #q=<search>&min=<threshold>&below=1&pin=<line>: read on load, kept up to date */
+  /* #q=<search>&min=<threshold>&below=1&flagged=1&pin=<line>: read on load, kept up to date
+   * (min only when it is not the default) */
   var ready = false;
   function writeHash() {
     if (!ready || !window.history || !history.replaceState) { return; }
     var parts = [];
     if (q.value) { parts.push("q=" + encodeURIComponent(q.value)); }
-    if (Number(minInput.value) > 0) { parts.push("min=" + minInput.value); }
+    if (Number(minInput.value) !== data["default"]) { parts.push("min=" + minInput.value); }
     if (belowInput.checked) { parts.push("below=1"); }
+    if (flaggedInput.checked) { parts.push("flagged=1"); }
     if (pinned !== null) { parts.push("pin=" + pinned); }
     var url = parts.length ? "#" + parts.join("&") : location.pathname + location.search;
     try { history.replaceState(null, "", url); } catch (err) { /* a convenience only */ }
@@ -424,6 +476,7 @@
     });
     if (state.min !== undefined && !isNaN(Number(state.min))) { minInput.value = state.min; }
     if (state.below === "1") { belowInput.checked = true; }
+    if (state.flagged === "1") { flaggedInput.checked = true; }
     if (state.q) { q.value = state.q; }
     return state;
   }
@@ -453,6 +506,7 @@
   status.setAttribute("data-lines", String(nMatch));
   status.setAttribute("data-mismatch-lines", String(nMiss));
   status.setAttribute("data-src-rows", String(data.src.length));
+  status.setAttribute("data-flagged", String(flaggedCount));
   status.setAttribute("data-dst-rows", String(data.dst.length));
   status.setAttribute("data-errors", String(window.archalignErrors.length));
   status.setAttribute("data-state", "ready");
