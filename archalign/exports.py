@@ -162,9 +162,14 @@ def _run(tensors, ops):
         elif kind == "reshape":
             tensors = [tensors[0].reshape(op["shape"])]
         elif kind == "concat":
-            tensors = [torch.cat(tensors, dim=0)]
+            tensors = [torch.cat(tensors, dim=op.get("axis", 0))]
         elif kind == "split":
-            tensors = list(torch.split(tensors[0], op["sizes"], dim=0))
+            tensors = list(torch.split(tensors[0], op["sizes"], dim=op.get("axis", 0)))
+        elif kind == "stack":  # runs of n tensors stacked along a new axis 0 (experts)
+            n = op["sizes"][0]
+            tensors = [torch.stack(tensors[i:i + n]) for i in range(0, len(tensors), n)]
+        elif kind == "unstack":
+            tensors = [piece for t in tensors for piece in t.unbind(0)]
         elif kind == "regroup":
             a, b = op["groups"]
             t = tensors[0]
@@ -436,8 +441,8 @@ def _unsupported(ops: Sequence[Op], inputs: int) -> str:
     """Why transformers' ops cannot run ``ops`` on ``inputs`` tensors ("" when they can)."""
     count = inputs
     for op in ops:
-        if op.kind in (OpKind.RESHAPE, OpKind.REGROUP):
-            return f"{op}: no transformers op"
+        if op.kind not in (OpKind.TRANSPOSE, OpKind.CONCAT, OpKind.SPLIT):
+            return f"{op}: no transformers op archalign can prove equal"
         if op.kind is OpKind.TRANSPOSE and count != 1:
             return f"a transpose of {count} tensors at once"
         if op.kind is OpKind.CONCAT:
@@ -452,10 +457,10 @@ def _hf_op(op: Op) -> str:
     if op.kind is OpKind.TRANSPOSE:
         return "Transpose(dim0=0, dim1=1)"
     if op.kind is OpKind.CONCAT:
-        return "Concatenate(dim=0)"
+        return f"Concatenate(dim={op.axis})"
     if len(set(op.sizes)) == 1:
-        return "Chunk(dim=0)"
-    return "Split(dim=0)"  # the sizes are read from the destination's parameters
+        return f"Chunk(dim={op.axis})"
+    return f"Split(dim={op.axis})"  # the sizes are read from the destination's parameters
 
 
 def _is_rename(match: Match) -> bool:

@@ -137,8 +137,9 @@ def _complete(plan: Plan, context: Context) -> bool:
     of the source used (only free source tensors, such as cached rotary tables, may stay)."""
     if plan.mismatches or plan.unmatched_dst:
         return False
-    used = {u for m in plan.matches for u in m.src_unit.split("+")}
-    return all(k in used or u.type_name == "Parameter" for k, u in context.src_units.items())
+    used = {k for m in plan.matches for k in m.src}
+    return all(u.type_name == "Parameter" or set(u.tensors) & used
+               for u in context.src_units.values())
 
 
 def _finite(output: object) -> bool:
@@ -191,10 +192,12 @@ def _raised(match: Match) -> Match:
 
 
 def _took_part(match: Match, trial: Trial, runner: TrialRunner) -> bool:
-    """Whether an agreeing trial vouches for a match: its destination layer ran (a free tensor,
-    which no hook sees, is vouched for by the outputs it feeds)."""
+    """Whether an agreeing trial vouches for a match: its destination layer ran, or the layer
+    that owns it ran and uses its weights itself (``nn.MultiheadAttention`` never calls its
+    ``out_proj``); a free tensor, which no hook sees, is vouched for by the outputs it feeds."""
     units = match.dst_unit.split("+")
-    return all(u in trial.ran or u not in runner.dst_layers for u in units)
+    return all(u in trial.ran or u not in runner.dst_layers
+               or u.rpartition(".")[0] in trial.ran for u in units)
 
 
 def _after(match: Match, position: dict[str, int], diverged_at: int) -> bool:

@@ -47,6 +47,8 @@ class UnitMatch(NamedTuple):
     terms: dict[str, float]  # cost terms (type, position, context, name, ...) and the regret
     confidence: float  # in [0, 1], before the tensor-pairing factor
     pairs: tuple[TensorPair, ...]  # the tensors, paired
+    src_label: str = ""  # what the plan calls the source side when it is no one unit or small
+    dst_label: str = ""  # group ("layers.0.experts" for a family of experts); "" = its units
 
 
 # ------------------------------------------------------------------------------------ stages

@@ -18,7 +18,15 @@ pad        ``sizes`` (before, after) zero rows added   crop
            on axis 0
 crop       ``sizes`` (before, after) rows removed      pad
            from axis 0
+stack      each run of ``sizes[0]`` tensors stacked    unstack
+           along a new axis 0
+unstack    each tensor's axis 0 taken apart            stack
 =========  ==========================================  =======================================
+
+``concat`` and ``split`` work along ``axis`` (0 unless it says otherwise). Experts stored as one
+3-D parameter (transformers 5's Mixtral ``gate_up_proj`` ``[E, 2I, H]``) are ``stack`` (of each
+expert's gate, then of each up projection) then ``concat`` along axis 1: transformers'
+``MergeModulelist`` and ``Concatenate``.
 
 ``pad`` is what OPT's learned position embedding needs against GPT-2's (two leading rows that no
 position reads) and what padded vocabularies need: the rows added hold zeros, and ``crop`` takes
@@ -63,6 +71,8 @@ class OpKind(str, enum.Enum):
     UNROPE = "unrope"
     PAD = "pad"
     CROP = "crop"
+    STACK = "stack"
+    UNSTACK = "unstack"
 
     def __str__(self) -> str:
         return self.value
@@ -88,6 +98,7 @@ class Op:
     sizes: Shape = ()  # split: sizes along axis 0; concat: sizes of its inputs along axis 0
     groups: Shape = ()  # regroup: (a, b): rows laid out as (a, b, rest) become (b, a, rest);
     # rope / unrope: (heads,)
+    axis: int = 0  # concat / split: the axis they work along
 
     def __post_init__(self) -> None:
         try:
@@ -98,6 +109,11 @@ class Op:
         object.__setattr__(self, "kind", kind)
         for name in ("shape", "from_shape", "sizes", "groups"):
             object.__setattr__(self, name, as_shape(getattr(self, name), f"{kind}'s {name}"))
+        if type(self.axis) is not int or not 0 <= self.axis < _MAX_AXIS:
+            raise PlanError(f"an adaptation's axis is an integer in [0, {_MAX_AXIS}), got "
+                            f"{self.axis!r:.50}")
+        if self.axis and kind not in (OpKind.CONCAT, OpKind.SPLIT):
+            raise PlanError(f"a {kind.value} adaptation takes no axis (only concat and split do)")
         _KINDS[kind].check(self)
 
     def __str__(self) -> str:
@@ -109,6 +125,8 @@ class Op:
             value = getattr(self, name)
             if value:
                 out[name] = list(value)
+        if self.axis:
+            out["axis"] = self.axis
         return out
 
     @classmethod
@@ -123,13 +141,17 @@ class Op:
         """
         if not isinstance(data, Mapping) or not isinstance(data.get("op"), str):
             raise PlanError(f"an adaptation is an object with a string \"op\", got {data!r:.200}")
-        unknown = set(data) - {"op", "shape", "from_shape", "sizes", "groups"}
+        unknown = set(data) - {"op", "shape", "from_shape", "sizes", "groups", "axis"}
         if unknown:
             raise PlanError(f"unknown fields {sorted(map(str, unknown))} in adaptation "
                             f"{data['op']!r}")
         return cls(kind=data["op"],  # a string: checked in __post_init__
+                   axis=data.get("axis", 0),
                    **{k: as_shape(data[k], f"{data['op']}'s {k}")
                       for k in ("shape", "from_shape", "sizes", "groups") if k in data})
+
+
+_MAX_AXIS = 8  # an adaptation's axis lies below this
 
 
 def as_shape(values: Any, what: str) -> Shape:
@@ -330,17 +352,50 @@ def _infer_reshape(op: Op, current: list[Shape]) -> list[Shape]:
 
 
 def _infer_concat(op: Op, current: list[Shape]) -> list[Shape]:
-    if not current or any(not s or s[1:] != current[0][1:] for s in current):
-        raise PlanError(f"{op} needs tensors that agree beyond axis 0, got {current}")
-    if op.sizes and op.sizes != tuple(s[0] for s in current):
+    a = op.axis
+    if not current or any(len(s) <= a or _but(s, a) != _but(current[0], a) for s in current):
+        raise PlanError(f"{op} needs tensors that agree beyond axis {a}, got {current}")
+    if op.sizes and op.sizes != tuple(s[a] for s in current):
         raise PlanError(f"{op} records sizes {list(op.sizes)} for tensors of shapes {current}")
-    return [(sum(s[0] for s in current), *current[0][1:])]
+    first = current[0]
+    return [(*first[:a], sum(s[a] for s in current), *first[a + 1:])]
 
 
 def _infer_split(op: Op, current: list[Shape]) -> list[Shape]:
-    if len(current) != 1 or not current[0] or sum(op.sizes) != current[0][0]:
+    a = op.axis
+    if len(current) != 1 or len(current[0]) <= a or sum(op.sizes) != current[0][a]:
         raise PlanError(f"{op} does not fit shape {current}")
-    return [(n, *current[0][1:]) for n in op.sizes]
+    shape = current[0]
+    return [(*shape[:a], n, *shape[a + 1:]) for n in op.sizes]
+
+
+def _but(shape: Shape, axis: int) -> Shape:
+    return (*shape[:axis], *shape[axis + 1:])
+
+
+def _check_stack(op: Op) -> None:
+    _takes("sizes", needs="sizes")(op)
+    if len(op.sizes) != 1 or op.sizes[0] < 1:
+        raise PlanError(f"a {op.kind.value} takes one count, got {list(op.sizes)}")
+
+
+def _infer_stack(op: Op, current: list[Shape]) -> list[Shape]:
+    count = op.sizes[0]
+    if op.kind is OpKind.UNSTACK:
+        if not current or any(not s or s[0] != count for s in current):
+            raise PlanError(f"{op} needs tensors of {count} along axis 0, got {current}")
+        return [s[1:] for s in current for _ in range(count)]
+    if not current or len(current) % count or any(
+            len(set(current[i:i + count])) != 1 for i in range(0, len(current), count)):
+        raise PlanError(f"{op} needs runs of {count} tensors of one shape, got {current}")
+    return [(count, *current[i]) for i in range(0, len(current), count)]
+
+
+def _stack(op: Op, current: list[torch.Tensor]) -> list[torch.Tensor]:
+    count = op.sizes[0]
+    if op.kind is OpKind.UNSTACK:
+        return [piece for t in current for piece in t.unbind(0)]
+    return [torch.stack(current[i:i + count]) for i in range(0, len(current), count)]
 
 
 def _infer_regroup(op: Op, current: list[Shape]) -> list[Shape]:
@@ -376,6 +431,11 @@ def _regroup(op: Op, current: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.reshape(a, b, rows, *t.shape[1:]).transpose(0, 1).reshape(t.shape)]
 
 
+def _at(op: Op) -> str:
+    """How a plan shows an axis other than 0: ``concat@1[128, 128]``."""
+    return f"@{op.axis}" if op.axis else ""
+
+
 _KINDS: dict[OpKind, _Kind] = {
     OpKind.TRANSPOSE: _Kind(
         check=_takes(), text=lambda op: "transpose", infer=_infer_transpose,
@@ -387,13 +447,21 @@ _KINDS: dict[OpKind, _Kind] = {
         apply=lambda op, ts: [ts[0].reshape(op.shape)],
         invert=lambda op, before: Op(OpKind.RESHAPE, shape=op.from_shape, from_shape=op.shape)),
     OpKind.CONCAT: _Kind(
-        check=_check_concat, text=lambda op: f"concat{list(op.sizes)}", infer=_infer_concat,
-        apply=lambda op, ts: [torch.cat(ts, dim=0)],
-        invert=lambda op, before: Op(OpKind.SPLIT, sizes=tuple(s[0] for s in before))),
+        check=_check_concat, text=lambda op: f"concat{_at(op)}{list(op.sizes)}",
+        infer=_infer_concat, apply=lambda op, ts: [torch.cat(ts, dim=op.axis)],
+        invert=lambda op, before: Op(OpKind.SPLIT, sizes=tuple(s[op.axis] for s in before),
+                                     axis=op.axis)),
     OpKind.SPLIT: _Kind(
-        check=_check_split, text=lambda op: f"split{list(op.sizes)}", infer=_infer_split,
-        apply=lambda op, ts: list(torch.split(ts[0], list(op.sizes), dim=0)),
-        invert=lambda op, before: Op(OpKind.CONCAT, sizes=op.sizes)),
+        check=_check_split, text=lambda op: f"split{_at(op)}{list(op.sizes)}",
+        infer=_infer_split, apply=lambda op, ts: list(torch.split(ts[0], list(op.sizes),
+                                                                  dim=op.axis)),
+        invert=lambda op, before: Op(OpKind.CONCAT, sizes=op.sizes, axis=op.axis)),
+    OpKind.STACK: _Kind(
+        check=_check_stack, text=lambda op: f"stack[{op.sizes[0]}]", infer=_infer_stack,
+        apply=_stack, invert=lambda op, before: Op(OpKind.UNSTACK, sizes=op.sizes)),
+    OpKind.UNSTACK: _Kind(
+        check=_check_stack, text=lambda op: f"unstack[{op.sizes[0]}]", infer=_infer_stack,
+        apply=_stack, invert=lambda op, before: Op(OpKind.STACK, sizes=op.sizes)),
     OpKind.REGROUP: _Kind(
         check=_check_regroup, text=lambda op: f"regroup{op.groups[0]}x{op.groups[1]}",
         infer=_infer_regroup,

@@ -24,6 +24,7 @@ from .plan import Match, Mismatch, Plan
 from .report import LoadReport
 from .running import ExampleInputs
 from .source import TensorSource, read_source
+from .stacked import match_stacked
 from .trace import harmonise_graphs, trace_graph
 from .verify import verify as run_verification
 
@@ -107,8 +108,12 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
                 if f.unit.key not in rules.dropped]
     no = rules.forbidden
     exact = match_units(src_left, dst_left, weights, no, trust=trust)
-    exact, fused = match_fused(src_left, dst_left, weights, exact, no, trust=trust)
-    found += exact + fused
+    # experts stored as one 3-D tensor (either side): whole families, before any piecemeal fusing
+    stacked = match_stacked(_left(src_left, exact, "src"), _left(dst_left, exact, "dst"), weights,
+                            no, trust=trust)
+    src_rest, dst_rest = _left(src_left, stacked, "src"), _left(dst_left, stacked, "dst")
+    exact, fused = match_fused(src_rest, dst_rest, weights, exact, no, trust=trust)
+    found += stacked + exact + fused
     for stage in (match_units, match_adapted):  # units displaced by fused matches, then leftovers
         found += stage(_left(src_left, found, "src"), _left(dst_left, found, "dst"), weights, no,
                        trust=trust)
@@ -230,8 +235,8 @@ def _build_plan(found: list[UnitMatch], near: list[UnitMatch], source: TensorSou
                 target: TensorSource, src_tracer: str, dst_tracer: str) -> Plan:
     matches: list[Match] = []
     for um in found:
-        src_unit = "+".join(f.unit.key for f in um.src)
-        dst_unit = "+".join(f.unit.key for f in um.dst)
+        src_unit = um.src_label or "+".join(f.unit.key for f in um.src)
+        dst_unit = um.dst_label or "+".join(f.unit.key for f in um.dst)
         for pair in um.pairs:
             conf = um.confidence * (1.0 if pair.by_name else AMBIGUOUS_INSIDE)
             matches.append(Match(

@@ -6,7 +6,8 @@ module is the one place that knows how example inputs become arguments and where
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -14,14 +15,16 @@ from torch import nn
 
 from .errors import RunError
 
-__all__ = ["ExampleInputs", "device_of", "dummy_inputs", "first_line", "run_in_eval", "split_inputs"]
+__all__ = ["ExampleInputs", "attributes_kept", "device_of", "dummy_inputs", "first_line", "run_in_eval",
+           "split_inputs"]
 
 ExampleInputs = torch.Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any] | None
 
 
 def run_in_eval(module: nn.Module, inputs: Any) -> Any:
     """Run ``module`` once on example inputs in eval mode without gradients; every submodule's
-    training flag is put back afterwards.
+    training flag and attributes are put back afterwards (`attributes_kept`: a Hugging Face Swin
+    resizes its windows to the last input it saw, and would fail on the next one).
 
     Raises
     ------
@@ -30,17 +33,37 @@ def run_in_eval(module: nn.Module, inputs: Any) -> Any:
         message names the model's class and the first line of the error.
     """
     args, kwargs = split_inputs(inputs, device_of(module))
-    modes = [(m, m.training) for m in module.modules()]
+    with attributes_kept(module):  # the training flags too: they are attributes
+        try:
+            module.eval()
+            with torch.no_grad():
+                return module(*args, **kwargs)
+        except Exception as exc:
+            raise RunError(f"running {type(module).__name__} on the example inputs failed: "
+                           f"{type(exc).__name__}: {first_line(exc)}") from exc
+
+
+@contextlib.contextmanager
+def attributes_kept(module: nn.Module) -> Iterator[None]:
+    """Put every attribute of ``module`` and its submodules back after the block (which
+    parameters, buffers and children they hold too; the values inside tensors are not copied).
+
+    A forward may change its module: symbolic tracing leaves proxies where a forward caches a
+    value (Meta's LLaMA: ``self.freqs_cis = self.freqs_cis.to(h.device)``), and some models
+    adapt themselves to the input they see. Running a model to learn about it must not.
+    """
+    tables = ("_parameters", "_buffers", "_modules")
+    saved = [(m, dict(vars(m)), [dict(getattr(m, t)) for t in tables]) for m in module.modules()]
     try:
-        module.eval()
-        with torch.no_grad():
-            return module(*args, **kwargs)
-    except Exception as exc:
-        raise RunError(f"running {type(module).__name__} on the example inputs failed: "
-                       f"{type(exc).__name__}: {first_line(exc)}") from exc
+        yield
     finally:
-        for m, mode in modes:
-            m.training = mode
+        for m, attributes, contents in saved:
+            vars(m).clear()
+            vars(m).update(attributes)
+            for name, before in zip(tables, contents):
+                table: dict[str, Any] = getattr(m, name)
+                table.clear()
+                table.update(before)
 
 
 def dummy_inputs(module: nn.Module) -> Any:

@@ -7,11 +7,8 @@ parameter-free operations; metadata reads (``x.shape``) carry none.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from itertools import pairwise
-from typing import Any
 
 import networkx as nx
 import torch
@@ -19,6 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from .graph import INPUT, OUTPUT, Tracer, Unit, UnitGraph, ordered_graph, units_by_module
+from .running import attributes_kept
 from .source import TensorSource
 
 __all__ = ["trace_fx"]
@@ -51,7 +49,7 @@ def trace_fx(module: nn.Module, units: list[Unit], source: TensorSource) -> Unit
         if path and next(iter(m.parameters()), None) is None
         and next(iter(m.buffers()), None) is None
     )
-    with _attributes_kept(module):  # a traced forward may assign proxies to attributes
+    with attributes_kept(module):  # a traced forward may assign proxies to attributes
         graph = _UnitTracer(source.layer_owners, empty).trace(module)
     unit_of_tensor = {t: u.key for u in units for t in u.tensors}
     for alias, primary in source.aliases.items():
@@ -109,28 +107,6 @@ def trace_fx(module: nn.Module, units: list[Unit], source: TensorSource) -> Unit
         reduced.add_nodes_from(result.graph.nodes)
         result.graph = reduced
     return result
-
-
-@contextlib.contextmanager
-def _attributes_kept(module: nn.Module) -> Iterator[None]:
-    """Put every attribute of ``module`` and its submodules back after the block.
-
-    Symbolic tracing runs ``forward`` with proxies in place of tensors: a forward that caches a
-    value on its module (``self.freqs_cis = self.freqs_cis.to(h.device)``) would leave a proxy
-    there, and the user's model would no longer run.
-    """
-    tables = ("_parameters", "_buffers", "_modules")
-    saved = [(m, dict(vars(m)), [dict(getattr(m, t)) for t in tables]) for m in module.modules()]
-    try:
-        yield
-    finally:
-        for m, attributes, contents in saved:
-            vars(m).clear()
-            vars(m).update(attributes)
-            for name, before in zip(tables, contents):
-                table: dict[str, Any] = getattr(m, name)
-                table.clear()
-                table.update(before)
 
 
 _METADATA_METHODS = frozenset({"size", "dim", "numel", "type", "get_device", "stride"})

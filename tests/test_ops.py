@@ -25,6 +25,11 @@ CASES = [
     ([(6, 8)], (T, Op("rope", groups=(2,))), [(8, 6)]),
     ([(64, 8)], (Op("pad", sizes=(2, 0)),), [(66, 8)]),
     ([(5,)], (Op("pad", sizes=(1, 3)),), [(9,)]),
+    ([(3, 4, 2), (3, 5, 2)], (Op("concat", sizes=(4, 5), axis=1),), [(3, 9, 2)]),
+    ([(3, 9, 2)], (Op("split", sizes=(4, 5), axis=1),), [(3, 4, 2), (3, 5, 2)]),
+    ([(4, 2)] * 6, (Op("stack", sizes=(3,)),), [(3, 4, 2), (3, 4, 2)]),
+    ([(4, 2)] * 6, (Op("stack", sizes=(3,)), Op("concat", sizes=(4, 4), axis=1)), [(3, 8, 2)]),
+    ([(3, 4, 2)], (Op("unstack", sizes=(3,)),), [(4, 2)] * 3),
 ]
 
 
@@ -96,6 +101,8 @@ def test_squeeze_shape() -> None:
     ([(7, 4)], Op("regroup", groups=(3, 2))),
     ([(12, 4)], Op("rope", groups=(4,))),  # 3 rows per head: not pairs
     ([(3, 4)], Op("crop", sizes=(2, 1))),  # nothing would be left
+    ([(4, 2)] * 5, Op("stack", sizes=(3,))),  # not runs of three
+    ([(3, 4), (3, 5)], Op("concat", sizes=(3, 3), axis=1)),
 ])
 def test_an_op_that_does_not_fit_names_the_shapes(shapes, op) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(PlanError, match=r"\(\d"):

@@ -78,3 +78,26 @@ def test_first_line_of_an_exception() -> None:
     assert first_line(ValueError("one\ntwo")) == "one"
     assert first_line(ValueError("")) == ""
     assert len(first_line(ValueError("x" * 500))) == 200
+
+
+class AdaptsToItsInput(nn.Module):
+    """Resizes itself to the last input it saw, as Hugging Face's Swin does with its windows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.window = 4
+
+    def forward(self, x):
+        if x.shape[-1] < self.window:
+            self.window = x.shape[-1]
+            self.fc = nn.Linear(self.window, self.window)
+        return self.fc(x)
+
+
+def test_running_a_model_leaves_its_attributes_as_they_were() -> None:
+    model = AdaptsToItsInput()
+    fc = model.fc
+    run_in_eval(model, torch.ones(1, 2))
+    assert model.window == 4 and model.fc is fc
+    run_in_eval(model, torch.ones(1, 4))  # still takes what it took before
