@@ -207,8 +207,9 @@ def _after(match: Match, position: dict[str, int], diverged_at: int) -> bool:
 def _describe(trial: Trial, runner: TrialRunner, inputs: BoundInputs) -> str:
     verdict = "outputs agree" if trial.ok else "OUTPUTS DIFFER"
     diff = "not comparable" if trial.diff == float("inf") else f"{trial.diff:.3g}"
+    compared = sum(c.output_same is not None for c in trial.checks.values())
     parts = [f"{verdict}: max |src - dst| = {diff}",
-             f"{trial.agreeing} of {len(trial.checks)} matched layers agree"]
+             f"{trial.agreeing} of {compared} compared layers agree"]
     if trial.scope != "outputs":
         parts.append(f"judged on {trial.scope}")
     if not trial.ok and trial.first_bad < len(trial.order):

@@ -91,9 +91,9 @@ def repair(plan: Plan, runner: TrialRunner, context: Context) -> tuple[Plan, Tri
             except Exception as exc:  # a change the destination cannot take
                 logger.debug("an alternative could not be tried: %s", exc)
                 continue
-            if attempt.score > trial.score:
-                improved = (candidate, attempt)
-                break
+            if attempt.score > trial.score and (attempt.ok or not _pads(plan, candidate)):
+                improved = (candidate, attempt)  # (rows added or cut must reproduce the source:
+                break  # otherwise it is a width change, a shape policy's decision, not a repair)
         if improved is None:
             break
         learned = [p for p in [_propagated(plan, improved[0], context)] if p is not None]
@@ -104,6 +104,13 @@ def repair(plan: Plan, runner: TrialRunner, context: Context) -> tuple[Plan, Tri
 
 
 # --------------------------------------------------------------------------- alternatives
+
+
+def _pads(before: Plan, after: Plan) -> bool:
+    """Whether ``after`` loads a near miss of ``before`` by adding or cutting rows."""
+    old = {m.dst for m in before.matches}
+    return any(m.dst not in old and any(o.kind in (OpKind.PAD, OpKind.CROP) for o in m.ops)
+               for m in after.matches)
 
 
 def _allowed(before: Plan, after: Plan, context: Context) -> bool:

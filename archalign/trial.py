@@ -216,7 +216,9 @@ class TrialRunner:
         seen = [s for s in sources if s is not None]
         input_same = same(seen[0].input, ran.input)
         expected = _expected_output(seen, match)
-        output_same = same(expected, ran.output) if informative(expected) else None
+        output_same = (same(expected, ran.output) if informative(expected) and ran.output is not None
+                       and expected is not None and expected.numel() == ran.output.numel()
+                       else None)  # layers of other kinds (attention against its projection)
         return LayerCheck(match.src_unit, match.dst_unit, input_same, output_same)
 
 
