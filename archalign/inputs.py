@@ -140,6 +140,10 @@ def _candidates(src: nn.Module, dst: nn.Module) -> Iterator[_Candidate]:
         dummy = dummy_inputs(model)
         if dummy is not None:
             yield _Candidate(_constant(dummy), f"the {role}'s dummy_inputs")
+    for model in (src, dst):
+        config_made = _from_config(model)
+        if config_made is not None:
+            yield config_made
     vocab = _common_vocabulary(src, dst)
     for model in (dst, src):
         main = getattr(model, "main_input_name", None)
@@ -161,6 +165,43 @@ def _candidates(src: nn.Module, dst: nn.Module) -> Iterator[_Candidate]:
 
 def _constant(value: Any) -> Callable[[], Any]:
     return lambda: value
+
+
+def _from_config(model: nn.Module) -> _Candidate | None:
+    """What a Hugging Face model's ``forward`` takes, made from its config: token ids below its
+    vocabulary, images of its size and channels, log-mel features of its length, raw audio, and
+    decoder ids for an encoder-decoder (a text+vision model gets both ids and images)."""
+    config = getattr(model, "config", None)
+    names = _forward_parameters(model) or []
+    if config is None or not names:
+        return None
+    text = getattr(config, "text_config", None) or config
+    vision = getattr(config, "vision_config", None) or config
+    parts: dict[str, tuple[str, tuple[int, ...], int]] = {}  # name -> (kind, shape, vocabulary)
+    vocab = getattr(text, "vocab_size", None)
+    if "input_ids" in names and isinstance(vocab, int):
+        parts["input_ids"] = ("ids", (BATCH, _SEQUENCE), vocab)
+    side, channels = getattr(vision, "image_size", None), getattr(vision, "num_channels", 3)
+    if "pixel_values" in names and _side(side) and isinstance(channels, int):
+        parts["pixel_values"] = ("x", (BATCH, channels, _side(side) or 0, _side(side) or 0), 0)
+    mels, positions = getattr(config, "num_mel_bins", None), getattr(
+        config, "max_source_positions", None)
+    if "input_features" in names and isinstance(mels, int) and isinstance(positions, int):
+        parts["input_features"] = ("x", (BATCH, mels, 2 * positions), 0)
+    if "input_values" in names and not parts:
+        parts["input_values"] = ("x", (BATCH, 16_000), 0)
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in names and vocab:
+        parts["decoder_input_ids"] = ("ids", (BATCH, 4), int(vocab))
+    if not parts:
+        return None
+
+    def make() -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(0)
+        return {name: (torch.randint(0, vocab_size, shape, generator=generator) if kind == "ids"
+                       else torch.randn(shape, generator=generator))
+                for name, (kind, shape, vocab_size) in parts.items()}
+
+    return _Candidate(make, f"{type(model).__name__}'s config: {', '.join(parts)}")
 
 
 def _tokens(vocab: int, how: str) -> _Candidate:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -79,3 +80,47 @@ def test_nothing_that_works_is_said_not_raised() -> None:
 
     made, how = make_inputs(Picky(), Picky())
     assert made is None and how.startswith("no input could be made")
+
+
+def _tiny(config_class, model_class, **config):
+    torch.manual_seed(0)
+    return model_class(config_class(**config))
+
+
+_SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+
+
+def _hf_cases():
+    transformers = pytest.importorskip("transformers")
+    return {
+        "CLIPModel": (lambda: _tiny(
+            transformers.CLIPConfig, transformers.CLIPModel, projection_dim=16,
+            text_config=dict(_SMALL, vocab_size=100, max_position_embeddings=16),
+            vision_config=dict(_SMALL, image_size=32, patch_size=8)),
+            {"input_ids", "pixel_values"}),
+        "WhisperModel": (lambda: _tiny(
+            transformers.WhisperConfig, transformers.WhisperModel, d_model=32, encoder_layers=1,
+            decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+            encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16,
+            max_target_positions=16, vocab_size=100, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2, decoder_start_token_id=1),
+            {"input_features", "decoder_input_ids"}),
+        "Wav2Vec2Model": (lambda: _tiny(
+            transformers.Wav2Vec2Config, transformers.Wav2Vec2Model, **_SMALL, conv_dim=(8, 8),
+            conv_stride=(5, 2), conv_kernel=(10, 3), num_feat_extract_layers=2,
+            num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2),
+            {"input_values"}),
+    }
+
+
+@pytest.mark.parametrize("name", ["CLIPModel", "WhisperModel", "Wav2Vec2Model"])
+def test_hugging_face_inputs_are_made_from_the_config(name: str) -> None:
+    build, expected = _hf_cases()[name]
+    src, dst = build(), build()
+    made, how = make_inputs(src, dst)
+    assert made is not None, how
+    assert set(made.src) == expected and set(made.dst) == expected, how
+    with torch.no_grad():
+        src.eval()(**made.src)  # the made input runs the model
+    if "input_ids" in expected:
+        assert int(made.src["input_ids"].max()) < 100
