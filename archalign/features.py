@@ -17,7 +17,7 @@ import numpy as np
 
 from .graph import INPUT, OUTPUT, Unit, UnitGraph, size_order
 
-__all__ = ["UnitFeatures", "extract_features", "layer_family"]
+__all__ = ["UnitFeatures", "extract_features", "layer_family", "unit_signature"]
 
 Signature = tuple[str, tuple[tuple[int, ...], ...]]
 
@@ -95,8 +95,8 @@ def extract_features(
         Source and destination features, each in execution order.
     """
     src_units, dst_units = list(src.units.values()), list(dst.units.values())
-    src_sig = {u.key: _signature(u) for u in src_units}
-    dst_sig = {u.key: _signature(u) for u in dst_units}
+    src_sig = {u.key: unit_signature(u) for u in src_units}
+    dst_sig = {u.key: unit_signature(u) for u in dst_units}
     kept = [i for i, u in enumerate(dst_units) if u.key not in skip]
     aligned = [dst_units[i] for i in kept]
     src_rank = {u.key: i for i, u in enumerate(src_units)}
@@ -124,7 +124,9 @@ def extract_features(
     )
 
 
-def _signature(unit: Unit) -> Signature:
+def unit_signature(unit: Unit) -> Signature:
+    """A unit's family (guessed from its tensors when its class is unknown) and shapes: what the
+    sequence alignment compares."""
     family = layer_family(unit.type_name)
     if family == "unknown":
         family = infer_family(unit)
@@ -203,6 +205,8 @@ def _warp(src_units: list[Unit], dst_units: list[Unit], src_sig: dict[str, Signa
     else:  # align the reversed sequences: their last gaps are the originals' first
         n, m = len(a), len(b)
         pairs = [(n - 1 - i, m - 1 - j) for i, j in reversed(align_sequences(a[::-1], b[::-1]))]
+    # a fused unit is anchored at its first part (in either direction of the alignment)
+    pairs = _first_parts(sorted(pairs))
     if pinned:
         pairs = [(i, j) for i, j in pairs
                  if all((i - a) * (j - b) > 0 for a, b in pinned)]  # drop pairs crossing a pin
@@ -216,6 +220,15 @@ def _warp(src_units: list[Unit], dst_units: list[Unit], src_sig: dict[str, Signa
     return warp
 
 
+def _first_parts(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted pairs with one per source unit and one per destination unit: the first."""
+    out: list[tuple[int, int]] = []
+    for i, j in pairs:
+        if not out or (i > out[-1][0] and j > out[-1][1]):
+            out.append((i, j))
+    return out
+
+
 GAP = 1.0  # cost of skipping one unit in the sequence alignment
 BAND_MIN = 64  # the alignment is computed in a band of this many units around the diagonal,
 BAND_FRACTION = 0.05  # plus this fraction of the longer sequence, plus the length difference
@@ -227,7 +240,10 @@ def align_sequences(a: Sequence[Signature], b: Sequence[Signature]) -> list[tupl
 
     Equal signatures align for free; signatures of one family whose main tensors have the same
     rank align for ``GAP * (1 + d / 2)``, ``d`` the fraction of differing dimensions (cheaper than
-    skipping both, and the closer shape wins); anything else never; skipping a unit costs ``GAP``.
+    skipping both, and the closer shape wins); a unit that holds 2 or 3 consecutive identical units
+    of the other side stacked (a fused qkv against q, k, v) aligns with all of them for
+    `FUSED_ALIGN` (a pair is returned with each part); anything else never; skipping a unit
+    costs ``GAP``.
     Among equal alignments the skipped units go last, so a deeper model's extra blocks at the end
     of a stage are the ones left out ("first N blocks"). Every aligned pair is returned (equal
     signatures and substitutions: both are positional correspondents). The dynamic program runs
@@ -256,8 +272,12 @@ def _align_rest(a: Sequence[Signature], b: Sequence[Signature]) -> list[tuple[in
     a_fam, b_fam = np.array([s[0] for s in a]), np.array([s[0] for s in b])
     a_main, a_rank = _main_shapes(a)
     b_main, b_rank = _main_shapes(b)
+    # runs[k][j]: the k units ending at j (exclusive) share one signature (parts of a fused unit)
+    a_runs = {k: _runs(a_id, k) for k in FUSED_PARTS}
+    b_runs = {k: _runs(b_id, k) for k in FUSED_PARTS}
     cols = np.arange(m + 1, dtype=float)
     prev = GAP * cols
+    history = [prev]  # the last rows, full width: a fused move reaches back k rows
     # only a band around the diagonal is computed: an alignment strays from it by at most the
     # difference in length, plus local shifts. Row i's moves are kept for its columns
     # starts[i]..starts[i] + 2 * band only; row 0 is all left moves, column 0 all up moves
@@ -279,31 +299,98 @@ def _align_rest(a: Sequence[Signature], b: Sequence[Signature]) -> list[tuple[in
         diag[first - lo:] = prev[first - 1:hi] + sub
         up = prev[lo:hi + 1] + GAP
         best = np.minimum(diag, up)
+        chosen = np.where(best == up, _MOVE_UP, _MOVE_DIAG).astype(np.int8)
+        same_fam = b_fam[bs] == a_fam[i - 1]
+        for k in FUSED_PARTS:
+            # this source unit holds the k destination units ending at j, stacked
+            ok = same_fam & b_runs[k][first:hi + 1] & _stacked(a_main[i - 1], a_rank[i - 1],
+                                                                b_main[bs], b_rank[bs], k)
+            back = np.arange(first, hi + 1) - k
+            fused = np.where(ok & (back >= 0), prev[np.maximum(back, 0)] + FUSED_ALIGN, np.inf)
+            better = fused < best[first - lo:]
+            best[first - lo:] = np.where(better, fused, best[first - lo:])
+            chosen[first - lo:] = np.where(better, _MOVE_FUSED_SRC + k, chosen[first - lo:])
+            # the k source units ending here are held by destination unit j, stacked
+            if i >= k and a_runs[k][i] and len(history) >= k:
+                ok = same_fam & _stacked_many(b_main[bs], b_rank[bs], a_main[i - 1],
+                                              a_rank[i - 1], k)
+                fused = np.where(ok, history[-k][first - 1:hi] + FUSED_ALIGN, np.inf)
+                better = fused < best[first - lo:]
+                best[first - lo:] = np.where(better, fused, best[first - lo:])
+                chosen[first - lo:] = np.where(better, _MOVE_FUSED_DST + k, chosen[first - lo:])
         if lo == 0:
             best[0] = GAP * i
+            chosen[0] = _MOVE_UP
         # a run of left moves ending at j: left[j] = min_{lo <= k < j} (best[k] + GAP * (j - k))
         window = cols[lo:hi + 1]
         left = np.full(width, np.inf)
         left[1:] = np.minimum.accumulate(best - GAP * window)[:-1] + GAP * window[1:]
         row_band = np.minimum(best, left)
+        # ties as before fused moves existed: skip the source unit, then the destination's
         moves[i, :width] = np.where(row_band == up, _MOVE_UP,
-                                    np.where(row_band == left, _MOVE_LEFT, _MOVE_DIAG))
+                                    np.where(row_band == left, _MOVE_LEFT, chosen))
         row = np.full(m + 1, np.inf)
         row[lo:hi + 1] = row_band
         prev = row
+        history = [*history[-(max(FUSED_PARTS) - 1):], row]
     pairs: list[tuple[int, int]] = []
     i, j = n, m
     while i > 0 and j > 0:
         at = j - int(starts[i])
-        move = moves[i, at] if 0 <= at < moves.shape[1] else _MOVE_DIAG
+        move = int(moves[i, at]) if 0 <= at < moves.shape[1] else _MOVE_DIAG
         if move == _MOVE_DIAG:
             pairs.append((i - 1, j - 1))
             i, j = i - 1, j - 1
         elif move == _MOVE_UP:
             i -= 1
-        else:
+        elif move == _MOVE_LEFT:
             j -= 1
+        elif move > _MOVE_FUSED_DST:  # k source units -> one destination unit: every part
+            k = move - _MOVE_FUSED_DST
+            pairs.extend((i - d, j - 1) for d in range(1, k + 1))
+            i, j = i - k, j - 1
+        else:  # one source unit -> k destination units: every part
+            k = move - _MOVE_FUSED_SRC
+            pairs.extend((i - 1, j - d) for d in range(1, k + 1))
+            i, j = i - 1, j - k
     return pairs[::-1]
+
+
+FUSED_PARTS = (2, 3)  # a fused unit may hold 2 (gate + up) or 3 (q + k + v) units stacked
+FUSED_ALIGN = 0.5 * GAP  # aligning a fused unit with the units it holds: cheaper than the
+# substitution and skips it replaces, dearer than an equal pair
+_MOVE_FUSED_SRC = 10  # + k: one source unit aligned with k destination units
+_MOVE_FUSED_DST = 20  # + k: k source units aligned with one destination unit
+
+
+def _runs(ids: np.ndarray, k: int) -> np.ndarray:
+    """``out[j]``: the k entries ending at j (exclusive) are equal (False for j < k)."""
+    out = np.zeros(len(ids) + 1, dtype=bool)
+    if len(ids) >= k:
+        same = np.ones(len(ids) - k + 1, dtype=bool)
+        for d in range(1, k):
+            same &= ids[d:len(ids) - k + 1 + d] == ids[:len(ids) - k + 1]
+        out[k:] = same
+    return out
+
+
+def _stacked(whole: np.ndarray, rank: int, parts: np.ndarray, part_rank: np.ndarray, k: int
+             ) -> np.ndarray:
+    """Per row of ``parts``: ``whole`` is k of it stacked along the first axis (or, for a 2-d
+    weight stored (in, out), along the second)."""
+    same_rank = part_rank == rank
+    axis0 = (whole[0] == k * parts[:, 0]) & (parts[:, 1:] == whole[1:]).all(axis=1)
+    axis1 = (rank == 2) & (whole[1] == k * parts[:, 0]) & (whole[0] == parts[:, 1])
+    return same_rank & (rank >= 2) & (axis0 | axis1)
+
+
+def _stacked_many(wholes: np.ndarray, ranks: np.ndarray, part: np.ndarray, rank: int, k: int
+                  ) -> np.ndarray:
+    """Per row of ``wholes``: it is k of ``part`` stacked (see `_stacked`)."""
+    same_rank = ranks == rank
+    axis0 = (wholes[:, 0] == k * part[0]) & (wholes[:, 1:] == part[1:]).all(axis=1)
+    axis1 = (ranks == 2) & (wholes[:, 1] == k * part[0]) & (wholes[:, 0] == part[1])
+    return same_rank & (rank >= 2) & (axis0 | axis1)
 
 
 _MAX_RANK = 8

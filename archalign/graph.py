@@ -79,6 +79,8 @@ class Tracer(str, enum.Enum):
     REGISTRATION = "registration"  # a module's registration order: a guess at execution order
     STATE_DICT = "state_dict"  # a state_dict's key order: the registration order of its model
     SORTED = "sorted"  # a key order that means nothing (a safetensors file): names only
+    FITTED = "fitted"  # a checkpoint's key tree put in the order that fits the destination's
+    # execution order (`archalign.skeleton`): observed where the tree says it, borrowed elsewhere
 
     def __str__(self) -> str:
         return self.value

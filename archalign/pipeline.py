@@ -16,13 +16,14 @@ from .errors import SourceError
 from .features import UnitFeatures, extract_features
 from .functional import decide_by_activations
 from .fused import match_fused
-from .graph import Unit, UnitGraph, build_units
+from .graph import Tracer, Unit, UnitGraph, build_units
 from .hints import Hints, resolve_hints
 from .inputs import BoundInputs, bind, make_inputs
 from .match import UnitMatch, match_adapted, match_near_misses, match_pinned, match_units
 from .plan import Match, Mismatch, Plan
 from .report import LoadReport
 from .running import ExampleInputs
+from .skeleton import fit_order
 from .source import TensorSource, read_source
 from .stacked import match_stacked
 from .trace import harmonise_graphs, trace_graph
@@ -91,6 +92,9 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
     src_traced = trace_graph(source, inputs.src if inputs is not None else example_inputs)
     step("tracing the destination")
     dst_traced = trace_graph(target, inputs.dst if inputs is not None else example_inputs)
+    if src_traced.tracer in (Tracer.STATE_DICT, Tracer.SORTED) and dst_traced.tracer.executes:
+        step("fitting the checkpoint's key tree to the destination's order")
+        src_traced = fit_order(src_traced, dst_traced)
     src_graph, dst_graph = harmonise_graphs(
         src_traced, dst_traced, _in_registration_order(src_traced, source),
         _in_registration_order(dst_traced, target))
@@ -195,8 +199,11 @@ def _inputs(source: TensorSource, target: TensorSource, given: ExampleInputs,
             step: Callable[[str], None], check_outputs: bool) -> tuple[BoundInputs | None, str]:
     """The input both modules run on, as each takes it (the user's, or one made from the
     models), and why there is none when there is none ("" when nobody asked for one)."""
-    if source.module is None or target.module is None:
+    if target.module is None:
         return None, ""
+    if source.module is None:  # a checkpoint: an input traces the destination's execution order
+        return _destination_input(target.module, given, step, check_outputs and
+                                  _cheap_to_run(target)), ""
     if given is not None:
         return bind(source.module, target.module, given), ""
     if not check_outputs:
@@ -207,6 +214,21 @@ def _inputs(source: TensorSource, target: TensorSource, given: ExampleInputs,
     step("making an input for both models")
     made, how = make_inputs(source.module, target.module)
     return made, ("" if made is not None else f"not checked: {how}")
+
+
+def _destination_input(dst: nn.Module, given: ExampleInputs, step: Callable[[str], None],
+                       make: bool) -> BoundInputs | None:
+    """The input the destination runs on to trace its order when the source is a checkpoint: the
+    user's, or (when ``make``) one made from the destination alone; None when there is none."""
+    if given is not None:
+        return bind(dst, dst, given)
+    if not make:
+        return None
+    step("making an input for the destination")
+    made, how = make_inputs(dst, dst)
+    if made is None:
+        logger.info("no input for the destination (%s): its order is traced without one", how)
+    return made
 
 
 def _cheap_to_run(side: TensorSource) -> bool:

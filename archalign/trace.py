@@ -76,7 +76,8 @@ def harmonise_graphs(src: UnitGraph, dst: UnitGraph, src_units: Sequence[Unit],
     """Bring two graphs to the same kind of evidence so that their features compare.
 
     Registration order cannot be compared with execution order, and a hooks graph has order but
-    no data flow: both sides are reduced to the weaker of the two. A side whose key order means
+    no data flow: both sides are reduced to the weaker of the two. A checkpoint fitted to the
+    destination's execution order (`Tracer.FITTED`) is compared with that order. A side whose key order means
     nothing (`Tracer.SORTED`: a ``.safetensors`` file) puts both sides in natural key order.
 
     Parameters
@@ -86,7 +87,10 @@ def harmonise_graphs(src: UnitGraph, dst: UnitGraph, src_units: Sequence[Unit],
     src_units, dst_units : sequence of Unit
         Each side's units in registration order (`build_units`).
     """
-    if not (src.tracer.ordered and dst.tracer.ordered):
+    if Tracer.FITTED in (src.tracer, dst.tracer):  # fitted to the other's execution order: keep
+        pair = (chain_graph(list(src.units.values()), src.tracer),  # both orders, drop data flow
+                chain_graph(list(dst.units.values()), dst.tracer))
+    elif not (src.tracer.ordered and dst.tracer.ordered):
         pair = (chain_graph(sorted(src_units, key=lambda u: natural_key(u.key)), Tracer.SORTED),
                 chain_graph(sorted(dst_units, key=lambda u: natural_key(u.key)), Tracer.SORTED))
     elif src.tracer is dst.tracer or not (src.tracer.executes or dst.tracer.executes):

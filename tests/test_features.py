@@ -10,13 +10,13 @@ from archalign import features as features_module
 from archalign.features import (
     UnitFeatures,
     _align_rest,
-    _signature,
     _warp,
     align_sequences,
     extract_features,
     infer_family,
     layer_family,
     name_tokens,
+    unit_signature,
 )
 from archalign.graph import INPUT, OUTPUT, Tracer, Unit, chain_graph, ordered_graph
 
@@ -26,7 +26,7 @@ def linear(key: str, out: int, inp: int, type_name: str = "Linear") -> Unit:
 
 
 def warp_values(src: list[Unit], dst: list[Unit]) -> list[float]:
-    warp = _warp(src, dst, {u.key: _signature(u) for u in src}, {u.key: _signature(u) for u in dst})
+    warp = _warp(src, dst, {u.key: unit_signature(u) for u in src}, {u.key: unit_signature(u) for u in dst})
     return [warp(i) for i in range(len(src))]
 
 
@@ -191,8 +191,8 @@ def test_warp_family_is_part_of_the_signature():
     src = [Unit("c", ("c.weight",), ((4, 4),), "Conv1d"), linear("x", 2, 4)]
     dst = [Unit("l", ("l.weight",), ((4, 4),), "Linear"), linear("y", 2, 4)]
     assert warp_values(src, dst) == pytest.approx([0.0, 1.0])
-    assert _signature(src[0]) == ("conv", ((4, 4),))
-    assert _signature(dst[0]) == ("linear", ((4, 4),))
+    assert unit_signature(src[0]) == ("conv", ((4, 4),))
+    assert unit_signature(dst[0]) == ("linear", ((4, 4),))
 
 
 # --------------------------------------------------------------------------- extract_features
@@ -281,3 +281,21 @@ def test_skipped_destination_units_leave_the_alignment_not_the_rank_space():
     assert [f.position for f in fs] == [0.0, 2.0, 3.0]
     assert [f.spread for f in fs] == [0.0, 0.0, 0.0]
     assert [f.position for f in fd] == [0.0, 1.0, 2.0, 3.0]
+
+
+def W(rows: int, cols: int) -> tuple[str, tuple[tuple[int, ...], ...]]:
+    return ("linear", ((rows,), (rows, cols)))
+
+
+@pytest.mark.parametrize(("a", "b", "expected"), [
+    # a fused qkv against q, k and v, then the output projection: no gap, nothing shifted
+    ([N(8), W(24, 8), W(8, 8), N(8)], [N(8), W(8, 8), W(8, 8), W(8, 8), W(8, 8), N(8)],
+     [(0, 0), (1, 1), (1, 2), (1, 3), (2, 4), (3, 5)]),
+    # the other way: q, k, v against a fused qkv
+    ([N(8), W(8, 8), W(8, 8), W(8, 8), W(8, 8), N(8)], [N(8), W(24, 8), W(8, 8), N(8)],
+     [(0, 0), (1, 1), (2, 1), (3, 1), (4, 2), (5, 3)]),
+    # gate and up fused, stored (in, out) as a Conv1D keeps it
+    ([("linear", ((8, 32),)), W(8, 16)], [W(16, 8), W(16, 8), W(8, 16)], [(0, 0), (0, 1), (1, 2)]),
+])
+def test_align_sequences_aligns_fused_units_with_their_parts(a, b, expected):
+    assert align_sequences(a, b) == expected

@@ -367,12 +367,12 @@ def test_flagged_rows_are_marked_on_the_page() -> None:
 
 @pytest.fixture(scope="module")
 def weak_vit():  # type: ignore[no-untyped-def]
-    """A ViT plan from a state_dict: registration order against execution order, so that rows
+    """A ViT plan from a state_dict (timm's fused qkv into Hugging Face's q, k and v): some rows
     are flagged, and some fall below the default threshold; with what a default apply loads."""
     torch = pytest.importorskip("torch")
     from corpus import get_pair
 
-    pair = get_pair("tv_vit->timm_vit")
+    pair = get_pair("timm_vit->hf_vit")
     src = pair.make_src()
     plan = archalign.align(src.state_dict(), pair.make_dst())
     return plan, len(plan.apply(pair.make_dst(), src.state_dict()).loaded), torch
@@ -390,7 +390,8 @@ def test_the_slider_starts_at_the_default_and_counts_what_apply_loads(tmp_path: 
     save_html(plan, page, source="vit.pt (torchvision)", destination="timm VisionTransformer")
     status, dom = render_in_browser(tmp_path, page)
     assert status["data-loads"] == str(loads)  # apply(min_confidence=0.50) loads exactly these
-    assert f"apply(min_confidence=0.50) loads {loads} of {len(plan.matches)} matched tensors " \
+    matched = sum(len(m.dst) for m in plan.matches)  # a fused source feeds several tensors
+    assert f"apply(min_confidence=0.50) loads {loads} of {matched} matched tensors " \
            "(the default)" in dom
     assert '<output id="minv">0.50</output>' in dom
     assert 'class="wire faded"' in dom  # what a default apply skips is drawn faded

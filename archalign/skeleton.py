@@ -1,0 +1,545 @@
+"""Fit a checkpoint's key tree to the destination's execution order (tracer `Tracer.FITTED`).
+
+A checkpoint carries no execution order: a pickle keeps its model's registration order (a module's
+own tensors first, then its children in the order ``__init__`` made them, which is often not the
+order they run in), a safetensors file sorted keys. Its key tree still says most of it:
+
+- the tensors of one module are contiguous in any execution order (a module runs as a whole);
+- children numbered ``0 .. N`` (a ``ModuleList`` of blocks) run in that order;
+- siblings whose names differ only by a trailing number (``norm1``, ``norm2``; ``conv1`` ..
+  ``conv3``; ``ln_1``, ``ln_2``) run in the order of that number.
+
+Only the order of the other siblings is open, and there are few of them. `fit_order` closes it
+against the destination, whose order is observed: top-down, for every module of the tree, it
+picks the order of the children whose signature sequence aligns best with the destination's
+execution order (a semi-global alignment of that module's units with the window of the
+destination they fall in), ties going to the checkpoint's own order. Families of identical
+siblings (every block of a stage) take one decision. The result is an order the matcher can
+compare position by position with the destination's; it is borrowed from the destination where
+the tree left it open, so the matches it decides stay below certainty (`Tracer.FITTED`'s trust,
+`archalign.confidence.trust_in`).
+
+Planning only: pure functions of units and signatures, no tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+from .features import GAP, Signature, align_sequences, unit_signature
+from .graph import Tracer, Unit, UnitGraph, chain_graph, size_order
+
+__all__ = ["BEAM", "MAX_ARRANGEMENTS", "MAX_SWEEPS", "fit_order"]
+
+logger = logging.getLogger(__name__)
+
+MAX_ARRANGEMENTS = 120  # orders of one module's children tried exhaustively; beyond, a beam
+BEAM = 16  # partial orders the beam search keeps
+OUTSIDE_BLOCK = 0.5 * GAP  # aligning a unit inside a numbered block with one outside any
+FUSED = 0.25 * GAP  # aligning one unit with 2 or 3 identical units it holds stacked
+FUSED_COUNTS = (2, 3)  # how many stacked units a fused one may hold (gate+up; q+k+v)
+MAX_FREE_MOVES_UNITS = 2000  # above this many units, no single-unit moves (each costs an alignment)
+SCORED_MEMBERS = 3  # members of a family of identical modules whose span scores an order
+MAX_SWEEPS = 3  # passes over the tree: bottom-up once, then top-down until nothing moves
+_ORDINAL = re.compile(r"(.*?)_?(\d+)")  # "norm2" -> ("norm", 2); "ln_1" -> ("ln", 1); "3" -> ("", 3)
+
+
+class _Item(NamedTuple):
+    """One unit as the order fit compares it."""
+
+    signature: Signature  # family and shapes
+    in_repeat: bool  # inside a numbered block (a ``ModuleList`` entry) of its model
+    read: int | None = None  # destination only: an id of the tensor its layer read first (q, k
+    # and v read one); None when unknown
+
+
+@dataclass
+class _Node:
+    """One module of the checkpoint's key tree."""
+
+    path: str  # dotted module path ("" for the root)
+    unit: Unit | None = None  # the unit whose key is this path (a layer or a lone tensor)
+    children: dict[str, _Node] = field(default_factory=dict)  # by name, in checkpoint order
+    order: list[str] | None = None  # the children's chosen order (None: checkpoint order)
+
+    def items(self) -> list[str | None]:
+        """The names of what this node holds, in the chosen order: None for its own unit."""
+        names: list[str | None] = list(self.children if self.order is None else self.order)
+        return ([None] if self.unit is not None else []) + names
+
+    def units(self) -> Iterator[Unit]:
+        """Its units in the chosen order, depth first."""
+        for name in self.items():
+            if name is None:
+                assert self.unit is not None
+                yield self.unit
+            else:
+                yield from self.children[name].units()
+
+
+def fit_order(src: UnitGraph, dst: UnitGraph) -> UnitGraph:
+    """The source's units in the order of its key tree that best fits the destination's.
+
+    Parameters
+    ----------
+    src : UnitGraph
+        A checkpoint's graph (`Tracer.STATE_DICT` or `Tracer.SORTED`): its units in saved order.
+    dst : UnitGraph
+        The destination's graph in execution order (`Tracer.FX` or `Tracer.HOOKS`).
+
+    Returns
+    -------
+    UnitGraph
+        A chain over the same units, tracer `Tracer.FITTED`.
+
+    Raises
+    ------
+    ValueError
+        If ``dst`` carries no execution order (there is nothing to fit to).
+    """
+    if not dst.tracer.executes:
+        raise ValueError(f"fit_order needs the destination in execution order; its tracer is "
+                         f"{dst.tracer.value!r}")
+    root = _tree(list(src.units.values()))
+    target = [_Item(unit_signature(u), _in_repeat(u.key), dst.reads.get(u.key))
+              for u in dst.units.values()]
+    names_at: dict[str, int] = {}  # a name in the destination's keys -> where it first runs
+    for rank, key in enumerate(dst.units):
+        for part in key.split("."):
+            names_at.setdefault(part, rank)
+    blocks = _paired_blocks(root, list(dst.units), target)
+    families = _families(_open_nodes(root))
+    # deepest modules first (their context is local), then top-down again with every inner order
+    # fitted, until no order changes: a module's order is judged with its children's in place
+    for sweep in (families[::-1], *([families] * (MAX_SWEEPS - 1))):
+        changed = False
+        for members in sweep:
+            before = members[0].items()
+            _fit_family(root, members, target, names_at, blocks)
+            changed |= members[0].items() != before
+        if not changed:
+            break
+    fitted = _free_moves(list(root.units()), target)
+    moved = sum(a.key != b.key for a, b in zip(fitted, src.units.values()))
+    logger.info("fitted the checkpoint's key tree to the destination's execution order: %d of %d "
+                "units moved", moved, len(fitted))
+    graph = chain_graph(fitted, Tracer.FITTED)
+    graph.reads = dict(src.reads)
+    return graph
+
+
+def _free_moves(sequence: list[Unit], target: list[_Item]) -> list[Unit]:
+    """Move single units outside any numbered block (an embedding, a final norm) to the boundary
+    between top-level parts where the whole sequence aligns better by at least a unit skipped:
+    a checkpoint may keep tensors of one container that do not run together (``base.embed``
+    and ``base.norm`` around blocks stored elsewhere)."""
+    if len(sequence) > MAX_FREE_MOVES_UNITS:
+        return sequence
+    costs = _Costs(target)
+
+    def cost(seq: list[Unit]) -> float:
+        return float(_run(_start(costs), [_item(u) for u in seq], costs)[-1][-1])
+
+    best = cost(sequence)
+    for unit in [u for u in sequence if not _in_repeat(u.key)]:
+        rest = [u for u in sequence if u is not unit]
+        tops = [u.key.split(".")[0] for u in rest]
+        bounds = [i for i in range(len(rest) + 1)
+                  if i in (0, len(rest)) or tops[i] != tops[i - 1]
+                  or _block_path(rest[i].key) != _block_path(rest[i - 1].key)]
+        for at in bounds:
+            candidate = [*rest[:at], unit, *rest[at:]]
+            found = cost(candidate)
+            if found <= best - GAP:
+                sequence, best = candidate, found
+    return sequence
+
+
+# --------------------------------------------------------------------------- the key tree
+
+def _open_nodes(root: _Node) -> list[_Node]:
+    """The modules whose order is open (two or more items), top-down (breadth first)."""
+    out, queue = [], [root]
+    while queue:
+        node = queue.pop(0)
+        queue.extend(node.children.values())
+        if len(node.children) + (node.unit is not None) >= 2:
+            out.append(node)
+    return out
+
+
+def _tree(units: Sequence[Unit]) -> _Node:
+    """The module tree of the units' keys, children in the order they first appear."""
+    root = _Node("")
+    for unit in units:
+        node = root
+        for part in unit.key.split("."):
+            path = f"{node.path}.{part}" if node.path else part
+            node = node.children.setdefault(part, _Node(path))
+        node.unit = unit
+    return root
+
+
+def _block_path(path: str) -> str:
+    """The numbered block a module lies in (itself when numbered): ``blk.0.attn`` -> ``blk.0``;
+    "" outside any."""
+    parts = path.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].isdigit():
+            return ".".join(parts[:i + 1])
+    return ""
+
+
+def _paired_blocks(root: _Node, dst_keys: list[str], target: list[_Item]
+                   ) -> dict[str, tuple[_Node, list[_Item]]]:
+    """Numbered source blocks (``blk.3``) -> (the block, its destination counterpart's units in
+    execution order). Runs of blocks are paired by count and by what they hold (the multiset of
+    their units' signatures), block i with block i."""
+    dst_runs: dict[str, dict[str, list[_Item]]] = {}  # run -> member -> units, in order
+    for key, item in zip(dst_keys, target):
+        block = _block_path(key.rpartition(".")[0])
+        if block:
+            run, _, member = block.rpartition(".")
+            dst_runs.setdefault(run, {}).setdefault(member, []).append(item)
+    src_runs: dict[str, list[_Node]] = {}
+    queue = [root]
+    while queue:
+        node = queue.pop()
+        queue.extend(node.children.values())
+        numbered = [c for name, c in node.children.items() if name.isdigit() and c.children]
+        if len(numbered) >= 2:
+            src_runs[node.path] = sorted(numbered, key=lambda c: int(c.path.rpartition(".")[2]))
+    out: dict[str, tuple[_Node, list[_Item]]] = {}
+    taken: set[str] = set()
+    for _, members in sorted(src_runs.items(), key=lambda r: -len(r[1])):
+        held = Counter(unit_signature(u) for m in members for u in m.units())
+        best, best_overlap = None, 0.5  # at least half of what both hold must agree
+        for run, dst_members in dst_runs.items():
+            if run in taken or len(dst_members) != len(members):
+                continue
+            theirs = Counter(i.signature for items in dst_members.values() for i in items)
+            overlap = sum((held & theirs).values()) / max(sum((held | theirs).values()), 1)
+            if overlap > best_overlap:
+                best, best_overlap = run, overlap
+        if best is None:
+            continue
+        taken.add(best)
+        dst_members = dst_runs[best]
+        for node, member in zip(members, sorted(dst_members, key=int)):
+            out[node.path] = (node, dst_members[member])
+    return out
+
+
+def _families(nodes: list[_Node]) -> list[list[_Node]]:
+    """The open modules grouped into families of identical siblings (the blocks of a stage: one
+    parent, the same children, the same units relative to the module), in the order given."""
+    groups: dict[tuple[object, ...], list[_Node]] = {}
+    for node in nodes:
+        start = len(node.path) + 1 if node.path else 0
+        key = (node.path.rpartition(".")[0], tuple(sorted(node.children)),
+               tuple(sorted((u.key[start:], unit_signature(u)) for u in node.units())))
+        groups.setdefault(key, []).append(node)
+    return list(groups.values())
+
+
+# --------------------------------------------------------------------------- one module's order
+
+def _fit_family(root: _Node, members: list[_Node], target: list[_Item],
+                names_at: dict[str, int], blocks: dict[str, tuple[_Node, list[_Item]]]) -> None:
+    """Give every member of a family the order of children (its own unit stays first) under
+    which the first `SCORED_MEMBERS` members, with as many source units on either side as
+    context, align best with the part of the destination that span falls in (the context pins
+    the alignment's phase: a block cannot win by lining up with its neighbour's half)."""
+    first = members[0]
+    names = list(first.children if first.order is None else first.order)
+    chains = _Chains.of(names)
+    if chains.count() <= 1:
+        return
+    scored = members[:SCORED_MEMBERS]
+    inside = [blocks.get(_block_path(m.path)) for m in scored]
+    spans: list[tuple[_Node, slice, _Costs]]  # what to align (a node's units, a slice of them)
+    if all(b is not None for b in inside):
+        # numbered blocks paired with the destination's: each member's block against its
+        # counterpart, end to end (no phase to guess)
+        spans = [(b, slice(None), _Costs(w)) for b, w in (x for x in inside if x is not None)]
+        head: list[_Item] = []
+    else:
+        sequence = list(root.units())
+        length = sum(1 for _ in first.units())
+        start = _segment_start(sequence, first)
+        end = _segment_start(sequence, scored[-1]) + length
+        lo, hi = max(0, start - length), min(len(sequence), end + length)
+        spans = [(root, slice(lo, hi), _Costs(_window(sequence, lo, hi, target)))]
+        head = [_item(u) for u in sequence[lo:start]]
+    if chains.count() <= MAX_ARRANGEMENTS:
+        arrangements = list(chains.arrangements())
+    else:  # too many to try: the checkpoint's order and the best ones a beam search builds
+        costs = spans[0][2]
+        lead = head + ([_item(first.unit)] if first.unit else [])
+        if inside[0] is not None:  # the member's block units before the member
+            block_units = list(inside[0][0].units())
+            at = _segment_start(block_units, first)
+            lead = [_item(u) for u in block_units[:at]] + lead
+        arrangements = [chains.realise(chains.labels),
+                        *_beam(first, chains, _run(_start(costs), lead, costs), costs)]
+    best, best_key = arrangements[0], (np.inf, np.inf, np.inf)
+    for order in arrangements:
+        for node in members:
+            node.order = list(order)
+        cost = round(sum(float(_run(_start(c), [_item(u) for u in list(n.units())[part]], c)
+                               [-1][-1]) for n, part, c in spans), 9)
+        # equal costs (identical signatures: q, k, v; or a block shifted by one norm): children
+        # named as in the destination in its order, siblings of one number together (conv1
+        # with bn1), then the earlier arrangement (the checkpoint's own)
+        key = (cost, _name_inversions(order, names_at), _ordinal_spread(order))
+        if key < best_key:
+            best, best_key = order, key
+    for node in members:
+        node.order = list(best)
+
+
+@dataclass(frozen=True)
+class _Chains:
+    """A module's children as chains: siblings of one stem in their numbers' order (``norm1``,
+    ``norm2``; ``0 .. N``), every other child a chain of its own."""
+
+    labels: tuple[str, ...]  # each child's chain, in the checkpoint's order
+    ordered: dict[str, tuple[str, ...]]  # chain -> its children in order
+
+    @staticmethod
+    def of(names: Sequence[str]) -> _Chains:
+        chains: dict[str, list[tuple[int, str]]] = {}
+        labels = []
+        for name in names:
+            match = _ORDINAL.fullmatch(name)
+            stem = f"#{match.group(1)}" if match else name
+            chains.setdefault(stem, []).append((int(match.group(2)) if match else 0, name))
+            labels.append(stem)
+        return _Chains(tuple(labels), {s: tuple(n for _, n in sorted(c)) for s, c in chains.items()})
+
+    def count(self) -> int:
+        """How many orders keep every chain in order (a multinomial coefficient)."""
+        return math.factorial(len(self.labels)) // math.prod(
+            math.factorial(len(c)) for c in self.ordered.values())
+
+    def realise(self, labels: Sequence[str]) -> list[str]:
+        """The children in the order of a sequence of chain labels."""
+        taken = dict.fromkeys(self.ordered, 0)
+        out = []
+        for stem in labels:
+            out.append(self.ordered[stem][taken[stem]])
+            taken[stem] += 1
+        return out
+
+    def arrangements(self) -> Iterator[list[str]]:
+        """Every order that keeps the chains, the checkpoint's (chains sorted) first."""
+        for labels in _multiset_permutations(list(self.labels)):
+            yield self.realise(labels)
+
+
+def _beam(node: _Node, chains: _Chains, rows: list[np.ndarray], costs: _Costs) -> list[list[str]]:
+    """Orders of ``node``'s children built child by child, keeping the `BEAM` partial orders whose
+    units align best with some beginning of the window (``rows``: the alignment so far)."""
+    beam: list[tuple[float, list[str], list[np.ndarray]]] = [(0.0, [], rows)]
+    for _ in chains.labels:
+        grown = []
+        for _, order, state in beam:
+            for members in chains.ordered.values():
+                done = sum(n in order for n in members)
+                if done == len(members):
+                    continue
+                name = members[done]
+                after = _run(state, [_item(u) for u in node.children[name].units()], costs)
+                grown.append((float(after[-1].min()), [*order, name], after))
+        grown.sort(key=lambda g: g[0])
+        beam = grown[:BEAM]
+    return [order for _, order, _ in beam]
+
+
+def _name_inversions(order: list[str], names_at: dict[str, int]) -> int:
+    """Pairs of children named as destination modules that run in the other order."""
+    at = [names_at[n] for n in order if n in names_at]
+    return sum(a > b for i, a in enumerate(at) for b in at[i + 1:])
+
+
+def _ordinal_spread(order: list[str]) -> int:
+    """How far apart siblings of one number are (``conv1``, ``bn1``): 0 when each number's
+    siblings are adjacent."""
+    at: dict[str, list[int]] = {}
+    for i, name in enumerate(order):
+        match = _ORDINAL.fullmatch(name)
+        if match and match.group(1):
+            at.setdefault(match.group(2), []).append(i)
+    return sum(max(p) - min(p) - (len(p) - 1) for p in at.values())
+
+
+def _multiset_permutations(items: list[str]) -> Iterator[list[str]]:
+    """Distinct permutations of a multiset, the given order first (lexicographic in its ranks)."""
+    rank = {v: i for i, v in enumerate(dict.fromkeys(items))}
+    values = sorted(items, key=rank.__getitem__)
+    counts = {v: values.count(v) for v in dict.fromkeys(values)}
+    # the given order is not the first lexicographic one in general: start from it, then the rest
+    first = list(items)
+    yield first
+
+    def rec(prefix: list[str]) -> Iterator[list[str]]:
+        if len(prefix) == len(values):
+            yield list(prefix)
+            return
+        for v in counts:
+            if counts[v]:
+                counts[v] -= 1
+                prefix.append(v)
+                yield from rec(prefix)
+                prefix.pop()
+                counts[v] += 1
+
+    for perm in rec([]):
+        if perm != first:
+            yield perm
+
+
+def _segment_start(sequence: list[Unit], node: _Node) -> int:
+    """Where ``node``'s units begin in the whole sequence (they are contiguous)."""
+    first = next(node.units())
+    return next(i for i, u in enumerate(sequence) if u.key == first.key)
+
+
+def _window(sequence: list[Unit], lo: int, hi: int, target: list[_Item]) -> list[_Item]:
+    """The part of the destination that ``sequence[lo:hi]`` falls in, by a global alignment of
+    the whole sequence: from the unit after the last one aligned before ``lo`` to the unit
+    before the first one aligned from ``hi`` on."""
+    pairs = align_sequences([unit_signature(u) for u in sequence], [t.signature for t in target])
+    before = [j for i, j in pairs if i < lo]
+    after = [j for i, j in pairs if i >= hi]
+    return target[(before[-1] + 1 if before else 0):(after[0] if after else len(target))]
+
+
+class _Costs:
+    """The alignment's move costs against one destination window, cached per source item."""
+
+    def __init__(self, window: list[_Item]) -> None:
+        self.window = window
+        self._sub: dict[_Item, np.ndarray] = {}
+        self._fused: dict[tuple[_Item, int], np.ndarray] = {}
+        self._split: dict[tuple[_Item, int], np.ndarray] = {}
+
+    def substitution(self, item: _Item) -> np.ndarray:
+        """Per window unit: the cost of aligning ``item`` with it."""
+        if item not in self._sub:
+            self._sub[item] = np.array([
+                _substitution(item.signature, w.signature)
+                + OUTSIDE_BLOCK * (item.in_repeat != w.in_repeat) for w in self.window])
+        return self._sub[item]
+
+    def fused(self, item: _Item, k: int) -> np.ndarray:
+        """Per window end j: the cost of aligning ``item`` with ``window[j - k:j]``, k identical
+        units it holds stacked (a fused qkv against q, k and v), inf where it does not."""
+        key = (item, k)
+        if key not in self._fused:
+            out = np.full(len(self.window) + 1, np.inf)
+            for j in range(k, len(self.window) + 1):
+                run = self.window[j - k:j]
+                if (all(w.signature == run[0].signature for w in run)
+                        and _siblings(run) and _stacks(item.signature, run[0].signature, k)):
+                    out[j] = FUSED + OUTSIDE_BLOCK * (item.in_repeat != run[0].in_repeat)
+            self._fused[key] = out
+        return self._fused[key]
+
+    def split(self, item: _Item, k: int) -> np.ndarray:
+        """Per window unit: the cost of aligning k identical source units ``item`` with it, one
+        unit that holds them stacked; inf where it does not."""
+        key = (item, k)
+        if key not in self._split:
+            self._split[key] = np.array([
+                FUSED + OUTSIDE_BLOCK * (item.in_repeat != w.in_repeat)
+                if _stacks(w.signature, item.signature, k) else np.inf for w in self.window])
+        return self._split[key]
+
+
+def _start(costs: _Costs) -> list[np.ndarray]:
+    """The alignment's first row: window units skipped before anything of the source."""
+    return [GAP * np.arange(len(costs.window) + 1)]
+
+
+def _run(rows: list[np.ndarray], seq: list[_Item], costs: _Costs) -> list[np.ndarray]:
+    """The alignment's rows after ``seq`` more source units (the last row's entry j: the cost of
+    aligning everything so far with the window's first j units), from ``rows`` (the last few
+    rows so far). Equal signatures cost nothing, a unit of one family and rank
+    ``GAP * (1 + d / 2)`` (a transpose ``GAP / 4``), a unit that holds 2 or 3 identical units of
+    the other side stacked `FUSED`, a skipped unit of either side ``GAP``; a unit inside a
+    numbered block against one outside any costs `OUTSIDE_BLOCK` more (the final norm is not a
+    block's norm). Row by row with numpy; the last row's last entry is the global cost."""
+    m = len(costs.window)
+    steps = GAP * np.arange(m + 1)
+    rows = list(rows)
+    done: list[_Item] = []
+    for item in seq:
+        prev = rows[-1]
+        row = np.empty(m + 1)
+        row[0] = prev[0] + GAP
+        row[1:] = np.minimum(prev[:-1] + costs.substitution(item), prev[1:] + GAP)
+        for k in FUSED_COUNTS:
+            fused = costs.fused(item, k)  # this unit against the k window units ending at j
+            row[k:] = np.minimum(row[k:], prev[:m + 1 - k] + fused[k:])
+            if len(done) + 1 >= k and len(rows) >= k and all(x == item for x in done[-(k - 1):]):
+                row[1:] = np.minimum(row[1:], rows[-k][:-1] + costs.split(item, k))
+        # skipped window units: row[j] = min over k <= j of row[k] + GAP * (j - k)
+        rows.append(np.minimum.accumulate(row - steps) + steps)
+        done.append(item)
+        rows = rows[-(max(FUSED_COUNTS) + 1):]
+    return rows
+
+
+def _siblings(run: list[_Item]) -> bool:
+    """Whether destination units may be the parts of one fused unit: they read one tensor (when
+    the tracer saw what they read)."""
+    reads = {w.read for w in run}
+    return None in reads or len(reads) == 1
+
+
+def _stacks(whole: Signature, part: Signature, k: int) -> bool:
+    """Whether ``whole``'s main tensor is ``k`` of ``part``'s stacked along the output axis (for a
+    2-d weight also along its second axis: a Conv1D weight stored (in, out) read as such)."""
+    if whole[0] != part[0] or not whole[1] or not part[1]:
+        return False
+    w, p = min(whole[1], key=size_order), min(part[1], key=size_order)
+    if len(w) != len(p) or not w:
+        return False
+    if w[0] == k * p[0] and w[1:] == p[1:]:
+        return True
+    return len(w) == 2 and w[1] == k * p[0] and w[0] == p[1]
+
+
+def _item(unit: Unit) -> _Item:
+    return _Item(unit_signature(unit), _in_repeat(unit.key))
+
+
+def _in_repeat(key: str) -> bool:
+    """Whether a unit lies inside a numbered block (``layers.3.mlp``; not ``norm``, ``conv1``)."""
+    return any(part.isdigit() for part in key.split("."))
+
+
+def _substitution(a: Signature, b: Signature) -> float:
+    if a == b:
+        return 0.0
+    if a[0] != b[0] and not ({a[0], b[0]} <= {"linear", "embedding"}):
+        return np.inf
+    sa = min(a[1], key=size_order) if a[1] else ()
+    sb = min(b[1], key=size_order) if b[1] else ()
+    if [d for d in sa if d != 1] == [d for d in sb if d != 1]:
+        return GAP * 0.25  # the same values with singleton axes (a layer scale (C, 1, 1) vs (C,))
+    if len(sa) != len(sb):
+        return np.inf
+    if sorted(sa) == sorted(sb):
+        return GAP * 0.25  # a transpose (a Conv1D weight read without its module)
+    differing = sum(x != y for x, y in zip(sa, sb)) / max(len(sa), 1)
+    return GAP * (1.0 + 0.5 * differing)

@@ -1,0 +1,137 @@
+"""Tests for archalign.skeleton: a checkpoint's key tree put in the destination's execution order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from archalign.graph import Tracer, natural_key
+from archalign.skeleton import _Chains, fit_order
+from archalign.source import read_source
+from archalign.trace import trace_graph
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block whose children are registered out of execution order (as
+    Hugging Face blocks often are): norms last."""
+
+    def __init__(self, dim: int, fused: bool) -> None:
+        super().__init__()
+        self.fused = fused
+        if fused:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        else:
+            self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        if self.fused:
+            q, k, v = self.qkv(h).chunk(3, dim=-1)
+        else:
+            q, k, v = self.q(h), self.k(h), self.v(h)
+        x = x + self.proj(torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v)
+        return x + self.fc2(torch.relu(self.fc1(self.norm2(x))))
+
+
+class Tower(nn.Module):
+    """Embedding, a run of blocks, a final norm registered before the blocks, a head."""
+
+    def __init__(self, depth: int = 3, dim: int = 8, fused: bool = False) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 5)
+        self.stem = nn.Conv1d(3, dim, 1)
+        self.blocks = nn.ModuleList(Block(dim, fused) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x).transpose(1, 2)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def fitted(state: dict[str, torch.Tensor], dst: nn.Module) -> list[str]:
+    graph = trace_graph(read_source(state))
+    return fit_order(graph, trace_graph(read_source(dst))).order
+
+
+def sorted_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict as a safetensors file keeps it: keys sorted."""
+    state = model.state_dict()
+    return {k: state[k] for k in sorted(state)}
+
+
+def execution_order(model: nn.Module) -> list[str]:
+    return trace_graph(read_source(model)).order
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Tower(),
+    lambda: Tower(fused=True),
+    lambda: Tower(depth=5, dim=4),
+], ids=["split", "fused", "deep"])
+@pytest.mark.parametrize("saved", [lambda m: m.state_dict(), sorted_state],
+                         ids=["registration", "sorted"])
+def test_a_checkpoint_fitted_to_its_own_model_is_in_execution_order(make, saved):
+    model = make()
+    assert trace_graph(read_source(model)).tracer is Tracer.FX
+    assert fitted(saved(model), model) == execution_order(model)
+
+
+def test_a_fused_checkpoint_fitted_to_split_projections():
+    src, dst = Tower(fused=True), Tower(fused=False)
+    order = fitted(sorted_state(src), dst)
+    assert order[:4] == ["stem", "blocks.0.norm1", "blocks.0.qkv", "blocks.0.proj"]
+    assert order[-2:] == ["norm", "head"]
+
+
+@pytest.mark.parametrize("saved", [lambda m: m.state_dict(), sorted_state],
+                         ids=["registration", "sorted"])
+def test_torchvision_resnet_checkpoint_fitted_to_timm(saved):
+    tv = pytest.importorskip("torchvision.models")
+    timm = pytest.importorskip("timm")
+    src = tv.resnet18(num_classes=10)
+    dst = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    assert fitted(saved(src), dst) == execution_order(src)
+
+
+def test_the_result_is_a_fitted_chain_over_the_same_units():
+    model = Tower()
+    graph = trace_graph(read_source(sorted_state(model)))
+    assert graph.tracer is Tracer.SORTED  # sorted keys: an order that means nothing
+    result = fit_order(graph, trace_graph(read_source(model)))
+    assert result.tracer is Tracer.FITTED
+    assert sorted(result.units) == sorted(graph.units)
+    assert result.units["blocks.0.q"] is graph.units["blocks.0.q"]
+
+
+def test_needs_a_destination_in_execution_order():
+    graph = trace_graph(read_source(Tower().state_dict()))
+    with pytest.raises(ValueError, match=r"execution order.*'state_dict'"):
+        fit_order(graph, graph)
+
+
+@pytest.mark.parametrize("names", [
+    ["norm2", "attn", "norm1", "mlp"],
+    ["conv3", "bn1", "conv1", "bn3", "bn2", "conv2"],
+    ["2", "10", "1"],
+])
+def test_arrangements_keep_numbered_siblings_in_order(names):
+    seen = [tuple(a) for a in _Chains.of(names).arrangements()]
+    assert len(seen) == _Chains.of(names).count()
+    assert len(seen) == len(set(seen))  # each once
+    for order in seen:
+        assert sorted(order) == sorted(names)
+        for stem in ("norm", "conv", "bn", ""):
+            numbered = [n for n in order if n.rstrip("0123456789") == stem and n != stem]
+            assert numbered == sorted(numbered, key=natural_key)
+
+
+def test_arrangement_counts():
+    assert _Chains.of(["norm2", "attn", "norm1", "mlp"]).count() == 12  # 4! / 2!
+    assert _Chains.of([str(i) for i in range(12)]).count() == 1  # blocks: index order
+    assert _Chains.of(["q", "k", "v", "proj", "fc1", "fc2", "norm1", "norm2"]).count() == 10080
