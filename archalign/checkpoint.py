@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .errors import SourceError
+from .releases import read_release
 
 __all__ = ["PICKLE_SUFFIXES", "Checkpoint", "LazySafetensors", "inside_folder", "read_checkpoint"]
 
@@ -70,7 +71,16 @@ def read_checkpoint(path: Path, role: str, *, entry: str | None = None) -> Check
         raise SourceError(f"the {role} path {str(path)!r} holds a NUL character, which no file "
                           "name can")
     if path.is_dir():
-        path = _pick_in_folder(path, role)
+        picked = _pick_in_folder(path, role)
+        if isinstance(picked, list):  # numbered pickles: tensor-parallel ranks, or parts
+            if entry is not None:
+                raise SourceError(f"entry={entry!r} picks an entry of one pickle file; the "
+                                  f"{role} folder {str(path)!r} is a release of "
+                                  f"{len(picked)} files, each a state_dict")
+            tensors, headers, description = read_release(path, picked, role)
+            return Checkpoint(tensors=tensors, headers=headers, ordered=True,
+                              description=description)
+        path = picked
     if not path.exists():
         raise SourceError(f"the {role} file {str(path)!r} does not exist")
     if entry is not None and path.suffix not in PICKLE_SUFFIXES:
@@ -149,16 +159,23 @@ def _holds_tensors(value: Any) -> bool:
         isinstance(v, torch.Tensor) for v in value.values())
 
 
-def _pick_in_folder(folder: Path, role: str) -> Path:
-    """The one checkpoint of a folder: its sharded index, or its single safetensors file."""
+def _pick_in_folder(folder: Path, role: str) -> Path | list[Path]:
+    """The one checkpoint of a folder: its sharded index, or its single safetensors file; in a
+    folder without safetensors, its one pickle, or its pickles when they are several (a release
+    of numbered files, `archalign.releases`)."""
+    where = f"the {role} folder {str(folder)!r}"
     visible = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
     indexes = [p for p in visible if p.name.endswith(".safetensors.index.json")]
     singles = [p for p in visible if p.suffix == ".safetensors"]
+    pickles = [p for p in visible if p.suffix in PICKLE_SUFFIXES and p.is_file()]
     if len(indexes) == 1:
-        return inside_folder(folder, indexes[0].name, f"the {role} folder {str(folder)!r}")
+        return inside_folder(folder, indexes[0].name, where)
+    if not indexes and not singles and pickles:
+        inside = [inside_folder(folder, p.name, where) for p in pickles]
+        return inside[0] if len(inside) == 1 else inside
     if len(indexes) > 1 or len(singles) != 1:
-        raise SourceError(f"the {role} folder {str(folder)!r} holds {len(indexes)} safetensors "
-                          f"indexes and {len(singles)} safetensors files; name the file")
+        raise SourceError(f"{where} holds {len(indexes)} safetensors indexes, {len(singles)} "
+                          f"safetensors files and {len(pickles)} pickle files; name the file")
     shard = _SHARD_NAME.fullmatch(singles[0].name)
     if shard and int(shard.group(2)) > 1:
         raise SourceError(

@@ -168,8 +168,11 @@ def run_archalign(pair: Pair, set_name: str, mode: str) -> Row:
                 plan = archalign.align(src, dst)
             elif mode == "state_dict":
                 plan = archalign.align(src.state_dict(), dst)
-            else:
-                plan = archalign.align(_file_of(pair, src, folder), dst)
+            else:  # a release that declares an entry is read as its user would, once the
+                # error for the whole file has named the entry
+                entry = pair.release.entry if pair.release is not None else ""
+                path = _file_of(pair, src, folder)
+                plan = archalign.align(archalign.read_source(path, entry=entry or None), dst)
             report = plan.apply(dst)
         except Exception as exc:  # archalign must never raise on a real pair: it is recorded
             row.seconds = time.perf_counter() - start

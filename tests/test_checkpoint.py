@@ -227,7 +227,7 @@ def test_a_folder_holding_one_shard_without_its_index_is_not_a_checkpoint(tmp_pa
     with pytest.raises(SourceError, match="one shard of 3, and no index"):
         read_source(tmp_path)
     (tmp_path / "model-00002-of-00003.safetensors").rename(tmp_path / ".archalign-shard.safetensors")
-    with pytest.raises(SourceError, match="0 safetensors indexes and 0 safetensors files"):
+    with pytest.raises(SourceError, match="0 safetensors indexes, 0 safetensors files and 0 pickle"):
         read_source(tmp_path)  # hidden files (leftovers) are not read
 
 
