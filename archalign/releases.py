@@ -291,7 +291,8 @@ def _check_params(folder: Path, tensors: TensorParallelTensors, role: str, span:
     dim, heads = params.get("dim"), params.get("n_heads")
     if not (isinstance(dim, int) and isinstance(heads, int) and heads > 0):
         return
-    head_dim = params.get("head_dim") if isinstance(params.get("head_dim"), int) else dim // heads
+    given = params.get("head_dim")
+    head_dim = given if isinstance(given, int) else dim // heads
     for key in tensors:
         if re.fullmatch(r"(.*\.)?attention\.wq\.weight", key):
             shape, want = tensors.shape(key), (heads * head_dim, dim)
