@@ -28,7 +28,7 @@ from torch import nn
 from .errors import SourceError
 from .wrappers import describe, wrapper_of
 
-__all__ = ["KeyFit", "attach", "fit_keys"]
+__all__ = ["KeyFit", "attach", "fit_keys", "uncomputable_buffers"]
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +158,23 @@ def _tie_again(module: nn.Module, ties: Mapping[str, str]) -> None:
             kept = module.get_parameter(primary) if name in target._parameters else (
                 module.get_buffer(primary))
             setattr(target, name, kept)
+
+
+def uncomputable_buffers(module: nn.Module) -> list[str]:
+    """The non-persistent buffers of ``module`` on the meta device that `attach` cannot compute
+    again (their module holds weights too, or the model is not a Hugging Face one)."""
+    init = getattr(module, "_init_weights", None)
+    persistent = set(module.state_dict())
+    left = []
+    for name, buffer in module.named_buffers(remove_duplicate=False):
+        if buffer.device.type != "meta" or name in persistent:
+            continue
+        owner = module.get_submodule(name.rpartition(".")[0])
+        own = [*owner._parameters.values(), *(b for n, b in owner._buffers.items()
+                                              if n not in owner._non_persistent_buffers_set)]
+        if not callable(init) or any(t is not None for t in own):
+            left.append(name)
+    return left
 
 
 def _materialise_buffers(module: nn.Module, where: str) -> None:
