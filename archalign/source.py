@@ -371,7 +371,7 @@ def _read_state_dict(state: Mapping[Any, Any], role: str, description: str,
 
 def _described(description: str, prefix: str, aside: tuple[str, ...]) -> str:
     """The description with the recorded facts about its keys (logged once, at INFO)."""
-    facts = [f"keys under the wrapper prefix {describe(prefix)}"] if prefix else []
+    facts = [f"every key under {describe(prefix)}"] if prefix else []
     if aside:
         facts.append(f"{', '.join(aside)} set aside (AveragedModel's count, not a weight)")
     if facts:

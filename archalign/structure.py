@@ -84,8 +84,8 @@ def fit_keys(file_keys: list[str], module_keys: list[str], ties: Mapping[str, st
         if not unknown and not missing:
             renamed = {k: named.get(k, by_group[ties[k]]) for k in module_keys}
             if strip or add:
-                logger.info("%s: the file's keys %s", where,
-                            f"carry {describe(strip)} more" if strip else f"lack {describe(add)}")
+                logger.info("%s: the file's keys are the module's %s", where,
+                            f"under {describe(strip)}" if strip else f"without {add!r}")
             return KeyFit(renamed, strip, add)
         if best is None or len(unknown) + len(missing) < best[0]:
             best = (len(unknown) + len(missing), unknown, missing)

@@ -58,10 +58,11 @@ def wrapper_of(keys: Iterable[str]) -> str:
 
 
 def describe(prefix: str) -> str:
-    """``'module.' (DistributedDataParallel, DataParallel or AveragedModel)``, for messages."""
+    """``'module.', as written by DistributedDataParallel, DataParallel or AveragedModel``, for
+    messages."""
     who = [w.wrapper for part in prefix.split(".")[:-1] for w in WRAPPERS
            if w.prefix == part + "."]
-    return f"{prefix!r} ({' inside '.join(who)})" if who else repr(prefix)
+    return f"{prefix!r}, as written by {' inside '.join(who)}" if who else repr(prefix)
 
 
 def set_aside(state: Mapping[str, V]) -> tuple[dict[str, V], tuple[str, ...]]:
