@@ -4,7 +4,8 @@ A user who has the source's code but not its weights builds the module (on the m
 ``with torch.device("meta"): ...``, or anywhere) and passes it with the file:
 ``read_source("ckpt.pt", structure=module)``. The file's keys must be the module's keys, or differ
 from them only by a wrapper prefix (`archalign.wrappers`: ``module.``, ``_orig_mod.``,
-``model.``, either side); the file's tensors are then attached to the module with
+``model.``, either side; keys releases ship that no module loads, `LEFTOVERS` such as
+``rope.freqs``, are left unused); the file's tensors are then attached to the module with
 ``load_state_dict(assign=True)`` (the module's ties restored), and the source is that module:
 tracing, layout probes and the output check run on it with the file's weights. The module's tensors
 are replaced, never written into: the file's tensors are not copied.
@@ -28,9 +29,16 @@ from torch import nn
 from .errors import SourceError
 from .wrappers import describe, wrapper_of
 
-__all__ = ["KeyFit", "attach", "fit_keys", "uncomputable_buffers"]
+__all__ = ["LEFTOVERS", "KeyFit", "attach", "fit_keys", "uncomputable_buffers"]
 
 logger = logging.getLogger(__name__)
+
+
+# keys that releases ship and that no module loads: left unused when attaching, not an error
+LEFTOVERS: dict[str, str] = {
+    "rope.freqs": "Meta's LLaMA 2 releases: the rotary frequencies, which Meta's model computes "
+                  "itself (its loader uses strict=False)",
+}
 
 
 class KeyFit(NamedTuple):
@@ -39,6 +47,7 @@ class KeyFit(NamedTuple):
     renamed: dict[str, str]  # module key -> the file's key holding its tensor (ties: the one kept)
     strip: str  # the prefix taken off the file's keys ("module."), "" when none
     add: str  # the prefix put on the file's keys to make the module's, "" when none
+    unused: tuple[str, ...]  # the file's keys left out: known leftovers (`LEFTOVERS`)
 
 
 def fit_keys(file_keys: list[str], module_keys: list[str], ties: Mapping[str, str],
@@ -75,7 +84,8 @@ def fit_keys(file_keys: list[str], module_keys: list[str], ties: Mapping[str, st
     best: tuple[int, list[str], list[str]] | None = None
     for strip, add in candidates:
         named = {add + k[len(strip):]: k for k in file_keys if k.startswith(strip)}
-        unknown = [k for k in file_keys if add + k[len(strip):] not in set(module_keys)]
+        outside = [k for k in file_keys if add + k[len(strip):] not in set(module_keys)]
+        unknown = [k for k in outside if k[len(strip):] not in LEFTOVERS]
         by_group: dict[str, str] = {}
         for key in module_keys:
             if key in named:
@@ -86,7 +96,9 @@ def fit_keys(file_keys: list[str], module_keys: list[str], ties: Mapping[str, st
             if strip or add:
                 logger.info("%s: the file's keys are the module's %s", where,
                             f"under {describe(strip)}" if strip else f"without {add!r}")
-            return KeyFit(renamed, strip, add)
+            for key in outside:
+                logger.info("%s: %s is left unused (%s)", where, key, LEFTOVERS[key[len(strip):]])
+            return KeyFit(renamed, strip, add, tuple(outside))
         if best is None or len(unknown) + len(missing) < best[0]:
             best = (len(unknown) + len(missing), unknown, missing)
     assert best is not None

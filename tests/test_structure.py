@@ -138,3 +138,17 @@ def test_a_meta_buffer_no_one_computes_is_named(caplog: pytest.LogCaptureFixture
         read_source({"fc.weight": torch.ones(2, 2), "fc.bias": torch.zeros(2)}, structure=structure)
     assert "non-persistent buffers scale are on the meta device" in caplog.text
     assert structure.fc.weight.device.type == "cpu"
+
+
+def test_a_leftover_no_module_loads_is_left_unused(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    src = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    torch.save({**src.state_dict(), "rope.freqs": torch.rand(2)}, tmp_path / "c.pt")
+    with torch.device("meta"):
+        structure = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    source = read_source(tmp_path / "c.pt", structure=structure)
+    assert "rope.freqs" not in source.specs
+    assert torch.equal(structure[1].bias, src[1].bias)
+    torch.save({**src.state_dict(), "rope.scale": torch.rand(2)}, tmp_path / "d.pt")
+    with pytest.raises(SourceError, match=r"name no tensor of the module \(rope.scale\)"):
+        read_source(tmp_path / "d.pt", structure=structure)
