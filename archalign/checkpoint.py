@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .errors import SourceError
-from .releases import read_release
+from .releases import load_flat, read_release
 
 __all__ = ["PICKLE_SUFFIXES", "Checkpoint", "LazySafetensors", "inside_folder", "read_checkpoint"]
 
@@ -88,6 +88,8 @@ def read_checkpoint(path: Path, role: str, *, entry: str | None = None) -> Check
                           f"file {str(path)!r} is not one (safetensors files hold tensors only)")
     if path.name.endswith(".safetensors.index.json"):
         return _read_safetensors(_shards_of(path, role), role, f"checkpoint {path.name}")
+    if path.name.endswith(tuple(f"{s}.index.json" for s in PICKLE_SUFFIXES)):
+        return _read_pickle_shards(path, role)
     if path.suffix == ".safetensors":
         return _read_safetensors({path: None}, role, f"file {path.name}")
     if path.suffix in PICKLE_SUFFIXES:
@@ -168,8 +170,12 @@ def _pick_in_folder(folder: Path, role: str) -> Path | list[Path]:
     indexes = [p for p in visible if p.name.endswith(".safetensors.index.json")]
     singles = [p for p in visible if p.suffix == ".safetensors"]
     pickles = [p for p in visible if p.suffix in PICKLE_SUFFIXES and p.is_file()]
+    pickle_indexes = [p for p in visible
+                      if p.name.endswith(tuple(f"{s}.index.json" for s in PICKLE_SUFFIXES))]
     if len(indexes) == 1:
         return inside_folder(folder, indexes[0].name, where)
+    if not indexes and not singles and len(pickle_indexes) == 1:
+        return inside_folder(folder, pickle_indexes[0].name, where)
     if not indexes and not singles and pickles:
         inside = [inside_folder(folder, p.name, where) for p in pickles]
         return inside[0] if len(inside) == 1 else inside
@@ -217,14 +223,16 @@ def inside_folder(folder: Path, name: str, where: str) -> Path:
     return path
 
 
-def _shards_of(index: Path, role: str) -> dict[Path, list[str]]:
-    """Shard file -> its keys, from a Hugging Face ``*.safetensors.index.json``.
+def _shards_of(index: Path, role: str, suffixes: tuple[str, ...] = (".safetensors",)
+               ) -> dict[Path, list[str]]:
+    """Shard file -> its keys, from a Hugging Face ``*.safetensors.index.json`` (or, with
+    ``suffixes=PICKLE_SUFFIXES``, a ``pytorch_model.bin.index.json``).
 
     Raises
     ------
     SourceError
-        If the index is not such JSON, or names a shard that is missing, not a ``.safetensors``
-        file, or outside the index's folder.
+        If the index is not such JSON, or names a shard that is missing, not a file of one of
+        ``suffixes``, or outside the index's folder.
     """
     where = f"the {role} index {str(index)!r}"
     try:
@@ -237,9 +245,9 @@ def _shards_of(index: Path, role: str) -> dict[Path, list[str]]:
                           "tensor; is it a safetensors index?")
     shards: dict[Path, list[str]] = {}
     for key, shard in weight_map.items():
-        if not isinstance(shard, str) or not shard.endswith(".safetensors"):
+        if not isinstance(shard, str) or not shard.endswith(suffixes):
             raise SourceError(f"{where} maps {key!r:.200} to {shard!r:.200}, not the name of a "
-                              ".safetensors file")
+                              f"{' or '.join(suffixes)} file")
         shards.setdefault(inside_folder(index.parent, shard, where), []).append(key)
     missing = [str(p) for p in shards if not p.is_file()]
     if missing:
@@ -315,6 +323,29 @@ _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
         ("U16", getattr(torch, "uint16", None)), ("U32", getattr(torch, "uint32", None)),
         ("U64", getattr(torch, "uint64", None)), ("C64", torch.complex64))
     if isinstance(dtype, torch.dtype)}
+
+
+def _read_pickle_shards(index: Path, role: str) -> Checkpoint:
+    """A Hugging Face ``pytorch_model.bin.index.json``: every shard its ``weight_map`` names,
+    each memory-mapped, merged in shard order (each shard's keys in its own, saved, order).
+
+    Raises
+    ------
+    SourceError
+        As `_shards_of`; if a shard is not a flat state_dict, or lacks keys the index puts there.
+    """
+    merged: dict[str, torch.Tensor] = {}
+    for path, keys in sorted(_shards_of(index, role, PICKLE_SUFFIXES).items()):
+        state = load_flat(path, role)
+        lacking = [k for k in keys if k not in state]
+        if lacking:
+            raise SourceError(f"the {role} shard {str(path)!r} lacks {len(lacking)} keys its index "
+                              f"{index.name} puts there ({', '.join(lacking[:5])}): a half-saved "
+                              "or mixed-up checkpoint; copy it again")
+        wanted = set(keys)
+        merged.update((k, v) for k, v in state.items() if k in wanted)
+    return Checkpoint(tensors=merged, headers=None, ordered=True,
+                      description=f"checkpoint {index.name}")
 
 
 def _read_safetensors(files: Mapping[Path, list[str] | None], role: str,

@@ -34,8 +34,8 @@ import torch
 
 from .errors import SourceError
 
-__all__ = ["META_MODEL_PARALLEL", "Merge", "SplitRule", "TensorParallelTensors", "numbered_files",
-           "read_release"]
+__all__ = ["META_MODEL_PARALLEL", "Merge", "SplitRule", "TensorParallelTensors", "load_flat",
+           "numbered_files", "read_release"]
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def read_release(folder: Path, files: Sequence[Path], role: str) -> tuple[
         do not fit together, or merge to shapes ``params.json`` contradicts.
     """
     ordered = numbered_files(folder, files, role)
-    states = [_load_flat(p, role) for p in ordered]
+    states = [load_flat(p, role) for p in ordered]
     names = [p.name for p in ordered]
     span = f"{names[0]} ... {names[-1]}"
     keysets = [set(s) for s in states]
@@ -210,8 +210,14 @@ def read_release(folder: Path, files: Sequence[Path], role: str) -> tuple[
     return merged, None, description
 
 
-def _load_flat(path: Path, role: str) -> dict[str, torch.Tensor]:
-    """One file of a release: a flat state_dict, memory-mapped, never unpickling code."""
+def load_flat(path: Path, role: str) -> dict[str, torch.Tensor]:
+    """One file of a release (or shard): a flat state_dict, memory-mapped, never unpickling code.
+
+    Raises
+    ------
+    SourceError
+        If ``torch.load(weights_only=True)`` refuses it, or it is not a mapping of str to Tensor.
+    """
     try:
         state: Any = torch.load(str(path), map_location="cpu", weights_only=True,
                                 mmap=zipfile.is_zipfile(path))

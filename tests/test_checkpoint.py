@@ -275,3 +275,39 @@ def test_an_entry_of_a_training_checkpoint_is_picked(tmp_path: Path) -> None:
     save_file(dict(state), str(tmp_path / "m.safetensors"))
     with pytest.raises(SourceError, match="safetensors files hold tensors only"):
         read_source(tmp_path / "m.safetensors", entry="model")
+
+
+def _write_pickle_shards(folder: Path, state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """A Hugging Face sharded pickle checkpoint: two ``pytorch_model-0000k-of-00002.bin`` and
+    ``pytorch_model.bin.index.json`` (its weight_map sorted by key, as transformers writes it)."""
+    keys = list(state)
+    names = {k: f"pytorch_model-0000{1 + (i >= len(keys) // 2)}-of-00002.bin"
+             for i, k in enumerate(keys)}
+    for name in sorted(set(names.values())):
+        torch.save({k: state[k] for k in keys if names[k] == name}, folder / name)
+    index = {"metadata": {"total_size": 0}, "weight_map": dict(sorted(names.items()))}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    return names
+
+
+def test_a_sharded_pickle_checkpoint_is_read_from_its_index(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    state = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).state_dict()
+    _write_pickle_shards(tmp_path, dict(state))
+    source = read_source(tmp_path)  # the folder: its index
+    assert list(source.specs) == list(state)  # shard order, each shard's saved order
+    assert source.ordered
+    assert all(torch.equal(source.get(k), v) for k, v in state.items())
+    assert read_source(tmp_path / "pytorch_model.bin.index.json").description == (
+        "source checkpoint pytorch_model.bin.index.json")
+
+
+def test_a_pickle_shard_lacking_its_indexed_keys_is_refused(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    state = dict(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).state_dict())
+    names = _write_pickle_shards(tmp_path, state)
+    second = names["1.weight"]
+    torch.save({"1.bias": state["1.bias"]}, tmp_path / second)
+    with pytest.raises(SourceError, match=rf"{second}' lacks 1 keys its index "
+                                          r"pytorch_model.bin.index.json puts there \(1.weight\)"):
+        read_source(tmp_path)
