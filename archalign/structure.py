@@ -8,7 +8,9 @@ from them only by a wrapper prefix (`archalign.wrappers`: ``module.``, ``_orig_m
 ``rope.freqs``, are left unused); the file's tensors are then attached to the module with
 ``load_state_dict(assign=True)`` (the module's ties restored), and the source is that module:
 tracing, layout probes and the output check run on it with the file's weights. The module's tensors
-are replaced, never written into: the file's tensors are not copied.
+are replaced, never written into: the file's tensors are not copied, except those stored narrower
+than the module was built (a bfloat16 release on a float32 structure), which are widened, exactly,
+so that the module runs, and compares with the destination, at the precision it was built for.
 
 Non-persistent buffers are not in any file (a rotary embedding's ``inv_freq``, BERT's
 ``position_ids``). On a module built on the meta device they have no values; a Hugging Face
@@ -148,17 +150,31 @@ def attach(module: nn.Module, tensors: Mapping[str, torch.Tensor], file_keys: li
     ties = {key: first.setdefault(id(t), key) for key, t in state.items()}
     fit = fit_keys(file_keys, list(state), ties, where)
     loaded: dict[str, torch.Tensor] = {}
+    widened: dict[tuple[torch.dtype, torch.dtype], int] = {}
     for key, file_key in fit.renamed.items():
-        value = tensors[file_key]
-        if tuple(value.shape) != tuple(state[key].shape):
+        value, into = tensors[file_key], state[key]
+        if tuple(value.shape) != tuple(into.shape):
             raise SourceError(f"{where}: the file's {file_key!r} is {tuple(value.shape)}, the "
-                              f"module's {key!r} is {tuple(state[key].shape)}; build the module "
+                              f"module's {key!r} is {tuple(into.shape)}; build the module "
                               "with the arguments the file was saved from")
+        if _widens(value.dtype, into.dtype):  # a bf16 release on a float32 structure: the
+            # module runs as it was built, and compares with the destination at its precision
+            widened[value.dtype, into.dtype] = widened.get((value.dtype, into.dtype), 0) + 1
+            value = value.to(into.dtype)
         loaded[key] = value
+    for (old, new), count in widened.items():
+        logger.info("%s: %d tensors widened from %s to the structure's %s (exactly)", where,
+                    count, old, new)
     module.load_state_dict(loaded, strict=True, assign=True)
     _tie_again(module, ties)
     _materialise_buffers(module, where)
     return module
+
+
+def _widens(stored: torch.dtype, built: torch.dtype) -> bool:
+    """Whether ``stored`` values convert exactly into the wider floating dtype ``built``."""
+    return (stored != built and stored.is_floating_point and built.is_floating_point
+            and torch.finfo(built).bits > torch.finfo(stored).bits)
 
 
 def _tie_again(module: nn.Module, ties: Mapping[str, str]) -> None:

@@ -152,3 +152,19 @@ def test_a_leftover_no_module_loads_is_left_unused(tmp_path: Path) -> None:
     torch.save({**src.state_dict(), "rope.scale": torch.rand(2)}, tmp_path / "d.pt")
     with pytest.raises(SourceError, match=r"name no tensor of the module \(rope.scale\)"):
         read_source(tmp_path / "d.pt", structure=structure)
+
+
+def test_a_bfloat16_release_is_widened_exactly_to_the_structures_dtype(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    src = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)).to(torch.bfloat16)
+    torch.save(src.state_dict(), tmp_path / "bf16.pt")
+    with torch.device("meta"):
+        structure = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    read_source(tmp_path / "bf16.pt", structure=structure)
+    assert structure[0].weight.dtype == torch.float32
+    assert torch.equal(structure[0].weight.to(torch.bfloat16), src[0].weight)
+    with torch.device("meta"):
+        narrow = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)).to(torch.float16)
+    torch.save(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)).state_dict(), tmp_path / "f32.pt")
+    read_source(tmp_path / "f32.pt", structure=narrow)
+    assert narrow[0].weight.dtype == torch.float32  # never narrowed: the file's values as they are
