@@ -108,8 +108,10 @@ def read_checkpoint(path: Path, role: str, *, entry: str | None = None) -> Check
             state["state_dict"], Mapping
         ):
             state = state["state_dict"]
-        elif isinstance(state, Mapping) and state and not any(isinstance(v, torch.Tensor)
-                                                              for v in state.values()):
+        elif isinstance(state, Mapping) and state and (
+                not any(isinstance(v, torch.Tensor) for v in state.values())
+                or any(_holds_tensors(v) for v in state.values())):  # nanoGPT's ckpt.pt also
+            # holds a tensor of its own at the top ('best_val_loss')
             raise SourceError(_training_checkpoint(state, role, path))
         if not isinstance(state, Mapping):
             raise SourceError(
@@ -139,6 +141,10 @@ def _training_checkpoint(state: Mapping[Any, Any], role: str, path: Path) -> str
     weights = [k for k, v in state.items() if isinstance(k, str) and _holds_tensors(v)]
     pick = (f"; pick the entry that holds the weights: entry={weights[0]!r} (command line: "
             f"--entry {weights[0]})" if weights else "")
+    if len(weights) > 1:
+        pick += (f"; {', '.join(map(repr, weights[1:]))} "
+                 f"{'holds' if len(weights) == 2 else 'hold'} weights too (an EMA copy?): "
+                 "pick the one to port")
     return (f"the {role} file {str(path)!r} is a training checkpoint, not a state_dict: its "
             f"entries are {_describe_entries(state)}{pick}")
 

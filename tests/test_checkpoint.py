@@ -263,7 +263,7 @@ def test_an_entry_of_a_training_checkpoint_is_picked(tmp_path: Path) -> None:
         f"the source file {str(path)!r} is a training checkpoint, not a state_dict: its entries "
         "are 'model' (4 tensors), 'model_ema' (4 tensors), 'optimizer' (no tensors), 'epoch' "
         "(int); pick the entry that holds the weights: entry='model' (command line: --entry "
-        "model)")
+        "model); 'model_ema' holds weights too (an EMA copy?): pick the one to port")
     picked = read_source(path, entry="model_ema")
     assert list(picked.specs) == list(state) and picked.ordered
     assert torch.equal(picked.get("0.weight"), state["0.weight"])
@@ -311,3 +311,12 @@ def test_a_pickle_shard_lacking_its_indexed_keys_is_refused(tmp_path: Path) -> N
     with pytest.raises(SourceError, match=rf"{second}' lacks 1 keys its index "
                                           r"pytorch_model.bin.index.json puts there \(1.weight\)"):
         read_source(tmp_path)
+
+
+def test_a_training_checkpoint_with_a_tensor_at_its_top_still_names_its_entries(tmp_path: Path
+                                                                                ) -> None:
+    path = tmp_path / "ckpt.pt"  # nanoGPT's: the model's state, and the best loss as a tensor
+    torch.save({"model": small_state_dict(), "best_val_loss": torch.tensor(1.47), "iter_num": 5},
+               path)
+    with pytest.raises(SourceError, match=r"is a training checkpoint.*entry='model'"):
+        read_source(path)
