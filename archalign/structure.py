@@ -84,10 +84,13 @@ def fit_keys(file_keys: list[str], module_keys: list[str], ties: Mapping[str, st
         candidates.append(("", module_prefix))
         module_prefix = module_prefix[module_prefix.index(".") + 1:]
     best: tuple[int, list[str], list[str]] | None = None
+    known = set(module_keys)
     for strip, add in candidates:
         named = {add + k[len(strip):]: k for k in file_keys if k.startswith(strip)}
-        outside = [k for k in file_keys if add + k[len(strip):] not in set(module_keys)]
-        unknown = [k for k in outside if k[len(strip):] not in LEFTOVERS]
+        outside = [k for k in file_keys if not k.startswith(strip)
+                   or add + k[len(strip):] not in known]
+        unknown = [k for k in outside if not k.startswith(strip)
+                   or k[len(strip):] not in LEFTOVERS]
         by_group: dict[str, str] = {}
         for key in module_keys:
             if key in named:
