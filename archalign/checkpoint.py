@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .errors import SourceError
+from .releases import load_flat, read_release
 
 __all__ = ["PICKLE_SUFFIXES", "Checkpoint", "LazySafetensors", "inside_folder", "read_checkpoint"]
 
@@ -70,7 +71,16 @@ def read_checkpoint(path: Path, role: str, *, entry: str | None = None) -> Check
         raise SourceError(f"the {role} path {str(path)!r} holds a NUL character, which no file "
                           "name can")
     if path.is_dir():
-        path = _pick_in_folder(path, role)
+        picked = _pick_in_folder(path, role)
+        if isinstance(picked, list):  # numbered pickles: tensor-parallel ranks, or parts
+            if entry is not None:
+                raise SourceError(f"entry={entry!r} picks an entry of one pickle file; the "
+                                  f"{role} folder {str(path)!r} is a release of "
+                                  f"{len(picked)} files, each a state_dict")
+            tensors, headers, description = read_release(path, picked, role)
+            return Checkpoint(tensors=tensors, headers=headers, ordered=True,
+                              description=description)
+        path = picked
     if not path.exists():
         raise SourceError(f"the {role} file {str(path)!r} does not exist")
     if entry is not None and path.suffix not in PICKLE_SUFFIXES:
@@ -78,6 +88,8 @@ def read_checkpoint(path: Path, role: str, *, entry: str | None = None) -> Check
                           f"file {str(path)!r} is not one (safetensors files hold tensors only)")
     if path.name.endswith(".safetensors.index.json"):
         return _read_safetensors(_shards_of(path, role), role, f"checkpoint {path.name}")
+    if path.name.endswith(tuple(f"{s}.index.json" for s in PICKLE_SUFFIXES)):
+        return _read_pickle_shards(path, role)
     if path.suffix == ".safetensors":
         return _read_safetensors({path: None}, role, f"file {path.name}")
     if path.suffix in PICKLE_SUFFIXES:
@@ -96,8 +108,10 @@ def read_checkpoint(path: Path, role: str, *, entry: str | None = None) -> Check
             state["state_dict"], Mapping
         ):
             state = state["state_dict"]
-        elif isinstance(state, Mapping) and state and not any(isinstance(v, torch.Tensor)
-                                                              for v in state.values()):
+        elif isinstance(state, Mapping) and state and (
+                not any(isinstance(v, torch.Tensor) for v in state.values())
+                or any(_holds_tensors(v) for v in state.values())):  # nanoGPT's ckpt.pt also
+            # holds a tensor of its own at the top ('best_val_loss')
             raise SourceError(_training_checkpoint(state, role, path))
         if not isinstance(state, Mapping):
             raise SourceError(
@@ -127,6 +141,10 @@ def _training_checkpoint(state: Mapping[Any, Any], role: str, path: Path) -> str
     weights = [k for k, v in state.items() if isinstance(k, str) and _holds_tensors(v)]
     pick = (f"; pick the entry that holds the weights: entry={weights[0]!r} (command line: "
             f"--entry {weights[0]})" if weights else "")
+    if len(weights) > 1:
+        pick += (f"; {', '.join(map(repr, weights[1:]))} "
+                 f"{'holds' if len(weights) == 2 else 'hold'} weights too (an EMA copy?): "
+                 "pick the one to port")
     return (f"the {role} file {str(path)!r} is a training checkpoint, not a state_dict: its "
             f"entries are {_describe_entries(state)}{pick}")
 
@@ -149,16 +167,27 @@ def _holds_tensors(value: Any) -> bool:
         isinstance(v, torch.Tensor) for v in value.values())
 
 
-def _pick_in_folder(folder: Path, role: str) -> Path:
-    """The one checkpoint of a folder: its sharded index, or its single safetensors file."""
+def _pick_in_folder(folder: Path, role: str) -> Path | list[Path]:
+    """The one checkpoint of a folder: its sharded index, or its single safetensors file; in a
+    folder without safetensors, its one pickle, or its pickles when they are several (a release
+    of numbered files, `archalign.releases`)."""
+    where = f"the {role} folder {str(folder)!r}"
     visible = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
     indexes = [p for p in visible if p.name.endswith(".safetensors.index.json")]
     singles = [p for p in visible if p.suffix == ".safetensors"]
+    pickles = [p for p in visible if p.suffix in PICKLE_SUFFIXES and p.is_file()]
+    pickle_indexes = [p for p in visible
+                      if p.name.endswith(tuple(f"{s}.index.json" for s in PICKLE_SUFFIXES))]
     if len(indexes) == 1:
-        return inside_folder(folder, indexes[0].name, f"the {role} folder {str(folder)!r}")
+        return inside_folder(folder, indexes[0].name, where)
+    if not indexes and not singles and len(pickle_indexes) == 1:
+        return inside_folder(folder, pickle_indexes[0].name, where)
+    if not indexes and not singles and pickles:
+        inside = [inside_folder(folder, p.name, where) for p in pickles]
+        return inside[0] if len(inside) == 1 else inside
     if len(indexes) > 1 or len(singles) != 1:
-        raise SourceError(f"the {role} folder {str(folder)!r} holds {len(indexes)} safetensors "
-                          f"indexes and {len(singles)} safetensors files; name the file")
+        raise SourceError(f"{where} holds {len(indexes)} safetensors indexes, {len(singles)} "
+                          f"safetensors files and {len(pickles)} pickle files; name the file")
     shard = _SHARD_NAME.fullmatch(singles[0].name)
     if shard and int(shard.group(2)) > 1:
         raise SourceError(
@@ -200,14 +229,16 @@ def inside_folder(folder: Path, name: str, where: str) -> Path:
     return path
 
 
-def _shards_of(index: Path, role: str) -> dict[Path, list[str]]:
-    """Shard file -> its keys, from a Hugging Face ``*.safetensors.index.json``.
+def _shards_of(index: Path, role: str, suffixes: tuple[str, ...] = (".safetensors",)
+               ) -> dict[Path, list[str]]:
+    """Shard file -> its keys, from a Hugging Face ``*.safetensors.index.json`` (or, with
+    ``suffixes=PICKLE_SUFFIXES``, a ``pytorch_model.bin.index.json``).
 
     Raises
     ------
     SourceError
-        If the index is not such JSON, or names a shard that is missing, not a ``.safetensors``
-        file, or outside the index's folder.
+        If the index is not such JSON, or names a shard that is missing, not a file of one of
+        ``suffixes``, or outside the index's folder.
     """
     where = f"the {role} index {str(index)!r}"
     try:
@@ -220,9 +251,9 @@ def _shards_of(index: Path, role: str) -> dict[Path, list[str]]:
                           "tensor; is it a safetensors index?")
     shards: dict[Path, list[str]] = {}
     for key, shard in weight_map.items():
-        if not isinstance(shard, str) or not shard.endswith(".safetensors"):
+        if not isinstance(shard, str) or not shard.endswith(suffixes):
             raise SourceError(f"{where} maps {key!r:.200} to {shard!r:.200}, not the name of a "
-                              ".safetensors file")
+                              f"{' or '.join(suffixes)} file")
         shards.setdefault(inside_folder(index.parent, shard, where), []).append(key)
     missing = [str(p) for p in shards if not p.is_file()]
     if missing:
@@ -298,6 +329,29 @@ _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
         ("U16", getattr(torch, "uint16", None)), ("U32", getattr(torch, "uint32", None)),
         ("U64", getattr(torch, "uint64", None)), ("C64", torch.complex64))
     if isinstance(dtype, torch.dtype)}
+
+
+def _read_pickle_shards(index: Path, role: str) -> Checkpoint:
+    """A Hugging Face ``pytorch_model.bin.index.json``: every shard its ``weight_map`` names,
+    each memory-mapped, merged in shard order (each shard's keys in its own, saved, order).
+
+    Raises
+    ------
+    SourceError
+        As `_shards_of`; if a shard is not a flat state_dict, or lacks keys the index puts there.
+    """
+    merged: dict[str, torch.Tensor] = {}
+    for path, keys in sorted(_shards_of(index, role, PICKLE_SUFFIXES).items()):
+        state = load_flat(path, role)
+        lacking = [k for k in keys if k not in state]
+        if lacking:
+            raise SourceError(f"the {role} shard {str(path)!r} lacks {len(lacking)} keys its index "
+                              f"{index.name} puts there ({', '.join(lacking[:5])}): a half-saved "
+                              "or mixed-up checkpoint; copy it again")
+        wanted = set(keys)
+        merged.update((k, v) for k, v in state.items() if k in wanted)
+    return Checkpoint(tensors=merged, headers=None, ordered=True,
+                      description=f"checkpoint {index.name}")
 
 
 def _read_safetensors(files: Mapping[Path, list[str] | None], role: str,

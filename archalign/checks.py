@@ -79,8 +79,20 @@ def check_plan(plan: Plan, source: TensorSource, target: TensorSource | None) ->
     if problems:
         shown = "; ".join(problems[:10])
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
-        raise PlanError(f"the plan does not agree with the models: {shown}{more}. "
-                        "Were the models changed since the plan was made? Re-run align")
+        hint = _wrapper_hint(plan, source) or ("Were the models changed since the plan was "
+                                               "made? Re-run align")
+        raise PlanError(f"the plan does not agree with the models: {shown}{more}. {hint}")
+
+
+def _wrapper_hint(plan: Plan, source: TensorSource) -> str:
+    """When the plan's source keys are the checkpoint's without its wrapper prefix, the plan
+    was made on the checkpoint attached to its module (`archalign.structure`): say so."""
+    keys = [k for m in plan.matches for k in m.src if k not in source.specs]
+    if not (keys and source.wrapper and all(source.wrapper + k in source.specs for k in keys)):
+        return ""
+    return (f"The source's keys are the plan's under the wrapper prefix {source.wrapper!r}: the "
+            "plan was made on the checkpoint attached to its module; read it the same way "
+            "(read_source(path, structure=module), or --source-structure FACTORY)")
 
 
 def _check_key(key: str, shape: tuple[int, ...], side: TensorSource | None, role: str,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from torch import nn
 
 from . import __version__
 from .checkpoint import PICKLE_SUFFIXES
@@ -32,9 +33,12 @@ from .convert import DEFAULT_SHARD_BYTES
 from .errors import ArchalignError, PlanError, RunError, SourceError, StrictError, UsageError
 from .factories import build_model, import_paths, load_source, parse_input
 from .plan import Plan, load_plan
+from .source import TensorSource
 from .terminal import PrintableFormatter, make_console, print_plan, printable, progress_bar, say
 
 __all__ = ["main"]
+
+logger = logging.getLogger(__name__)
 
 EXIT_DONE, EXIT_REFUSED, EXIT_INPUT, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -168,6 +172,11 @@ def _source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--entry", metavar="KEY",
                    help="the entry of a training checkpoint that holds the weights (e.g. "
                         "'model' for {'model': ..., 'optimizer': ...})")
+    p.add_argument("--source-structure", metavar="FACTORY",
+                   help="when SRC is a checkpoint: a factory (or Hugging Face folder or "
+                        "config.json) of the module it was saved from; built on the meta device, "
+                        "the checkpoint's tensors are attached to it, and SRC is then that model "
+                        "(traced, probed, run to check the plan)")
 
 
 def _models(p: argparse.ArgumentParser) -> None:
@@ -192,9 +201,10 @@ def _aligned(args: argparse.Namespace, console: Console) -> Plan:
     from .pipeline import align
 
     with console.status("building the models", spinner="dots") as status:
-        src = load_source(args.src, entry=args.entry)
+        src = _load_source(args)
         dst = build_model(args.dst)
         example = parse_input(args.example, dst)
+        _say_what_input_does(args, src)
         try:
             return align(src, dst, example_inputs=example, check_outputs=not args.no_check,
                          progress=lambda stage: status.update(stage))
@@ -224,7 +234,7 @@ def _apply(args: argparse.Namespace, console: Console) -> int:
     check_output(args.output)
     plan = _read_plan(args.plan)
     with console.status("building the models", spinner="dots"):
-        src, dst = load_source(args.src, entry=args.entry), build_model(args.dst)
+        src, dst = _load_source(args), build_model(args.dst)
     _check_fit(plan, args.plan, src, dst)
     with progress_bar(console, "loading") as update:
         report = plan.apply(dst, src, min_confidence=args.min_confidence, strict=args.strict,
@@ -249,7 +259,7 @@ def _convert(args: argparse.Namespace, console: Console) -> int:
     check_output(args.output, file=False)
     config = _config_file(args.config) if args.config is not None else None
     plan = _read_plan(args.plan)
-    src = load_source(args.src, entry=args.entry)
+    src = _load_source(args)
     with progress_bar(console, "converting") as update:
         files = convert_checkpoint(plan, src, args.output, min_confidence=args.min_confidence,
                                    max_shard_bytes=args.max_shard_size, progress=update)
@@ -260,14 +270,15 @@ def _convert(args: argparse.Namespace, console: Console) -> int:
 
 
 def _verify(args: argparse.Namespace, console: Console) -> int:
-    from torch import nn
-
     from .verify import verify
 
-    src, dst = load_source(args.src, entry=args.entry), build_model(args.dst)
-    if not isinstance(src, nn.Module):
-        raise SourceError("verify runs both models: SRC must be a model (a factory or a Hugging "
-                          "Face folder), not a checkpoint")
+    src, dst = _load_source(args), build_model(args.dst)
+    model = src.module if isinstance(src, TensorSource) else src
+    if not isinstance(model, nn.Module):
+        raise SourceError("verify runs both models: SRC is a checkpoint, which cannot run; give "
+                          "--source-structure FACTORY (the module it was saved from: its tensors "
+                          "are attached to it), or a model as SRC (a factory or a Hugging Face "
+                          "folder)")
     inputs = parse_input(args.example, dst)
     if inputs is None:
         raise UsageError("verify needs --input (e.g. --input randn:1,3,224,224)")
@@ -276,7 +287,7 @@ def _verify(args: argparse.Namespace, console: Console) -> int:
         plan = _read_plan(args.plan)
         _check_fit(plan, args.plan, src, dst)
         say(console, str(plan.apply(dst, src)))
-    result = verify(src, dst, inputs, plan=plan)
+    result = verify(model, dst, inputs, plan=plan)
     say(console, str(result))
     return EXIT_DONE if result.ok else EXIT_REFUSED
 
@@ -311,6 +322,26 @@ def _report(args: argparse.Namespace, console: Console) -> int:
 
 
 # ------------------------------------------------------------------------------- helpers
+
+def _load_source(args: argparse.Namespace) -> Any:
+    """SRC, read with ``--entry`` and attached to ``--source-structure`` when given."""
+    return load_source(args.src, entry=args.entry, structure=args.source_structure)
+
+
+def _say_what_input_does(args: argparse.Namespace, src: Any) -> None:
+    """``--input`` is never ignored in silence: say what it is used for."""
+    if args.example is None:
+        return
+    runs = isinstance(src, nn.Module) or (isinstance(src, TensorSource) and src.module is not None)
+    if runs:
+        logger.info("--input %s: given to both models, to order the layers of a model fx cannot "
+                    "trace and to check the plan by running both", args.example)
+    else:
+        logger.warning("--input %s is used for the destination only (its execution order); SRC "
+                       "is a checkpoint, which cannot run, so the plan is not checked by running "
+                       "both models: give --source-structure FACTORY (the module the checkpoint "
+                       "was saved from) to have it checked", args.example)
+
 
 def _read_plan(path: Path) -> Plan:
     """The plan saved at ``path``; a checkpoint given by mistake is named as one."""

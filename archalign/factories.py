@@ -68,28 +68,63 @@ def import_paths(folders: Sequence[str | os.PathLike[str]]) -> Iterator[None]:
                 sys.path.remove(folder)
 
 
-def load_source(spec: str, *, entry: str | None = None) -> Any:
+def load_source(spec: str, *, entry: str | None = None, structure: str | None = None) -> Any:
     """The source named by ``spec``: a model (a factory, a Hugging Face folder or config.json)
     or a checkpoint (read now, so that a bad file is reported before any work).
+
+    Parameters
+    ----------
+    spec : str
+        SRC as the command line takes it.
+    entry : str, optional
+        The entry of a training checkpoint that holds the weights.
+    structure : str, optional
+        A factory (or Hugging Face folder or config.json) of the module the checkpoint was saved
+        from: it is built on the meta device (on the CPU when it holds buffers that only its
+        constructor computes) and the checkpoint's tensors are attached to it
+        (`archalign.read_source` with ``structure=``); the source is then that module.
 
     Raises
     ------
     SourceError
-        If ``spec`` is none of those, or building or reading it fails.
+        If ``spec`` is none of those, or building or reading it fails; if ``structure`` is given
+        for a source that is a model, or its keys do not fit the checkpoint's.
     """
     path = Path(spec)
     if path.exists() or path.suffix in _CHECKPOINT_SUFFIXES:
         config = _hugging_face_config(path)
         if config is not None:
-            if entry is not None:
-                raise SourceError(f"--entry picks an entry of a checkpoint file; {spec!r} is a "
-                                  "Hugging Face model's folder or config")
+            if entry is not None or structure is not None:
+                raise SourceError(f"--{'entry' if entry is not None else 'source-structure'} is "
+                                  f"for a checkpoint file; {spec!r} is a Hugging Face model's "
+                                  "folder or config, built with its weights already")
             return _build_hugging_face(path, config, "source")
+        if structure is not None:
+            return read_source(path, role="source", entry=entry,
+                               structure=_structure(structure))
         return read_source(path, role="source", entry=entry)
+    if structure is not None:
+        raise SourceError(f"--source-structure gives the module of a checkpoint file; the source "
+                          f"{spec!r} is a factory, which builds the module itself")
     if entry is not None:
         raise SourceError(f"--entry picks an entry of a checkpoint file; the source {spec!r} is "
                           "a factory")
     return build_model(spec, role="source")
+
+
+def _structure(spec: str) -> nn.Module:
+    """The module of ``--source-structure``: built on the meta device (no memory, no init),
+    unless it then holds non-persistent buffers that nothing computes off its constructor."""
+    from .structure import uncomputable_buffers
+
+    with torch.device("meta"):
+        module = build_model(spec, role="source structure")
+    left = uncomputable_buffers(module)
+    if left:
+        logger.info("--source-structure %r: built on the CPU, since its buffers %s are computed "
+                    "by its constructor only", spec, ", ".join(left[:5]))
+        module = build_model(spec, role="source structure")
+    return module
 
 
 def build_model(spec: str, *, role: str = "destination") -> nn.Module:

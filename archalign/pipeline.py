@@ -167,7 +167,8 @@ def align_and_load(src: Any, dst: nn.Module, *, example_inputs: ExampleInputs = 
     SourceError, PlanError, ApplyError
         As `align` and `archalign.apply.apply_plan` do.
     """
-    if verify is not None and not isinstance(src, nn.Module):
+    runnable = src.module if isinstance(src, TensorSource) else src  # read_source(structure=)
+    if verify is not None and not isinstance(runnable, nn.Module):
         raise SourceError("verify=... needs the source as an nn.Module (a state_dict cannot run)")
     plan = align(src, dst, example_inputs=example_inputs, weights=weights)
     report = plan.apply(dst, min_confidence=min_confidence, strict=strict,
@@ -181,9 +182,9 @@ def align_and_load(src: Any, dst: nn.Module, *, example_inputs: ExampleInputs = 
             "and report.plan for the confidences", len(report.missing),
             len(report.loaded) + len(report.missing), low, min_confidence,
             len(report.missing) - low, _first_keys(report.missing))
-    if verify is None:
+    if verify is None or not isinstance(runnable, nn.Module):  # (a module: checked above)
         return report
-    check = run_verification(src, dst, verify, plan=plan)
+    check = run_verification(runnable, dst, verify, plan=plan)
     return dataclasses.replace(report, verification=check)
 
 

@@ -8,6 +8,7 @@ hands out tensors only when `apply` asks for them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -23,6 +24,7 @@ from torch import nn
 from .checkpoint import LazySafetensors, read_checkpoint
 from .errors import SourceError
 from .interrupts import interrupts_kept
+from .wrappers import describe, set_aside, wrapper_of
 
 __all__ = ["TensorSource", "TensorSpec", "has_nonfinite", "read_destination", "read_source",
            "storage_start"]
@@ -63,6 +65,12 @@ class TensorSource:
         sorted, so its order says nothing about the model's structure.
     lazy : bool
         Whether `get` reads the tensor from a file each time (see the property).
+    wrapper : str
+        The wrapper prefix every key carries (``"module."``, ``"_orig_mod."``, ``"model."``;
+        `archalign.wrappers`), recorded, not stripped: the plan names the keys as they are.
+    set_aside : tuple of str
+        Keys read but left out because they are not weights (an ``AveragedModel``'s
+        ``n_averaged``).
     """
 
     specs: dict[str, TensorSpec]
@@ -72,6 +80,8 @@ class TensorSource:
     module: nn.Module | None
     description: str
     ordered: bool = True
+    wrapper: str = ""  # the prefix every key carries, e.g. "module." (DDP); "" when none
+    set_aside: tuple[str, ...] = ()  # keys read but not weights, e.g. ("n_averaged",)
     _tensors: Mapping[str, torch.Tensor] = field(repr=False, default_factory=dict)
     # primary key -> (the tensor's state when it was scanned, whether it held NaN/Inf then)
     _scanned: dict[str, tuple[tuple[Any, ...], bool]] = field(
@@ -208,7 +218,8 @@ def _tensor_state(tensor: torch.Tensor) -> tuple[Any, ...] | None:
         return None
 
 
-def read_source(obj: Any, *, role: str = "source", entry: str | None = None) -> TensorSource:
+def read_source(obj: Any, *, role: str = "source", entry: str | None = None,
+                structure: nn.Module | None = None) -> TensorSource:
     """Read an ``nn.Module``, a state_dict or a checkpoint file into a `TensorSource`.
 
     What it returns is accepted wherever a source is (`archalign.align`, `Plan.apply`), so
@@ -227,15 +238,25 @@ def read_source(obj: Any, *, role: str = "source", entry: str | None = None) -> 
     entry : str, optional
         The entry of a pickled training checkpoint that holds the weights (``"model"`` for
         ``{"model": {...}, "optimizer": {...}}``); see `archalign.checkpoint.read_checkpoint`.
+    structure : nn.Module, optional
+        The module the checkpoint was saved from, built anywhere (on the meta device: ``with
+        torch.device("meta"): model = Model(...)``): the file's tensors are attached to it
+        (`archalign.structure.attach`; its own values are replaced) and the source is that
+        module, so that tracing, layout probes and the output check run on it with the file's
+        weights. Its keys must be the file's, or differ only by a wrapper prefix.
 
     Raises
     ------
     SourceError
         If ``obj`` is none of those, holds no tensor, or holds values that are not tensors; if
-        ``entry`` is given for anything but a pickle checkpoint, or names no entry of it.
+        ``entry`` is given for anything but a pickle checkpoint, or names no entry of it; if
+        ``structure`` is not a module, is given with a module or a read source, or its keys do
+        not fit the file's (naming the first unexplained keys of both).
     KeyboardInterrupt
         On Ctrl-C, also when a native reader swallowed it (`archalign.interrupts`).
     """
+    if structure is not None:
+        return _read_on_structure(obj, structure, role, entry)
     if entry is not None and not isinstance(obj, (str, os.PathLike)):
         raise SourceError(f"entry={entry!r} picks an entry of a checkpoint file; the {role} is a "
                           f"{type(obj).__name__}: pass obj[{entry!r}] instead")
@@ -252,6 +273,25 @@ def read_source(obj: Any, *, role: str = "source", entry: str | None = None) -> 
         f"the {role} is a {type(obj).__name__}; pass an nn.Module, a state_dict "
         "(a mapping of names to tensors) or the path of a checkpoint file"
     )
+
+
+def _read_on_structure(obj: Any, structure: Any, role: str, entry: str | None) -> TensorSource:
+    """A checkpoint (or state_dict) attached to the module it was saved from."""
+    from .structure import attach
+
+    if not isinstance(structure, nn.Module):
+        raise SourceError(f"structure= is the module the {role} checkpoint was saved from; got "
+                          f"a {type(structure).__name__}")
+    if isinstance(obj, (nn.Module, TensorSource)):
+        raise SourceError(f"structure= gives the module of a checkpoint file or state_dict; the "
+                          f"{role} is a {type(obj).__name__} already: pass it alone")
+    file = read_source(obj, role=role, entry=entry)
+    module = attach(structure, file._tensors, [*file.specs, *file.aliases],
+                    file.description.removeprefix(f"{role} "))
+    source = _read_module(module, role)
+    return dataclasses.replace(
+        source, description=f"{file.description} on the structure {type(module).__name__}",
+        wrapper=file.wrapper, set_aside=file.set_aside)
 
 
 def read_destination(module: nn.Module) -> TensorSource:
@@ -309,21 +349,34 @@ def _read_state_dict(state: Mapping[Any, Any], role: str, description: str,
             if bad
             else f"the {role} {description} has keys that are not strings"
         )
-    tensors: dict[str, torch.Tensor] = dict(state)
+    tensors, aside = set_aside(state)
     _refuse_nested(tensors, f"{role} {description}")
     specs, aliases = _specs_and_aliases(tensors, by_identity=False)
     owners = {_owner(k) for k in specs}
     layer_owners = frozenset(o for o in owners if _looks_like_layer(o, specs))
+    prefix = wrapper_of(tensors)
     return TensorSource(
         specs=specs,
         aliases=aliases,
         module_types={},
         layer_owners=layer_owners,
         module=None,
-        description=f"{role} {description}",
+        description=_described(f"{role} {description}", prefix, aside),
         ordered=ordered and not _is_sorted(list(tensors)),
+        wrapper=prefix,
+        set_aside=aside,
         _tensors=tensors,
     )
+
+
+def _described(description: str, prefix: str, aside: tuple[str, ...]) -> str:
+    """The description with the recorded facts about its keys (logged once, at INFO)."""
+    facts = [f"every key under {describe(prefix)}"] if prefix else []
+    if aside:
+        facts.append(f"{', '.join(aside)} set aside (AveragedModel's count, not a weight)")
+    if facts:
+        logger.info("the %s: %s", description, "; ".join(facts))
+    return f"{description} ({'; '.join(facts)})" if facts else description
 
 
 def _read_checkpoint(path: Path, role: str, entry: str | None = None) -> TensorSource:
@@ -331,16 +384,20 @@ def _read_checkpoint(path: Path, role: str, entry: str | None = None) -> TensorS
     if checkpoint.headers is None:
         return _read_state_dict(checkpoint.tensors, role, description=checkpoint.description,
                                 ordered=checkpoint.ordered)
-    specs = {k: TensorSpec(k, shape, dtype) for k, (shape, dtype) in checkpoint.headers.items()}
+    headers, aside = set_aside(checkpoint.headers)
+    specs = {k: TensorSpec(k, shape, dtype) for k, (shape, dtype) in headers.items()}
     owners = {_owner(k) for k in specs}
+    prefix = wrapper_of(specs)
     return TensorSource(
         specs=specs,
         aliases={},
         module_types={},
         layer_owners=frozenset(o for o in owners if _looks_like_layer(o, specs)),
         module=None,
-        description=f"{role} {checkpoint.description}",
+        description=_described(f"{role} {checkpoint.description}", prefix, aside),
         ordered=checkpoint.ordered,
+        wrapper=prefix,
+        set_aside=aside,
         _tensors=checkpoint.tensors,
     )
 

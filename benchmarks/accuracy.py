@@ -7,13 +7,18 @@ codebases -> Hugging Face, MoE expert stacking, rotary permutations, release for
 is a checkpoint only) and `corpus.VISION_PORTS` (reference codebases and timm <-> Hugging Face
 vision models).
 
-archalign is called four ways (the *mode*):
+archalign is called five ways (the *mode*):
 
 - ``inputs``: both models as modules, with the pair's example inputs;
 - ``module``: both models as modules and nothing else (``align(src, dst)``);
 - ``state_dict``: the source's ``state_dict()`` (in memory, registration order);
-- ``file``: the source as a file: the pair's release (a checkpoint-only pair's only mode), or a
-  ``.safetensors`` file of its state_dict (keys stored sorted, ties saved once).
+- ``file``: the source as a file: the pair's release (a checkpoint-only pair's mode), or a
+  ``.safetensors`` file of its state_dict (keys stored sorted, ties saved once); a release that
+  declares an entry is read with it (``read_source(path, entry=...)``), as a user does once the
+  error for the whole file has named the entries;
+- ``structure``: the same file, with the source module moved to the meta device (every value
+  gone, non-persistent buffers too) as its structure (``read_source(path, structure=module)``):
+  the user has the code, not the weights.
 
 A destination tensor counts as *right* when the load wrote exactly the converter's value into it
 (exact pairs), or when it was mapped to the truth's source keys (partial pairs, where a shape
@@ -47,6 +52,7 @@ if os.environ.get("PYTHONHASHSEED") != "0":  # lit-wsl breaks ties in set order:
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import copy  # noqa: E402
 import itertools  # noqa: E402
 
 import torch  # noqa: E402
@@ -60,7 +66,7 @@ from corpus import Pair, run_model  # noqa: E402
 
 TOLERANCE = 1e-4  # max abs output difference that counts as "reproduces the source"
 HIGH = 0.9  # a wrong load scored at least this is "confident and wrong"
-MODES = ("inputs", "module", "state_dict", "file")
+MODES = ("inputs", "module", "state_dict", "file", "structure")
 SETS: dict[str, list[Pair]] = {"pairs": corpus.PAIRS, "ports": corpus.PORTS,
                                "vision": corpus.VISION_PORTS}
 
@@ -90,8 +96,8 @@ class Row:
 
 
 def _modes(pair: Pair, wanted: tuple[str, ...]) -> list[str]:
-    if not pair.source_module:  # a checkpoint-only release: the file is all a user has
-        return ["file"] if "file" in wanted else []
+    if not pair.source_module:  # a checkpoint-only release: the file (and maybe the code)
+        return [m for m in ("file", "structure") if m in wanted]
     return list(wanted)
 
 
@@ -112,6 +118,36 @@ def _file_of(pair: Pair, src: nn.Module, folder: Path) -> Path:
     path = folder / "model.safetensors"
     save_file(state, str(path))
     return path
+
+
+def _on_meta(src: nn.Module) -> nn.Module:
+    """A copy of ``src`` whose parameters and buffers are all on the meta device, ties kept
+    (``Module.to("meta")`` gives each tied key its own Parameter); but the non-persistent buffers
+    archalign cannot compute again (not a Hugging Face model's), which only the constructor
+    computes: the command line's ``--source-structure`` builds such a module on the CPU."""
+    from archalign.structure import uncomputable_buffers
+
+    copied = _all_on_meta(src)
+    for name in uncomputable_buffers(copied):
+        owner, _, local = name.rpartition(".")
+        copied.get_submodule(owner)._buffers[local] = src.get_buffer(name)
+    return copied
+
+
+def _all_on_meta(src: nn.Module) -> nn.Module:
+    copied = copy.deepcopy(src)
+    metas: dict[int, Any] = {}
+    for module in copied.modules():
+        stores: tuple[dict[str, Any], ...] = (module._parameters, module._buffers)
+        for store in stores:
+            for name, tensor in store.items():
+                if tensor is not None:
+                    if id(tensor) not in metas:
+                        meta = torch.empty_like(tensor, device="meta")
+                        metas[id(tensor)] = (nn.Parameter(meta, tensor.requires_grad)
+                                             if isinstance(tensor, nn.Parameter) else meta)
+                    store[name] = metas[id(tensor)]
+    return copied
 
 
 def _expected(pair: Pair, src: nn.Module, dst: nn.Module, folder: Path
@@ -168,8 +204,15 @@ def run_archalign(pair: Pair, set_name: str, mode: str) -> Row:
                 plan = archalign.align(src, dst)
             elif mode == "state_dict":
                 plan = archalign.align(src.state_dict(), dst)
-            else:
-                plan = archalign.align(_file_of(pair, src, folder), dst)
+            else:  # a release that declares an entry is read as its user would, once the
+                # error for the whole file has named the entry
+                entry = pair.release.entry if pair.release is not None else ""
+                path = _file_of(pair, src, folder)
+                structure = None
+                if mode == "structure":  # the code without the weights: every value gone
+                    structure = _on_meta(src)
+                plan = archalign.align(archalign.read_source(path, entry=entry or None,
+                                                             structure=structure), dst)
             report = plan.apply(dst)
         except Exception as exc:  # archalign must never raise on a real pair: it is recorded
             row.seconds = time.perf_counter() - start
@@ -329,7 +372,8 @@ def main(argv: list[str] | None = None) -> None:
              f"wrong>=0.9 = wrong writes the method itself scored >= {HIGH}; same out = max "
              f"|src - dst| <= {TOLERANCE} after the load. Modes: inputs (modules + example "
              "inputs), module (modules only), state_dict, file (a release, or a .safetensors of "
-             "the state_dict). Peers see modules.", "",
+             "the state_dict), structure (that file on the source module moved to the meta "
+             "device). Peers see modules.", "",
              "## Summary", "", *summary(rows), "",
              "## archalign reliability (every proposed match, loaded or not)", ""]
     for set_name in sets:

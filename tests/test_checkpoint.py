@@ -227,7 +227,7 @@ def test_a_folder_holding_one_shard_without_its_index_is_not_a_checkpoint(tmp_pa
     with pytest.raises(SourceError, match="one shard of 3, and no index"):
         read_source(tmp_path)
     (tmp_path / "model-00002-of-00003.safetensors").rename(tmp_path / ".archalign-shard.safetensors")
-    with pytest.raises(SourceError, match="0 safetensors indexes and 0 safetensors files"):
+    with pytest.raises(SourceError, match="0 safetensors indexes, 0 safetensors files and 0 pickle"):
         read_source(tmp_path)  # hidden files (leftovers) are not read
 
 
@@ -263,7 +263,7 @@ def test_an_entry_of_a_training_checkpoint_is_picked(tmp_path: Path) -> None:
         f"the source file {str(path)!r} is a training checkpoint, not a state_dict: its entries "
         "are 'model' (4 tensors), 'model_ema' (4 tensors), 'optimizer' (no tensors), 'epoch' "
         "(int); pick the entry that holds the weights: entry='model' (command line: --entry "
-        "model)")
+        "model); 'model_ema' holds weights too (an EMA copy?): pick the one to port")
     picked = read_source(path, entry="model_ema")
     assert list(picked.specs) == list(state) and picked.ordered
     assert torch.equal(picked.get("0.weight"), state["0.weight"])
@@ -275,3 +275,48 @@ def test_an_entry_of_a_training_checkpoint_is_picked(tmp_path: Path) -> None:
     save_file(dict(state), str(tmp_path / "m.safetensors"))
     with pytest.raises(SourceError, match="safetensors files hold tensors only"):
         read_source(tmp_path / "m.safetensors", entry="model")
+
+
+def _write_pickle_shards(folder: Path, state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """A Hugging Face sharded pickle checkpoint: two ``pytorch_model-0000k-of-00002.bin`` and
+    ``pytorch_model.bin.index.json`` (its weight_map sorted by key, as transformers writes it)."""
+    keys = list(state)
+    names = {k: f"pytorch_model-0000{1 + (i >= len(keys) // 2)}-of-00002.bin"
+             for i, k in enumerate(keys)}
+    for name in sorted(set(names.values())):
+        torch.save({k: state[k] for k in keys if names[k] == name}, folder / name)
+    index = {"metadata": {"total_size": 0}, "weight_map": dict(sorted(names.items()))}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    return names
+
+
+def test_a_sharded_pickle_checkpoint_is_read_from_its_index(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    state = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).state_dict()
+    _write_pickle_shards(tmp_path, dict(state))
+    source = read_source(tmp_path)  # the folder: its index
+    assert list(source.specs) == list(state)  # shard order, each shard's saved order
+    assert source.ordered
+    assert all(torch.equal(source.get(k), v) for k, v in state.items())
+    assert read_source(tmp_path / "pytorch_model.bin.index.json").description == (
+        "source checkpoint pytorch_model.bin.index.json")
+
+
+def test_a_pickle_shard_lacking_its_indexed_keys_is_refused(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    state = dict(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).state_dict())
+    names = _write_pickle_shards(tmp_path, state)
+    second = names["1.weight"]
+    torch.save({"1.bias": state["1.bias"]}, tmp_path / second)
+    with pytest.raises(SourceError, match=rf"{second}' lacks 1 keys its index "
+                                          r"pytorch_model.bin.index.json puts there \(1.weight\)"):
+        read_source(tmp_path)
+
+
+def test_a_training_checkpoint_with_a_tensor_at_its_top_still_names_its_entries(tmp_path: Path
+                                                                                ) -> None:
+    path = tmp_path / "ckpt.pt"  # nanoGPT's: the model's state, and the best loss as a tensor
+    torch.save({"model": small_state_dict(), "best_val_loss": torch.tensor(1.47), "iter_num": 5},
+               path)
+    with pytest.raises(SourceError, match=r"is a training checkpoint.*entry='model'"):
+        read_source(path)

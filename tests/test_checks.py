@@ -130,3 +130,13 @@ def test_keys_a_plan_never_mentions_say_it_was_made_for_other_models() -> None:
         ["2.weight", "2.bias"], ["2.weight", "2.bias"])
     dropped = plan.drop("1")  # what the plan leaves untouched on purpose is still known to it
     assert unplanned_keys(dropped, read_source(src), read_destination(dst))[1] == []
+
+
+def test_a_plan_made_on_a_structure_says_how_to_read_the_wrapped_file_again(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    src, dst, plan = _plan()  # the plan names the module's keys
+    path = tmp_path / "ddp.pt"
+    torch.save({"module." + k: v for k, v in src.state_dict().items()}, path)
+    with pytest.raises(PlanError, match=r"under the wrapper prefix 'module.'.*structure=module"):
+        check_plan(plan, read_source(path), read_destination(dst))
+    with pytest.raises(PlanError, match="Were the models changed"):
+        check_plan(plan, read_source({"x.weight": torch.ones(4, 3)}), read_destination(dst))

@@ -129,6 +129,36 @@ def test_verify_and_export(plan_file: Path, tmp_path: Path, capsys) -> None:  # 
     assert 'def register(model_type_or_class_name="ResNet"' in rules.read_text()
 
 
+def test_a_checkpoint_on_its_source_structure(source_checkpoint, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                              capsys, caplog) -> None:
+    src, _ = source_checkpoint
+    wrapped = tmp_path / "ddp.pt"  # a DDP save: every key under module.
+    torch.save({"module." + k: v for k, v in src.state_dict().items()}, wrapped)
+    plan = tmp_path / "plan.json"
+    # the checkpoint alone: --input orders the destination only, and the user is told so
+    assert main(["propose", str(wrapped), DST, "--input", "randn:1,3,64,64", "--limit", "1"]) == 0
+    assert "used for the destination only" in caplog.text and "--source-structure" in caplog.text
+    assert main(["verify", str(wrapped), DST, "--input", "randn:1,3,64,64"]) == 2
+    assert "give --source-structure FACTORY" in capsys.readouterr().err
+    # with its structure, the source is the module: the plan is checked by running both
+    assert main(["propose", str(wrapped), DST, "--source-structure", SRC, "-o", str(plan),
+                 "--limit", "1"]) == 0
+    assert "verification: outputs agree" in capsys.readouterr().out
+    out = tmp_path / "dst.safetensors"
+    assert main(["apply", str(wrapped), str(plan), DST, "--source-structure", SRC, "-o", str(out),
+                 "--strict"]) == 0
+    dst = build_model(DST)
+    dst.load_state_dict(load_file(str(out)))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+    assert main(["verify", str(wrapped), DST, "--source-structure", SRC, "--plan", str(plan),
+                 "--input", "randn:1,3,64,64"]) == 0
+    assert "outputs agree" in capsys.readouterr().out
+    assert main(["propose", SRC, DST, "--source-structure", SRC]) == 2
+    assert "builds the module itself" in capsys.readouterr().err
+
+
 def test_report_names_what_it_compares(tmp_path: Path) -> None:
     out = tmp_path / "report.html"
     assert main(["report", SRC, DST, "-o", str(out), "--no-check"]) == 0
