@@ -288,33 +288,33 @@ def _renamed(key: str, old: str, new: str) -> str:
 def expand_edges(edges: Sequence[tuple[str, str]], runs: Sequence[Run]) -> list[tuple[str, str]]:
     """The data flow of the full model, from the transitive reduction of the cut one's, innermost
     runs first. Each later block gets the second block's edges inside it and from outside,
-    renamed, and an edge from the block before it for each edge from the first block into the
-    second (blocks in a chain, as a transformer's layers). An edge from the second block to
-    outside the run goes from every block when the first block has it too (parallel blocks, as
-    an MoE's experts, all feeding one sum), otherwise from the last block only.
+    renamed. Blocks in a chain (the first feeds the second: a transformer's layers) get an edge
+    from the block before for each edge from the first block into the second, and what the
+    second block feeds after the run, the last block feeds. Parallel blocks (an MoE's experts,
+    all feeding one sum) all feed what both the first and the second feed.
 
     Raises
     ------
     Unsafe
-        If the first block feeds something outside the run that the second does not, the second
-        feeds the first, or the edges inside the two blocks differ once renamed.
+        If the blocks of a chain feed something outside the run from the first block (a skip
+        past the second: from the first block only, or from every one?), parallel blocks feed
+        different things, the second block feeds the first, or the edges inside the two blocks
+        differ once renamed.
     """
     out = list(edges)
     for run in sorted(runs, key=lambda r: _depth(r.container), reverse=True):
         first, second = run.child(run.start), run.child(run.start + 1)
         last = run.child(run.stop - 1)
-        present = set(out)
         kept: list[tuple[str, str]] = []
         inner0: set[tuple[str, str]] = set()
-        inner1, cross, into, every, after = [], [], [], [], []
+        inner1, cross, into, from0, from1 = [], [], [], [], []
         for a, b in out:
             where = (0 if _is_under(a, first) else 1 if _is_under(a, second) else None,
                      0 if _is_under(b, first) else 1 if _is_under(b, second) else None)
-            if where == (1, 0) or (where == (0, None)
-                                   and (_renamed(a, first, second), b) not in present):
-                raise Unsafe(f"an edge {a} -> {b} leaves the block {first} past {second}")
-            if where == (1, None) and (_renamed(a, second, first), b) not in present:
-                after.append((a, b))
+            if where == (1, 0):
+                raise Unsafe(f"an edge {a} -> {b} goes from the block {second} back to {first}")
+            if where == (1, None):
+                from1.append((a, b))
                 continue
             kept.append((a, b))
             if where == (0, 0):
@@ -325,17 +325,25 @@ def expand_edges(edges: Sequence[tuple[str, str]], runs: Sequence[Run]) -> list[
                 cross.append((a, b))
             elif where == (None, 1):
                 into.append((a, b))
-            elif where == (1, None):
-                every.append((a, b))
+            elif where == (0, None):
+                from0.append((_renamed(a, first, second), b))
         if inner0 != set(inner1):
             raise Unsafe(f"the data flow inside the blocks {first} and {second} differs")
+        if from0 and (cross or set(from0) != set(from1)):
+            a, b = from0[0]
+            raise Unsafe(f"an edge {_renamed(a, second, first)} -> {b} leaves the block {first} "
+                         f"past {second}")
         for index in range(run.start + 2, run.stop):
             path, previous = run.child(index), run.child(index - 1)
             kept.extend((_renamed(a, second, path), _renamed(b, second, path)) for a, b in inner1)
             kept.extend((_renamed(a, first, previous), _renamed(b, second, path)) for a, b in cross)
             kept.extend((a, _renamed(b, second, path)) for a, b in into)
-            kept.extend((_renamed(a, second, path), b) for a, b in every)
-        kept.extend((_renamed(a, second, last), b) for a, b in after)
+            if from0:  # parallel blocks: every one feeds what the first two feed
+                kept.extend((_renamed(a, second, path), b) for a, b in from1)
+        if from0:
+            kept.extend(from1)
+        else:
+            kept.extend((_renamed(a, second, last), b) for a, b in from1)
         out = kept
     return out
 

@@ -39,6 +39,7 @@ __all__ = [
     "LLAMA_HALF_B",
     "LLAMA_SHARDED",
     "MOE_BIG",
+    "MOE_FX_BIG",
     "MOE_MIXTRAL_8X7B",
     "MOE_RENAMES",
     "LlamaShape",
@@ -87,6 +88,7 @@ class MoeShape:
 
 
 MOE_BIG = MoeShape(layers=32, experts=104)  # 10,211 tensors
+MOE_FX_BIG = MoeShape(layers=64, experts=152)  # 29,635 tensors
 MOE_MIXTRAL_8X7B = MoeShape(layers=32, experts=8)  # the layer/expert topology of Mixtral-8x7B
 
 
