@@ -15,8 +15,10 @@ messages as they are (no markup, no escape sequence reaches the terminal).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -135,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="a Hugging Face config.json (or its folder) to copy into the output, "
                         "so that from_pretrained loads it")
     p.add_argument("--min-confidence", type=float, default=DEFAULT_MIN_CONFIDENCE)
+    p.add_argument("--distributed", action="store_true",
+                   help="spread the shards over the ranks torchrun starts (torchrun "
+                        "--nproc-per-node N -m archalign convert ... --distributed; gloo on CPU)")
     _shards(p)
     p.set_defaults(run=_convert)
 
@@ -260,12 +265,47 @@ def _convert(args: argparse.Namespace, console: Console) -> int:
     config = _config_file(args.config) if args.config is not None else None
     plan = _read_plan(args.plan)
     src = _load_source(args)
+    if args.distributed:
+        return _convert_distributed(args, console, plan, src, config)
     with progress_bar(console, "converting") as update:
         files = convert_checkpoint(plan, src, args.output, min_confidence=args.min_confidence,
                                    max_shard_bytes=args.max_shard_size, progress=update)
     if config is not None:
         files.insert(0, copy_config(config, args.output))
     say(console, f"saved {args.output} ({', '.join(f.name for f in files)})")
+    return EXIT_DONE
+
+
+def _convert_distributed(args: argparse.Namespace, console: Console, plan: Any, src: Any,
+                         config: Path | None) -> int:
+    """``convert --distributed``: one rank of the group torchrun started (its environment
+    variables), gloo backend; rank 0 reports and copies the config."""
+    import torch.distributed as dist
+
+    from .convert_distributed import convert_distributed
+    from .outputs import copy_config
+
+    if "RANK" not in os.environ and not dist.is_initialized():
+        raise UsageError("convert --distributed runs under torchrun (torchrun --nproc-per-node N "
+                         "-m archalign convert ... --distributed): RANK and WORLD_SIZE are not set")
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo")
+    try:
+        rank = dist.get_rank()
+        bar = progress_bar(console, "converting") if rank == 0 else contextlib.nullcontext(None)
+        with bar as update:
+            files = convert_distributed(plan, src, args.output,
+                                        min_confidence=args.min_confidence,
+                                        max_shard_bytes=args.max_shard_size, progress=update)
+        if rank == 0:
+            if config is not None:
+                files.insert(0, copy_config(config, args.output))
+            say(console, f"saved {args.output} ({', '.join(f.name for f in files)}) from "
+                         f"{dist.get_world_size()} ranks")
+    finally:
+        if started:
+            dist.destroy_process_group()
     return EXIT_DONE
 
 

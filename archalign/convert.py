@@ -98,23 +98,32 @@ def convert_checkpoint(plan: Plan, src: Any, out: str | os.PathLike[str], *,
         On Ctrl-C while writing: as for an `OSError`. One during the final renames waits for
         them to end.
     """
-    if max_shard_bytes <= 0:
-        raise UsageError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     with interrupts_kept():
-        source = read_source(src, role="source")
-        matches, _ = split_by_confidence(plan.matches, min_confidence)
-        check_plan(dataclasses.replace(plan, matches=tuple(matches), mismatches=()), source, None)
-        refuse_unwritable(matches, (), source, None)
-        _refuse_unstorable(matches, min_confidence)
-        folder = Path(out)
-        old = _checkpoint_files(folder)
-        if old and not overwrite:
-            shown = ", ".join(p.name for p in old[:5]) + (" ..." if len(old) > 5 else "")
-            raise UsageError(f"the folder {str(folder)!r} already holds a checkpoint ({shown}); "
-                             "pass overwrite=True to replace it, or choose another folder")
-        folder.parent.mkdir(parents=True, exist_ok=True)
+        matches, source, folder = _prepared(plan, src, out, min_confidence=min_confidence,
+                                            max_shard_bytes=max_shard_bytes, overwrite=overwrite)
         return write_safetensors(_converted(matches, source, progress), folder,
                                  max_shard_bytes=max_shard_bytes)
+
+
+def _prepared(plan: Plan, src: Any, out: str | os.PathLike[str], *, min_confidence: float,
+              max_shard_bytes: int, overwrite: bool) -> tuple[list[Match], TensorSource, Path]:
+    """The matches to write, the source and the output folder, once every check before a write
+    has passed (see `convert_checkpoint` for what raises); creates the folder's parent."""
+    if max_shard_bytes <= 0:
+        raise UsageError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    source = read_source(src, role="source")
+    matches, _ = split_by_confidence(plan.matches, min_confidence)
+    check_plan(dataclasses.replace(plan, matches=tuple(matches), mismatches=()), source, None)
+    refuse_unwritable(matches, (), source, None)
+    _refuse_unstorable(matches, min_confidence)
+    folder = Path(out)
+    old = _checkpoint_files(folder)
+    if old and not overwrite:
+        shown = ", ".join(p.name for p in old[:5]) + (" ..." if len(old) > 5 else "")
+        raise UsageError(f"the folder {str(folder)!r} already holds a checkpoint ({shown}); "
+                         "pass overwrite=True to replace it, or choose another folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return matches, source, folder
 
 
 def _converted(matches: list[Match], source: TensorSource, progress: Progress | None
@@ -298,14 +307,18 @@ def _write_all(tensors: Iterable[tuple[str, torch.Tensor]], staging: Path, folde
         (staging / f"part-{n:05d}.safetensors").replace(staging / name)
         names.append(name)
         weight_map.update(dict.fromkeys(keys, name))
-    total_size = sum((staging / name).stat().st_size for name in names)
-    text = json.dumps({"metadata": {"total_size": total_size},
-                       "weight_map": dict(sorted(weight_map.items()))}, indent=1) + "\n"
+    text = _index_text(weight_map, sum((staging / name).stat().st_size for name in names))
     try:
         (staging / INDEX_NAME).write_text(text, encoding="utf-8")
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, str(folder / INDEX_NAME)) from exc
     return [*names, INDEX_NAME]
+
+
+def _index_text(weight_map: Mapping[str, str], total_size: int) -> str:
+    """The Hugging Face index of a sharded checkpoint: which shard holds each key."""
+    return json.dumps({"metadata": {"total_size": total_size},
+                       "weight_map": dict(sorted(weight_map.items()))}, indent=1) + "\n"
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str], shown: str,

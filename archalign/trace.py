@@ -52,7 +52,7 @@ def trace_graph(source: TensorSource, example_inputs: ExampleInputs = None, *,
     if module is None:
         return chain_graph(units, Tracer.STATE_DICT if source.ordered else Tracer.SORTED)
     try:
-        return trace_fx(module, units, source)
+        return trace_fx(module, units, source, collapse_repeats=collapse_repeats)
     except Exception as exc:  # fx raises many kinds of errors on untraceable code
         logger.info("torch.fx cannot trace %s (%s: %s); trying forward hooks",
                     type(module).__name__, type(exc).__name__, first_line(exc))

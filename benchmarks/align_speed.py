@@ -4,7 +4,9 @@ The cases (`align_cases`): torchvision -> timm ResNet-50 and ViT-B/16; Hugging F
 at the 7B and 70B configurations, built on the meta device; and the Mixture-of-Experts pair of
 ``corpus.scale`` (Mixtral names -> DeepSeek names) with more than 10^4 tensors, in both directions.
 Like the Hugging Face models it is not fx-traceable, so archalign runs it once with forward hooks on
-its ``dummy_inputs``. A sweep of smaller Llama and MoE configurations shows how align time grows
+its ``dummy_inputs``. The same pair built ``traceable=True`` takes archalign's torch.fx path: it is
+measured at 10^4 and 3 x 10^4 tensors, both directions, with a sweep of its own (family "MoE fx").
+A sweep of smaller Llama and MoE configurations shows how align time grows
 with the tensor count (``benchmarks/scaling.py``: the fit, the extrapolation to a case that timed
 out, and ``benchmarks/results/speed.png``).
 
@@ -58,6 +60,8 @@ if TYPE_CHECKING:
 TARGET_RESNET_S = 0.5
 TARGET_70B_S = 3.0
 TARGET_MOE_S = 30.0
+TARGET_MOE_FX_S = 10.0  # the traceable MoE at 10^4 tensors (issue 17)
+TARGET_MOE_FX_BIG_S = 30.0  # and at 3 x 10^4
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ class AlignCase:
     repeats: int = 1  # runs after the first (the first is "cold")
     target: float | None = None  # seconds, from the issue
     sweep: bool = False  # only a point of the scaling plot
+    traceable: bool = False  # an MoE that torch.fx traces (corpus.scale.make_moe(traceable=True))
 
 
 @functools.cache
@@ -82,9 +87,24 @@ def align_cases() -> tuple[AlignCase, ...]:
     Built on first use: importing ``corpus`` imports torch, which a worker must do only once it
     times its own imports.
     """
-    from corpus.scale import LLAMA_7B, LLAMA_70B, MOE_BIG, MOE_MIXTRAL_8X7B, MoeShape
+    from corpus.scale import LLAMA_7B, LLAMA_70B, MOE_BIG, MOE_FX_BIG, MOE_MIXTRAL_8X7B, MoeShape
 
     big = f"MoE {MOE_BIG.layers}L x {MOE_BIG.experts}E"
+    fx_cases = []
+    for shape, target, sweep in ((MOE_BIG, TARGET_MOE_FX_S, False),
+                                 (MOE_FX_BIG, TARGET_MOE_FX_BIG_S, False),
+                                 (MoeShape(4, 8), None, True), (MoeShape(16, 32), None, True),
+                                 (MoeShape(16, 64), None, True)):
+        size = f"{shape.layers}L x {shape.experts}E"
+        stem = f"moe_fx_l{shape.layers}_e{shape.experts}"
+        fx_cases += [
+            AlignCase(f"{stem}_a2b", f"MoE fx {size} Mixtral-names -> DeepSeek-names (meta)",
+                      "MoE fx (meta)", "moe", shape, target=target, sweep=sweep, traceable=True),
+            AlignCase(f"{stem}_b2a", f"MoE fx {size} DeepSeek-names -> Mixtral-names (meta)",
+                      "MoE fx (meta)", "moe", shape, reverse=True, target=target, sweep=sweep,
+                      traceable=True)]
+    main_fx = tuple(c for c in fx_cases if not c.sweep)
+    sweep_fx = tuple(c for c in fx_cases if c.sweep)
     return (
         AlignCase("resnet50", "torchvision resnet50 -> timm resnet50", "torchvision -> timm",
                   "vision", ("resnet50", "resnet50"), repeats=5, target=TARGET_RESNET_S),
@@ -99,6 +119,7 @@ def align_cases() -> tuple[AlignCase, ...]:
                   MOE_BIG, target=TARGET_MOE_S),
         AlignCase("moe_b2a", f"{big} DeepSeek-names -> Mixtral-names (meta)", "MoE (meta)", "moe",
                   MOE_BIG, reverse=True, target=TARGET_MOE_S),
+        *main_fx,
         AlignCase("llama7b_l2", "Llama -> Mistral, 7B width, 2 layers", "Llama -> Mistral (meta)",
                   "llama", replace(LLAMA_7B, layers=2), sweep=True),
         AlignCase("llama7b_l8", "Llama -> Mistral, 7B width, 8 layers", "Llama -> Mistral (meta)",
@@ -113,6 +134,7 @@ def align_cases() -> tuple[AlignCase, ...]:
                   sweep=True),
         AlignCase("moe_l64_e256", "MoE 64L x 256E", "MoE (meta)", "moe", MoeShape(64, 256),
                   sweep=True),
+        *sweep_fx,
     )
 
 
@@ -160,7 +182,8 @@ def build_align_case(case: AlignCase) -> tuple[nn.Module, nn.Module]:
         src, dst = make_llama_pair(case.spec, "meta")
     else:
         with torch.device("meta"):
-            src, dst = make_moe(case.spec, "a"), make_moe(case.spec, "b")
+            src = make_moe(case.spec, "a", traceable=case.traceable)
+            dst = make_moe(case.spec, "b", traceable=case.traceable)
     return (dst, src) if case.reverse else (src, dst)
 
 

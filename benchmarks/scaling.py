@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-MARKERS = {"torchvision -> timm": "o", "Llama -> Mistral (meta)": "s", "MoE (meta)": "D"}
+MARKERS = {"torchvision -> timm": "o", "Llama -> Mistral (meta)": "s", "MoE (meta)": "D",
+           "MoE fx (meta)": "v"}
 
 
 class Point(NamedTuple):

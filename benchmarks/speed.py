@@ -1,6 +1,6 @@
-"""Speed and memory benchmark: align time by stage, apply overhead, peak memory from a sharded checkpoint.
+"""Speed and memory benchmark: align time by stage, apply overhead, peak memory, conversion throughput.
 
-Three measurements, each checked against the targets of the speed issue, one module each:
+Four measurements, each checked against the targets of the speed issues, one module each:
 
 1. **Align time** (``benchmarks/align_speed.py``) of ``archalign.align(src, dst,
    check_outputs=False)`` on real architectures (torchvision -> timm ResNet-50 and ViT-B/16; Hugging
@@ -11,6 +11,9 @@ Three measurements, each checked against the targets of the speed issue, one mod
    ``dst.load_state_dict`` of the same tensors, in one process, interleaved, after a warm-up.
 3. **Peak memory from a sharded checkpoint** (``benchmarks/memory.py``): archalign's streaming
    load of a five-shard safetensors checkpoint against the Hugging Face way of loading it.
+4. **Conversion throughput** (``benchmarks/convert_speed.py``): ``convert_checkpoint`` of a 2.5 GB
+   checkpoint on one process and on two torchrun ranks, against the floor (safetensors
+   ``load_file`` + ``save_file`` of the same bytes), with peak RSS per process.
 
 Every measurement runs in a fresh worker process (``benchmarks/_harness.py``) that imports one
 frozen copy of archalign. Results: a summary on stdout, ``benchmarks/results/speed.md`` (all
@@ -19,8 +22,8 @@ count) and ``benchmarks/results/speed_profile.txt`` (longer profile listings).
 
 Run: ``python benchmarks/speed.py`` (the plot needs ``pip install matplotlib``). Options:
 ``--timeout`` seconds per align case (default 120), ``--profile-budget`` (default 60), ``--only
-align,apply,memory``, ``--cases resnet50,llama7b,...``. 8-13 minutes on 2 CPU cores (more when a
-case runs into its time limit).
+align,apply,memory,convert``, ``--cases resnet50,llama7b,...``. 12-17 minutes on 2 CPU cores (more
+when a case runs into its time limit).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import align_speed, apply_speed, memory  # noqa: E402
+from benchmarks import align_speed, apply_speed, convert_speed, memory  # noqa: E402
 from benchmarks._harness import (  # noqa: E402
     RESULTS,
     Section,
@@ -66,8 +69,8 @@ def main() -> None:
                         help="seconds per align case, imports and model building included")
     parser.add_argument("--profile-budget", type=float, default=60.0,
                         help="seconds of sampling on the largest case that timed out")
-    parser.add_argument("--only", default="align,apply,memory",
-                        help="comma-separated sections: align, apply, memory")
+    parser.add_argument("--only", default="align,apply,memory,convert",
+                        help="comma-separated sections: align, apply, memory, convert")
     parser.add_argument("--cases", default="", help="comma-separated align case names (all)")
     args = parser.parse_args()
 
@@ -95,6 +98,7 @@ def main() -> None:
                 log, timeout=args.timeout, profile_budget=args.profile_budget, cases=args.cases)),
             ("apply", lambda: apply_speed.measure_apply(log)),
             ("memory", lambda: memory.measure_memory(log)),
+            ("convert", lambda: convert_speed.measure_convert(log)),
         )
         for name, measure in measurements:
             if name in sections:

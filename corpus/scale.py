@@ -12,7 +12,8 @@ These are the models the speed benchmarks (``benchmarks/align_speed.py``, ``appl
   Mixtral checkpoints (``block_sparse_moe.experts.N.w1/w2/w3``, one ``nn.Linear`` per expert and
   projection, which is how MoE checkpoints are stored), style ``"b"`` DeepSeek-style names
   (``mlp.experts.N.gate_proj/up_proj/down_proj``). Like the Hugging Face models it is not
-  fx-traceable (it checks its input's length), and it has ``dummy_inputs``.
+  fx-traceable (it checks its input's length), and it has ``dummy_inputs``; with
+  ``traceable=True`` the check is left out and torch.fx traces it (archalign's fx path).
   `rename_mixtral_to_deepseek` is the pair's truth (`MOE_RENAMES`, applied in order).
 * `make_vision_pair` builds a torchvision model and a timm model by name, and `fill_distinct`
   gives every tensor of a model a distinct constant, so that a wrong load shows.
@@ -38,6 +39,7 @@ __all__ = [
     "LLAMA_HALF_B",
     "LLAMA_SHARDED",
     "MOE_BIG",
+    "MOE_FX_BIG",
     "MOE_MIXTRAL_8X7B",
     "MOE_RENAMES",
     "LlamaShape",
@@ -86,6 +88,7 @@ class MoeShape:
 
 
 MOE_BIG = MoeShape(layers=32, experts=104)  # 10,211 tensors
+MOE_FX_BIG = MoeShape(layers=64, experts=152)  # 29,635 tensors
 MOE_MIXTRAL_8X7B = MoeShape(layers=32, experts=8)  # the layer/expert topology of Mixtral-8x7B
 
 
@@ -124,9 +127,14 @@ def fill_distinct(model: nn.Module) -> None:
                 tensor.fill_(float(i + 1))
 
 
-def make_moe(shape: MoeShape, style: str) -> nn.Module:
-    """Build the MoE language model of ``shape`` with Mixtral ("a") or DeepSeek ("b") names."""
-    return _moe_classes()(shape, style)
+def make_moe(shape: MoeShape, style: str, *, traceable: bool = False) -> nn.Module:
+    """Build the MoE language model of ``shape`` with Mixtral ("a") or DeepSeek ("b") names.
+
+    ``traceable=True`` leaves out the check on the input's length, so that torch.fx traces the
+    model (archalign then takes its fx path); the module tree, names and tensors are the same.
+    """
+    return _moe_classes()(shape, style, traceable=traceable)
+
 
 @functools.cache
 def _moe_classes() -> Any:
@@ -220,14 +228,16 @@ def _moe_classes() -> Any:
             return x + getattr(self, n["moe"])(getattr(self, n["ln2"])(x))
 
     class MoeLM(nn.Module):
-        """Decoder-only MoE language model, Hugging Face style (``dummy_inputs``, not fx-traceable)."""
+        """Decoder-only MoE language model, Hugging Face style (``dummy_inputs``; not
+        fx-traceable unless ``traceable``)."""
 
         max_positions = 4096
 
-        def __init__(self, shape: MoeShape, style: str) -> None:
+        def __init__(self, shape: MoeShape, style: str, *, traceable: bool = False) -> None:
             super().__init__()
             n = names[style]
             self.n = n
+            self.traceable = traceable
             root = nn.Module()
             setattr(root, n["embed"], nn.Embedding(shape.vocab, shape.hidden))
             setattr(root, n["layers"], nn.ModuleList(Block(shape, n) for _ in range(shape.layers)))
@@ -241,7 +251,7 @@ def _moe_classes() -> Any:
 
         def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
             # a check on the input's size, as Hugging Face models make: torch.fx cannot trace it
-            if input_ids.shape[-1] > self.max_positions:
+            if not self.traceable and input_ids.shape[-1] > self.max_positions:
                 raise ValueError("sequence too long")
             n, root = self.n, getattr(self, self.n["root"])
             x = getattr(root, n["embed"])(input_ids)
@@ -250,7 +260,6 @@ def _moe_classes() -> Any:
             return self.lm_head(getattr(root, n["norm"])(x))
 
     return MoeLM
-
 
 
 MOE_RENAMES = (  # Mixtral names -> DeepSeek names, applied in order

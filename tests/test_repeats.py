@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from archalign.repeats import _runs_of
+from archalign.repeats import Run, Unsafe, _runs_of, expand_edges, expand_reads
 from archalign.source import read_source
 from archalign.trace import trace_graph
 
@@ -308,3 +308,44 @@ def test_runs_of_integer_attributes_constant_or_following_the_index():
     assert runs((5,), (5,), (5,), (3,), (3,), (3,), (3,)) == [(3, 7)]
     assert runs((0,), (1,), (2,), (2,), (4,), (5,)) == []  # neither: runs of 3
     assert runs(*[(0,)] * 3) == []  # too short
+
+
+# --------------------------------------------------------------------------- fx: edges and reads
+
+
+RUN = Run("b", 0, 4)
+
+
+def test_a_chain_of_blocks_expands_block_to_block_and_the_last_feeds_what_follows():
+    cut = [("<input>", "b.0.x"), ("b.0.x", "b.0.y"), ("b.1.x", "b.1.y"), ("b.0.y", "b.1.x"),
+           ("g", "b.1.y"), ("b.1.y", "head")]
+    assert sorted(expand_edges(cut, [RUN])) == sorted([
+        ("<input>", "b.0.x"), *((f"b.{i}.x", f"b.{i}.y") for i in range(4)),
+        *((f"b.{i}.y", f"b.{i + 1}.x") for i in range(3)),
+        *(("g", f"b.{i}.y") for i in range(1, 4)), ("b.3.y", "head")])
+
+
+def test_parallel_blocks_all_feed_what_the_first_two_feed():
+    cut = [("norm", "b.0.x"), ("norm", "b.1.x"), ("b.0.x", "sum"), ("b.1.x", "sum")]
+    assert sorted(expand_edges(cut, [RUN])) == sorted(
+        [*(("norm", f"b.{i}.x") for i in range(4)), *((f"b.{i}.x", "sum") for i in range(4))])
+
+
+@pytest.mark.parametrize("cut", [
+    [("b.0.x", "b.1.x"), ("b.0.x", "head"), ("b.1.x", "head")],  # chain, and a skip from b.0
+    [("b.0.x", "head")],  # only the first feeds it
+    [("b.1.x", "b.0.x")],  # backwards
+    [("b.0.x", "b.0.y"), ("b.1.y", "b.1.x")],  # different blocks
+], ids=["skip", "first-only", "backwards", "different"])
+def test_edges_that_cannot_be_expanded_are_unsafe(cut):
+    with pytest.raises(Unsafe):
+        expand_edges(cut, [RUN])
+
+
+def test_reads_of_later_blocks_are_their_own_unless_every_block_reads_it():
+    reads = {"b.0.q": 5, "b.0.k": 5, "b.0.g": 3, "b.1.q": 7, "b.1.k": 7, "b.1.g": 3, "head": 9}
+    out = expand_reads(reads, [RUN])
+    assert {k: out[k] for k in reads} == reads
+    assert out["b.2.q"] == out["b.2.k"] != out["b.3.q"] == out["b.3.k"]
+    assert out["b.2.q"] not in reads.values()
+    assert out["b.2.g"] == out["b.3.g"] == 3  # a tensor every block reads

@@ -116,3 +116,19 @@ def test_vision_pair_comes_from_torchvision_and_timm() -> None:
     assert type(src).__module__.startswith("torchvision")
     assert type(dst).__module__.startswith("timm")
     assert not src.training and not dst.training
+
+
+@pytest.mark.parametrize("style", ["a", "b"])
+def test_traceable_moe_takes_the_fx_path_with_the_same_tensors(style):
+    from archalign.source import read_source
+    from archalign.trace import trace_graph
+
+    plain, traceable = make_moe(SMALL, style), make_moe(SMALL, style, traceable=True)
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {
+        k: v.shape for k, v in traceable.state_dict().items()}
+    assert trace_graph(read_source(traceable)).tracer == "fx"
+    assert trace_graph(read_source(plain)).tracer == "hooks"  # the input-length check
+    torch.manual_seed(0)
+    ids = torch.randint(0, SMALL.vocab, (2, 5))
+    traceable.load_state_dict(plain.state_dict())
+    assert torch.equal(plain(ids), traceable(ids))

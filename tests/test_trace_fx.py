@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+import timm
 import torch
+import torchvision
 from torch import nn
 
+from archalign import trace_fx
 from archalign.graph import INPUT, OUTPUT
 from archalign.source import read_source
 from archalign.trace import trace_graph
@@ -142,3 +148,105 @@ def test_a_failed_trace_leaves_no_proxy_on_the_model():
     assert g.tracer != "fx"
     assert model.scale is scale and model.offset is offset
     model(torch.ones(2, 3))  # still runs
+
+
+# --------------------------------------------------------------------------- at scale
+
+
+def reads_partition(g):
+    """Which units read the very same tensor (the ids themselves mean nothing)."""
+    groups: dict[int, list[str]] = {}
+    for key, value in g.reads.items():
+        groups.setdefault(value, []).append(key)
+    return sorted(sorted(keys) for keys in groups.values())
+
+
+def assert_same_graph(collapsed, full):
+    assert collapsed.tracer == full.tracer == "fx"
+    assert collapsed.order == full.order  # key for key
+    assert list(collapsed.graph.nodes) == list(full.graph.nodes)
+    assert edges(collapsed) == edges(full)
+    assert reads_partition(collapsed) == reads_partition(full)
+
+
+def raw_walk(monkeypatch):
+    """Make trace_fx keep every edge of the data flow (then reduced by networkx), as before
+    the one-pass reduction."""
+    walk = trace_fx._walk
+    monkeypatch.setattr(trace_fx, "_walk", lambda *args, reduce: walk(*args, reduce=False))
+
+
+@pytest.mark.parametrize("style", ["a", "b"], ids=["mixtral-names", "deepseek-names"])
+def test_fx_collapses_layers_and_experts_to_the_full_graph(style, caplog):
+    from corpus.scale import MoeShape, make_moe
+
+    with torch.device("meta"):
+        model = make_moe(MoeShape(layers=5, experts=6), style, traceable=True)
+    with caplog.at_level(logging.DEBUG, logger="archalign.trace_fx"):
+        collapsed = trace(model)
+    assert "traced MoeLM with repeated blocks cut to two; expanded" in caplog.text
+    full = trace(model, collapse_repeats=False)
+    assert_same_graph(collapsed, full)
+    assert len(collapsed.units) == 5 * (7 + 3 * 6) + 3
+    assert len(model.state_dict()) == len(collapsed.units)  # the cut containers were put back
+
+
+@pytest.mark.parametrize("build", [
+    lambda: torchvision.models.resnet50(weights=None),
+    lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False),
+    lambda: timm.create_model("convnext_atto", pretrained=False),
+], ids=["torchvision-resnet50", "timm-vit", "timm-convnext"])
+def test_fx_collapsed_vision_models_trace_to_the_full_graph(build):
+    with torch.device("meta"):
+        model = build()
+    assert_same_graph(trace(model), trace(model, collapse_repeats=False))
+
+
+class TwoOutputs(nn.Module):
+    """A block whose second output the next block does not read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.main, self.side = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.main(x), self.side(x)
+
+
+class SkipFromFirst(nn.Module):
+    """Identical blocks in a chain, and a head that also reads the first block's side output: an
+    edge from the first block past the second, which the expansion cannot place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(TwoOutputs() for _ in range(5))
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x):
+        x, first = self.blocks[0](x)
+        for block in self.blocks[1:]:
+            x, _ = block(x)
+        return self.head(x + first)
+
+
+def test_fx_an_edge_past_the_second_block_traces_every_block(caplog):
+    model = SkipFromFirst()
+    with caplog.at_level(logging.DEBUG, logger="archalign.trace_fx"):
+        collapsed = trace(model)
+    assert "leaves the block blocks.0 past blocks.1); tracing every block" in caplog.text
+    assert_same_graph(collapsed, trace(model, collapse_repeats=False))
+    assert collapsed.predecessors("head") == ["blocks.0.side", "blocks.4.main"]
+
+
+@pytest.mark.parametrize("model", [
+    Residual, Branches, WithToken, Nested, Attention, Metadata, Tied, SkipFromFirst,
+    lambda: torchvision.models.resnet18(weights=None),
+    lambda: torchvision.models.densenet121(weights=None),
+    lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False),
+], ids=lambda m: getattr(m, "__name__", "model"))
+def test_fx_one_pass_edges_are_the_transitive_reduction(model, monkeypatch):
+    built = model()
+    fast = trace(built, collapse_repeats=False)
+    raw_walk(monkeypatch)
+    slow = trace(built, collapse_repeats=False)
+    assert_same_graph(fast, slow)
