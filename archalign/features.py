@@ -8,6 +8,7 @@ extra blocks then become gaps instead of shifting every later layer.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Callable, Collection, Sequence
@@ -17,7 +18,8 @@ import numpy as np
 
 from .graph import INPUT, OUTPUT, Unit, UnitGraph, size_order
 
-__all__ = ["UnitFeatures", "extract_features", "layer_family", "unit_signature"]
+__all__ = ["UnitFeatures", "extract_features", "layer_family", "unit_signature",
+           "without_own_classes"]
 
 Signature = tuple[str, tuple[tuple[int, ...], ...]]
 
@@ -131,6 +133,21 @@ def unit_signature(unit: Unit) -> Signature:
     if family == "unknown":
         family = infer_family(unit)
     return (family, unit.shape_key)
+
+
+def without_own_classes(graph: UnitGraph) -> UnitGraph:
+    """The graph with the class names no other implementation shares (``Dinov2LayerScale``,
+    ``LayerScale``) forgotten, so that their families are guessed from their tensors as a
+    checkpoint's are (`infer_family`): against a source without classes, a class of the
+    destination's own only makes every comparison fail. Shared families (linear, conv, norm,
+    embedding) and lone tensors keep their class."""
+    units = {key: dataclasses.replace(u, type_name="") if _own_class(u.type_name) else u
+             for key, u in graph.units.items()}
+    return dataclasses.replace(graph, units=units)
+
+
+def _own_class(type_name: str) -> bool:
+    return type_name not in ("", "Parameter") and layer_family(type_name) == type_name
 
 
 def infer_family(unit: Unit) -> str:

@@ -8,6 +8,8 @@ one-to-one matches it breaks, the best adoption first.
 
 from __future__ import annotations
 
+import os
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -64,7 +66,9 @@ def match_fused(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weight
                 if any(((p.unit.key, single.unit.key) if fused_is_dst
                         else (single.unit.key, p.unit.key)) in forbidden for p in group):
                     continue
-                position = position_weight * np.log1p(abs(single.position - near.centres[g]))
+                # the single unit sits where its first part does (`features._align_rest`)
+                offset = min(abs(single.position - p.position) for p in group)
+                position = position_weight * np.log1p(offset)
                 structural = position + weights.fused
                 name = weights.name * (0.0 if single.tokens & group[0].tokens else 1.0)
                 src_side, dst_side = ((tuple(group), (single,)) if fused_is_dst
@@ -99,13 +103,34 @@ def match_fused(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weight
         deltas = [_adoption_delta(c, kept, weights.unmatched) if c.units & affected else d
                   for c, d in survivors]
         shapes = [f.unit.shape_key for f in (best.src if len(best.src) > 1 else best.dst)]
-        factor = ORDER_ONLY_GROUP if len(set(shapes)) < len(shapes) else 1.0
+        single, group = (best.dst[0], best.src) if best.fused_is_dst else (best.src[0], best.dst)
+        alike = len(set(shapes)) < len(shapes)
+        factor = ORDER_ONLY_GROUP if alike and not _named_in_order(single.unit, group) else 1.0
         fused.append(UnitMatch(
             src=best.src, dst=best.dst, terms={**best.terms, "regret": float(regret)},
             confidence=confidence(best.structural, regret) * factor
             * float(np.exp(-max(f.spread for f in best.src))), pairs=best.pairs))
     return list(kept.matches.values()), fused
 
+
+
+def _named_in_order(single: Unit, group: Sequence[UnitFeatures]) -> bool:
+    """Whether the fused unit's name spells its parts in their order: ``qkv`` for ``q_proj``,
+    ``k_proj``, ``v_proj`` (or ``query``, ``key``, ``value`` by initials), ``gate_up_proj`` for
+    ``gate_proj``, ``up_proj``; then the names, not execution alone, order equal-shaped parts."""
+    words = [set(_WORD.findall(f.unit.key.rsplit(".", 1)[-1].lower())) for f in group]
+    shared = set.intersection(*words)
+    own = [sorted(w - shared) for w in words]
+    if any(len(w) != 1 for w in own):
+        return False
+    stem = os.path.commonprefix([w[0] for w in own])  # noqa: RUF071 (by characters: "w" of wq, wk)
+    letters = [w[0][len(stem):] or w[0] for w in own]
+    fused = single.key.rsplit(".", 1)[-1].lower().replace("_", "")
+    spelled = ["".join(letters), "".join(w[0] for w in letters)]
+    return any(s in fused for s in spelled)
+
+
+_WORD = re.compile(r"[a-z]+|[0-9]+")
 
 
 class _Nearest:

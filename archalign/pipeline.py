@@ -13,7 +13,7 @@ from torch import nn
 from .confidence import AMBIGUOUS_INSIDE, DEFAULT_MIN_CONFIDENCE, trust_in
 from .cost import CostWeights
 from .errors import SourceError
-from .features import UnitFeatures, extract_features
+from .features import UnitFeatures, extract_features, without_own_classes
 from .functional import decide_by_activations
 from .fused import match_fused
 from .graph import Tracer, Unit, UnitGraph, build_units
@@ -92,9 +92,11 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
     src_traced = trace_graph(source, inputs.src if inputs is not None else example_inputs)
     step("tracing the destination")
     dst_traced = trace_graph(target, inputs.dst if inputs is not None else example_inputs)
-    if src_traced.tracer in (Tracer.STATE_DICT, Tracer.SORTED) and dst_traced.tracer.executes:
-        step("fitting the checkpoint's key tree to the destination's order")
-        src_traced = fit_order(src_traced, dst_traced)
+    if src_traced.tracer in (Tracer.STATE_DICT, Tracer.SORTED):  # a checkpoint: no classes
+        dst_traced = without_own_classes(dst_traced)
+        if dst_traced.tracer.executes:
+            step("fitting the checkpoint's key tree to the destination's order")
+            src_traced = fit_order(src_traced, dst_traced)
     src_graph, dst_graph = harmonise_graphs(
         src_traced, dst_traced, _in_registration_order(src_traced, source),
         _in_registration_order(dst_traced, target))

@@ -17,6 +17,7 @@ from archalign.features import (
     layer_family,
     name_tokens,
     unit_signature,
+    without_own_classes,
 )
 from archalign.graph import INPUT, OUTPUT, Tracer, Unit, chain_graph, ordered_graph
 
@@ -299,3 +300,18 @@ def W(rows: int, cols: int) -> tuple[str, tuple[tuple[int, ...], ...]]:
 ])
 def test_align_sequences_aligns_fused_units_with_their_parts(a, b, expected):
     assert align_sequences(a, b) == expected
+
+
+def test_without_own_classes_forgets_only_classes_no_one_shares():
+    """Against a checkpoint (no classes), a destination's own class (a layer scale) is guessed
+    from its tensors as the checkpoint's are; shared families keep their class."""
+    units = [Unit("ls", ("ls.lambda1",), ((8,),), "Dinov2LayerScale"),
+             linear("fc", 8, 8),
+             Unit("norm", ("norm.weight", "norm.bias"), ((8,), (8,)), "LayerNorm"),
+             Unit("cls", ("cls",), ((1, 8),), "Parameter")]
+    graph = without_own_classes(chain_graph(units, Tracer.HOOKS))
+    assert [u.type_name for u in graph.units.values()] == ["", "Linear", "LayerNorm", "Parameter"]
+    assert [unit_signature(u)[0] for u in graph.units.values()] == [
+        "param", "linear", "norm", "param"]
+    assert graph.tracer is Tracer.HOOKS and list(graph.graph.edges) == list(
+        chain_graph(units, Tracer.HOOKS).graph.edges)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from archalign.cost import CostWeights
 from archalign.features import extract_features
-from archalign.fused import match_fused
+from archalign.fused import _named_in_order, match_fused
 from archalign.graph import Tracer, Unit, chain_graph
 from archalign.match import match_units
 from archalign.ops import Op
@@ -53,3 +55,41 @@ def test_a_forbidden_member_keeps_the_group_apart() -> None:
 def test_pieces_that_do_not_add_up_are_not_fused() -> None:
     _, fused = solve([linear("q", 8, 8), linear("k", 8, 8)], [linear("qk", 12, 8)])
     assert fused == []
+
+
+def equal_parts(*keys: str) -> list[Unit]:
+    return [linear(k, 8, 8) for k in keys]
+
+
+def test_a_fused_unit_sits_where_its_first_part_does() -> None:
+    """The single unit's position is its first part's (the alignment anchors it there): a
+    well-placed fused match pays no position cost, whatever the group's length."""
+    _, fused = solve([*equal_parts("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+                      linear("attn.o", 8, 8)],
+                     [linear("attn.qkv", 24, 8), linear("attn.proj", 8, 8)])
+    (match,) = fused
+    assert match.terms["position"] == 0.0
+
+
+@pytest.mark.parametrize("single, parts, named", [
+    ("attn.qkv", ("attn.q_proj", "attn.k_proj", "attn.v_proj"), True),
+    ("attn.qkv", ("attn.query", "attn.key", "attn.value"), True),  # by initials
+    ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"), True),
+    ("attn.wqkv", ("attn.wq", "attn.wk", "attn.wv"), True),
+    ("attn.c_attn", ("attn.q_proj", "attn.k_proj", "attn.v_proj"), False),  # GPT-2: no letters
+    ("attn.kqv", ("attn.q_proj", "attn.k_proj", "attn.v_proj"), False),  # another order
+    ("attn.in_proj", ("attn.q", "attn.k", "attn.v"), False),
+])
+def test_named_in_order(single: str, parts: tuple[str, ...], named: bool) -> None:
+    fs, _ = extract_features(chain_graph(equal_parts(*parts), Tracer.FX),
+                             chain_graph(equal_parts(*parts), Tracer.FX))
+    assert _named_in_order(linear(single, 24, 8), fs) is named
+
+
+def test_equal_parts_named_in_order_keep_their_confidence() -> None:
+    """Equal-shaped parts are ordered by execution alone (a factor below 1) unless the fused
+    unit's name spells them in that order."""
+    src = [*equal_parts("attn.q_proj", "attn.k_proj", "attn.v_proj"), linear("attn.o", 8, 8)]
+    (named,) = solve(src, [linear("attn.qkv", 24, 8), linear("attn.proj", 8, 8)])[1]
+    (unnamed,) = solve(src, [linear("attn.c_attn", 24, 8), linear("attn.proj", 8, 8)])[1]
+    assert unnamed.confidence < named.confidence
