@@ -261,7 +261,9 @@ def _fit_family(root: _Node, members: list[_Node], target: list[_Item],
     first = members[0]
     names = list(first.children if first.order is None else first.order)
     chains = _Chains.of(names)
-    if chains.count() <= 1:
+    if chains.count() <= 1:  # one order keeps the chains (blocks 0 .. N): numbers, not names
+        for node in members:  # (a sorted file keeps "10" before "2")
+            node.order = chains.realise(chains.labels)
         return
     scored = members[:SCORED_MEMBERS]
     inside = [blocks.get(_block_path(m.path)) for m in scored]
@@ -289,7 +291,9 @@ def _fit_family(root: _Node, members: list[_Node], target: list[_Item],
             at = _segment_start(block_units, first)
             lead = [_item(u) for u in block_units[:at]] + lead
         arrangements = [chains.realise(chains.labels),
-                        *_beam(first, chains, _run(_start(costs), lead, costs), costs)]
+                        *(_named_in_place(order, first, chains, names_at)
+                          for order in _beam(first, chains, _run(_start(costs), lead, costs),
+                                             costs))]
     best, best_key = arrangements[0], (np.inf, np.inf, np.inf)
     for order in arrangements:
         for node in members:
@@ -297,9 +301,12 @@ def _fit_family(root: _Node, members: list[_Node], target: list[_Item],
         cost = round(sum(float(_run(_start(c), [_item(u) for u in list(n.units())[part]], c)
                                [-1][-1]) for n, part, c in spans), 9)
         # equal costs (identical signatures: q, k, v; or a block shifted by one norm): children
-        # named as in the destination in its order, siblings of one number together (conv1
-        # with bn1), then the earlier arrangement (the checkpoint's own)
-        key = (cost, _name_inversions(order, names_at), _ordinal_spread(order))
+        # named as in the destination in its order, then children named for their step in that
+        # step's order (q, k, v before o; gate, up before down; before/pre before after/post), then
+        # siblings of one number together (conv1 with bn1), then the earlier arrangement (the
+        # checkpoint's own)
+        key = (cost, _name_inversions(order, names_at), _role_inversions(order),
+               _ordinal_spread(order))
         if key < best_key:
             best, best_key = order, key
     for node in members:
@@ -349,6 +356,8 @@ def _beam(node: _Node, chains: _Chains, rows: list[np.ndarray], costs: _Costs) -
     """Orders of ``node``'s children built child by child, keeping the `BEAM` partial orders whose
     units align best with some beginning of the window (``rows``: the alignment so far)."""
     beam: list[tuple[float, list[str], list[np.ndarray]]] = [(0.0, [], rows)]
+    contents_of = {name: tuple(_item(u) for u in child.units())
+                   for name, child in node.children.items()}
     for _ in chains.labels:
         grown = []
         for _, order, state in beam:
@@ -359,15 +368,69 @@ def _beam(node: _Node, chains: _Chains, rows: list[np.ndarray], costs: _Costs) -
                 name = members[done]
                 after = _run(state, [_item(u) for u in node.children[name].units()], costs)
                 grown.append((float(after[-1].min()), [*order, name], after))
-        grown.sort(key=lambda g: g[0])
-        beam = grown[:BEAM]
+        # orders that hold the same units in the same places cost the same (q, k, v and o are
+        # four equal linears): one of them, the best named, stands for all, so that equal
+        # children do not fill the beam with permutations of one another
+        grown.sort(key=lambda g: (g[0], _role_inversions(g[1])))
+        contents = {}
+        for entry in grown:
+            content = tuple(contents_of[n] for n in entry[1])
+            contents.setdefault(content, entry)
+        beam = list(contents.values())[:BEAM]
     return [order for _, order, _ in beam]
+
+
+def _named_in_place(order: list[str], node: _Node, chains: _Chains,
+                    names_at: dict[str, int]) -> list[str]:
+    """``order`` with children of identical content (equal units, so equal costs) swapped into
+    the order their names say: destination names in its order, then steps (`_ROLES`), then the
+    checkpoint's order; ``order`` itself when that would break a chain (``fc1`` before ``fc2``)."""
+    content = {n: tuple(_item(u) for u in node.children[n].units()) for n in order}
+    rank = {n: i for i, n in enumerate(node.children)}
+    slots: dict[tuple[_Item, ...], list[int]] = {}
+    for i, name in enumerate(order):
+        slots.setdefault(content[name], []).append(i)
+    out = list(order)
+    for places in slots.values():
+        names = sorted((order[i] for i in places), key=lambda n: (
+            names_at.get(n, math.inf), _role(n) or (math.inf, math.inf), rank[n]))
+        for i, name in zip(places, names):
+            out[i] = name
+    for chain in chains.ordered.values():
+        at = [out.index(n) for n in chain]
+        if at != sorted(at):
+            return order
+    return out
 
 
 def _name_inversions(order: list[str], names_at: dict[str, int]) -> int:
     """Pairs of children named as destination modules that run in the other order."""
     at = [names_at[n] for n in order if n in names_at]
     return sum(a > b for i, a in enumerate(at) for b in at[i + 1:])
+
+
+def _role_inversions(order: list[str]) -> int:
+    """Pairs of children named for their step (`_ROLES`: ``q_proj``, ``key``, ``wo``,
+    ``down_proj``; ``layernorm_before``, ``post_attention_layernorm``) that stand against the
+    order attention and gated MLPs compute them in, or against what their names say."""
+    at = [r for r in map(_role, order) if r is not None]
+    return sum(a[0] == b[0] and a[1] > b[1] for i, a in enumerate(at) for b in at[i + 1:])
+
+
+def _role(name: str) -> tuple[int, int] | None:
+    for word in _WORDS.findall(name.lower()):
+        if word in _ROLES:
+            return _ROLES[word]
+    return None
+
+
+_WORDS = re.compile(r"[a-z]+")
+# the conventions of projection names: (which computation, the step it is computed at)
+_ROLES = {**{w: (0, 0) for w in ("q", "query", "wq")}, **{w: (0, 1) for w in ("k", "key", "wk")},
+          **{w: (0, 2) for w in ("v", "value", "wv")},
+          **{w: (0, 3) for w in ("o", "out", "output", "wo")},
+          "gate": (1, 0), "up": (1, 1), "down": (1, 2),
+          **{w: (2, 0) for w in ("before", "pre", "input")}, **{w: (2, 1) for w in ("after", "post")}}
 
 
 def _ordinal_spread(order: list[str]) -> int:

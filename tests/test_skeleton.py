@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from archalign.graph import Tracer, natural_key
-from archalign.skeleton import _Chains, fit_order
+from archalign.skeleton import _Chains, _role_inversions, fit_order
 from archalign.source import read_source
 from archalign.trace import trace_graph
 
@@ -73,7 +73,8 @@ def execution_order(model: nn.Module) -> list[str]:
     lambda: Tower(),
     lambda: Tower(fused=True),
     lambda: Tower(depth=5, dim=4),
-], ids=["split", "fused", "deep"])
+    lambda: Tower(depth=12, dim=4),  # sorted keys put blocks.10 before blocks.2
+], ids=["split", "fused", "deep", "twelve"])
 @pytest.mark.parametrize("saved", [lambda m: m.state_dict(), sorted_state],
                          ids=["registration", "sorted"])
 def test_a_checkpoint_fitted_to_its_own_model_is_in_execution_order(make, saved):
@@ -135,3 +136,60 @@ def test_arrangement_counts():
     assert _Chains.of(["norm2", "attn", "norm1", "mlp"]).count() == 12  # 4! / 2!
     assert _Chains.of([str(i) for i in range(12)]).count() == 1  # blocks: index order
     assert _Chains.of(["q", "k", "v", "proj", "fc1", "fc2", "norm1", "norm2"]).count() == 10080
+
+
+class NamedAttention(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.v_proj, self.o_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        return self.o_proj(torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v)
+
+
+class NamedBlock(nn.Module):
+    """A block named as Hugging Face names them, whose sorted keys put every pair of equal
+    layers in the wrong order: k_proj, o_proj, q_proj, v_proj (four equal linears) and
+    layernorm_after before layernorm_before."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.layernorm_before, self.layernorm_after = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attention = NamedAttention(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.layernorm_before(x))
+        return x + self.fc2(torch.relu(self.fc1(self.layernorm_after(x))))
+
+
+class NamedTower(Tower):
+    def __init__(self, depth: int = 2, dim: int = 8) -> None:
+        super().__init__(depth, dim)
+        self.blocks = nn.ModuleList(NamedBlock(dim) for _ in range(depth))
+
+
+def test_equal_layers_are_put_in_the_order_their_names_say():
+    """Against a fused qkv, the sequence cannot tell q, k, v from o (four equal linears), nor
+    the two norms apart: the names' conventions break the tie (q, k, v before o; before/pre
+    before after/post), never the sorted order."""
+    order = fitted(sorted_state(NamedTower()), Tower(depth=2, fused=True))
+    assert order[1:9] == ["blocks.0.layernorm_before", "blocks.0.attention.q_proj",
+                          "blocks.0.attention.k_proj", "blocks.0.attention.v_proj",
+                          "blocks.0.attention.o_proj", "blocks.0.layernorm_after",
+                          "blocks.0.fc1", "blocks.0.fc2"]
+
+
+@pytest.mark.parametrize("order, inversions", [
+    (["q_proj", "k_proj", "v_proj", "o_proj"], 0),
+    (["k_proj", "o_proj", "q_proj", "v_proj"], 3),  # k>q, o>q, o>v
+    (["wq", "wk", "wv", "wo", "w1"], 0),
+    (["query", "key", "value", "proj"], 0),  # proj: no step of its own
+    (["up_proj", "gate_proj", "down_proj"], 1),
+    (["layernorm_after", "attention", "layernorm_before"], 1),
+    (["post_attention_layernorm", "input_layernorm"], 1),
+])
+def test_role_inversions(order, inversions):
+    assert _role_inversions(order) == inversions
