@@ -294,7 +294,7 @@ def _fit_family(root: _Node, members: list[_Node], target: list[_Item],
                         *(_named_in_place(order, first, chains, names_at)
                           for order in _beam(first, chains, _run(_start(costs), lead, costs),
                                              costs))]
-    best, best_key = arrangements[0], (np.inf, np.inf, np.inf)
+    best, best_key = arrangements[0], (np.inf, np.inf, np.inf, np.inf)
     for order in arrangements:
         for node in members:
             node.order = list(order)
@@ -372,7 +372,7 @@ def _beam(node: _Node, chains: _Chains, rows: list[np.ndarray], costs: _Costs) -
         # four equal linears): one of them, the best named, stands for all, so that equal
         # children do not fill the beam with permutations of one another
         grown.sort(key=lambda g: (g[0], _role_inversions(g[1])))
-        contents = {}
+        contents: dict[tuple[tuple[_Item, ...], ...], tuple[float, list[str], list[np.ndarray]]] = {}
         for entry in grown:
             content = tuple(contents_of[n] for n in entry[1])
             contents.setdefault(content, entry)
