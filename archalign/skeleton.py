@@ -30,12 +30,12 @@ import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import numpy as np
 
-from .features import GAP, Signature, align_sequences, unit_signature
-from .graph import Tracer, Unit, UnitGraph, chain_graph, size_order
+from .features import GAP, unit_signature
+from .graph import Tracer, Unit, UnitGraph, chain_graph
+from .order_alignment import Costs, Item, extend_rows, first_row, in_repeat, item_of, window_of
 
 __all__ = ["BEAM", "MAX_ARRANGEMENTS", "MAX_SWEEPS", "fit_order"]
 
@@ -43,22 +43,10 @@ logger = logging.getLogger(__name__)
 
 MAX_ARRANGEMENTS = 120  # orders of one module's children tried exhaustively; beyond, a beam
 BEAM = 16  # partial orders the beam search keeps
-OUTSIDE_BLOCK = 0.5 * GAP  # aligning a unit inside a numbered block with one outside any
-FUSED = 0.25 * GAP  # aligning one unit with 2 or 3 identical units it holds stacked
-FUSED_COUNTS = (2, 3)  # how many stacked units a fused one may hold (gate+up; q+k+v)
 MAX_FREE_MOVES_UNITS = 2000  # above this many units, no single-unit moves (each costs an alignment)
 SCORED_MEMBERS = 3  # members of a family of identical modules whose span scores an order
 MAX_SWEEPS = 3  # passes over the tree: bottom-up once, then top-down until nothing moves
 _ORDINAL = re.compile(r"(.*?)_?(\d+)")  # "norm2" -> ("norm", 2); "ln_1" -> ("ln", 1); "3" -> ("", 3)
-
-
-class _Item(NamedTuple):
-    """One unit as the order fit compares it."""
-
-    signature: Signature  # family and shapes
-    in_repeat: bool  # inside a numbered block (a ``ModuleList`` entry) of its model
-    read: int | None = None  # destination only: an id of the tensor its layer read first (q, k
-    # and v read one); None when unknown
 
 
 @dataclass
@@ -109,7 +97,7 @@ def fit_order(src: UnitGraph, dst: UnitGraph) -> UnitGraph:
         raise ValueError(f"fit_order needs the destination in execution order; its tracer is "
                          f"{dst.tracer.value!r}")
     root = _tree(list(src.units.values()))
-    target = [_Item(unit_signature(u), _in_repeat(u.key), dst.reads.get(u.key))
+    target = [Item(unit_signature(u), in_repeat(u.key), dst.reads.get(u.key))
               for u in dst.units.values()]
     names_at: dict[str, int] = {}  # a name in the destination's keys -> where it first runs
     for rank, key in enumerate(dst.units):
@@ -136,20 +124,20 @@ def fit_order(src: UnitGraph, dst: UnitGraph) -> UnitGraph:
     return graph
 
 
-def _free_moves(sequence: list[Unit], target: list[_Item]) -> list[Unit]:
+def _free_moves(sequence: list[Unit], target: list[Item]) -> list[Unit]:
     """Move single units outside any numbered block (an embedding, a final norm) to the boundary
     between top-level parts where the whole sequence aligns better by at least a unit skipped:
     a checkpoint may keep tensors of one container that do not run together (``base.embed``
     and ``base.norm`` around blocks stored elsewhere)."""
     if len(sequence) > MAX_FREE_MOVES_UNITS:
         return sequence
-    costs = _Costs(target)
+    costs = Costs(target)
 
     def cost(seq: list[Unit]) -> float:
-        return float(_run(_start(costs), [_item(u) for u in seq], costs)[-1][-1])
+        return float(extend_rows(first_row(costs), [item_of(u) for u in seq], costs)[-1][-1])
 
     best = cost(sequence)
-    for unit in [u for u in sequence if not _in_repeat(u.key)]:
+    for unit in [u for u in sequence if not in_repeat(u.key)]:
         rest = [u for u in sequence if u is not unit]
         tops = [u.key.split(".")[0] for u in rest]
         bounds = [i for i in range(len(rest) + 1)
@@ -198,12 +186,12 @@ def _block_path(path: str) -> str:
     return ""
 
 
-def _paired_blocks(root: _Node, dst_keys: list[str], target: list[_Item]
-                   ) -> dict[str, tuple[_Node, list[_Item]]]:
+def _paired_blocks(root: _Node, dst_keys: list[str], target: list[Item]
+                   ) -> dict[str, tuple[_Node, list[Item]]]:
     """Numbered source blocks (``blk.3``) -> (the block, its destination counterpart's units in
     execution order). Runs of blocks are paired by count and by what they hold (the multiset of
     their units' signatures), block i with block i."""
-    dst_runs: dict[str, dict[str, list[_Item]]] = {}  # run -> member -> units, in order
+    dst_runs: dict[str, dict[str, list[Item]]] = {}  # run -> member -> units, in order
     for key, item in zip(dst_keys, target):
         block = _block_path(key.rpartition(".")[0])
         if block:
@@ -217,7 +205,7 @@ def _paired_blocks(root: _Node, dst_keys: list[str], target: list[_Item]
         numbered = [c for name, c in node.children.items() if name.isdigit() and c.children]
         if len(numbered) >= 2:
             src_runs[node.path] = sorted(numbered, key=lambda c: int(c.path.rpartition(".")[2]))
-    out: dict[str, tuple[_Node, list[_Item]]] = {}
+    out: dict[str, tuple[_Node, list[Item]]] = {}
     taken: set[str] = set()
     for _, members in sorted(src_runs.items(), key=lambda r: -len(r[1])):
         held = Counter(unit_signature(u) for m in members for u in m.units())
@@ -252,8 +240,8 @@ def _families(nodes: list[_Node]) -> list[list[_Node]]:
 
 # --------------------------------------------------------------------------- one module's order
 
-def _fit_family(root: _Node, members: list[_Node], target: list[_Item],
-                names_at: dict[str, int], blocks: dict[str, tuple[_Node, list[_Item]]]) -> None:
+def _fit_family(root: _Node, members: list[_Node], target: list[Item],
+                names_at: dict[str, int], blocks: dict[str, tuple[_Node, list[Item]]]) -> None:
     """Give every member of a family the order of children (its own unit stays first) under
     which the first `SCORED_MEMBERS` members, with as many source units on either side as
     context, align best with the part of the destination that span falls in (the context pins
@@ -267,38 +255,38 @@ def _fit_family(root: _Node, members: list[_Node], target: list[_Item],
         return
     scored = members[:SCORED_MEMBERS]
     inside = [blocks.get(_block_path(m.path)) for m in scored]
-    spans: list[tuple[_Node, slice, _Costs]]  # what to align (a node's units, a slice of them)
+    spans: list[tuple[_Node, slice, Costs]]  # what to align (a node's units, a slice of them)
     if all(b is not None for b in inside):
         # numbered blocks paired with the destination's: each member's block against its
         # counterpart, end to end (no phase to guess)
-        spans = [(b, slice(None), _Costs(w)) for b, w in (x for x in inside if x is not None)]
-        head: list[_Item] = []
+        spans = [(b, slice(None), Costs(w)) for b, w in (x for x in inside if x is not None)]
+        head: list[Item] = []
     else:
         sequence = list(root.units())
         length = sum(1 for _ in first.units())
         start = _segment_start(sequence, first)
         end = _segment_start(sequence, scored[-1]) + length
         lo, hi = max(0, start - length), min(len(sequence), end + length)
-        spans = [(root, slice(lo, hi), _Costs(_window(sequence, lo, hi, target)))]
-        head = [_item(u) for u in sequence[lo:start]]
+        spans = [(root, slice(lo, hi), Costs(window_of(sequence, lo, hi, target)))]
+        head = [item_of(u) for u in sequence[lo:start]]
     if chains.count() <= MAX_ARRANGEMENTS:
         arrangements = list(chains.arrangements())
     else:  # too many to try: the checkpoint's order and the best ones a beam search builds
         costs = spans[0][2]
-        lead = head + ([_item(first.unit)] if first.unit else [])
+        lead = head + ([item_of(first.unit)] if first.unit else [])
         if inside[0] is not None:  # the member's block units before the member
             block_units = list(inside[0][0].units())
             at = _segment_start(block_units, first)
-            lead = [_item(u) for u in block_units[:at]] + lead
+            lead = [item_of(u) for u in block_units[:at]] + lead
         arrangements = [chains.realise(chains.labels),
                         *(_named_in_place(order, first, chains, names_at)
-                          for order in _beam(first, chains, _run(_start(costs), lead, costs),
+                          for order in _beam(first, chains, extend_rows(first_row(costs), lead, costs),
                                              costs))]
     best, best_key = arrangements[0], (np.inf, np.inf, np.inf, np.inf)
     for order in arrangements:
         for node in members:
             node.order = list(order)
-        cost = round(sum(float(_run(_start(c), [_item(u) for u in list(n.units())[part]], c)
+        cost = round(sum(float(extend_rows(first_row(c), [item_of(u) for u in list(n.units())[part]], c)
                                [-1][-1]) for n, part, c in spans), 9)
         # equal costs (identical signatures: q, k, v; or a block shifted by one norm): children
         # named as in the destination in its order, then children named for their step in that
@@ -352,11 +340,11 @@ class _Chains:
             yield self.realise(labels)
 
 
-def _beam(node: _Node, chains: _Chains, rows: list[np.ndarray], costs: _Costs) -> list[list[str]]:
+def _beam(node: _Node, chains: _Chains, rows: list[np.ndarray], costs: Costs) -> list[list[str]]:
     """Orders of ``node``'s children built child by child, keeping the `BEAM` partial orders whose
     units align best with some beginning of the window (``rows``: the alignment so far)."""
     beam: list[tuple[float, list[str], list[np.ndarray]]] = [(0.0, [], rows)]
-    contents_of = {name: tuple(_item(u) for u in child.units())
+    contents_of = {name: tuple(item_of(u) for u in child.units())
                    for name, child in node.children.items()}
     for _ in chains.labels:
         grown = []
@@ -366,13 +354,13 @@ def _beam(node: _Node, chains: _Chains, rows: list[np.ndarray], costs: _Costs) -
                 if done == len(members):
                     continue
                 name = members[done]
-                after = _run(state, [_item(u) for u in node.children[name].units()], costs)
+                after = extend_rows(state, [item_of(u) for u in node.children[name].units()], costs)
                 grown.append((float(after[-1].min()), [*order, name], after))
         # orders that hold the same units in the same places cost the same (q, k, v and o are
         # four equal linears): one of them, the best named, stands for all, so that equal
         # children do not fill the beam with permutations of one another
         grown.sort(key=lambda g: (g[0], _role_inversions(g[1])))
-        contents: dict[tuple[tuple[_Item, ...], ...], tuple[float, list[str], list[np.ndarray]]] = {}
+        contents: dict[tuple[tuple[Item, ...], ...], tuple[float, list[str], list[np.ndarray]]] = {}
         for entry in grown:
             content = tuple(contents_of[n] for n in entry[1])
             contents.setdefault(content, entry)
@@ -385,9 +373,9 @@ def _named_in_place(order: list[str], node: _Node, chains: _Chains,
     """``order`` with children of identical content (equal units, so equal costs) swapped into
     the order their names say: destination names in its order, then steps (`_ROLES`), then the
     checkpoint's order; ``order`` itself when that would break a chain (``fc1`` before ``fc2``)."""
-    content = {n: tuple(_item(u) for u in node.children[n].units()) for n in order}
+    content = {n: tuple(item_of(u) for u in node.children[n].units()) for n in order}
     rank = {n: i for i, n in enumerate(node.children)}
-    slots: dict[tuple[_Item, ...], list[int]] = {}
+    slots: dict[tuple[Item, ...], list[int]] = {}
     for i, name in enumerate(order):
         slots.setdefault(content[name], []).append(i)
     out = list(order)
@@ -474,135 +462,3 @@ def _segment_start(sequence: list[Unit], node: _Node) -> int:
     """Where ``node``'s units begin in the whole sequence (they are contiguous)."""
     first = next(node.units())
     return next(i for i, u in enumerate(sequence) if u.key == first.key)
-
-
-def _window(sequence: list[Unit], lo: int, hi: int, target: list[_Item]) -> list[_Item]:
-    """The part of the destination that ``sequence[lo:hi]`` falls in, by a global alignment of
-    the whole sequence: from the unit after the last one aligned before ``lo`` to the unit
-    before the first one aligned from ``hi`` on."""
-    pairs = align_sequences([unit_signature(u) for u in sequence], [t.signature for t in target])
-    before = [j for i, j in pairs if i < lo]
-    after = [j for i, j in pairs if i >= hi]
-    return target[(before[-1] + 1 if before else 0):(after[0] if after else len(target))]
-
-
-class _Costs:
-    """The alignment's move costs against one destination window, cached per source item."""
-
-    def __init__(self, window: list[_Item]) -> None:
-        self.window = window
-        self._sub: dict[_Item, np.ndarray] = {}
-        self._fused: dict[tuple[_Item, int], np.ndarray] = {}
-        self._split: dict[tuple[_Item, int], np.ndarray] = {}
-
-    def substitution(self, item: _Item) -> np.ndarray:
-        """Per window unit: the cost of aligning ``item`` with it."""
-        if item not in self._sub:
-            self._sub[item] = np.array([
-                _substitution(item.signature, w.signature)
-                + OUTSIDE_BLOCK * (item.in_repeat != w.in_repeat) for w in self.window])
-        return self._sub[item]
-
-    def fused(self, item: _Item, k: int) -> np.ndarray:
-        """Per window end j: the cost of aligning ``item`` with ``window[j - k:j]``, k identical
-        units it holds stacked (a fused qkv against q, k and v), inf where it does not."""
-        key = (item, k)
-        if key not in self._fused:
-            out = np.full(len(self.window) + 1, np.inf)
-            for j in range(k, len(self.window) + 1):
-                run = self.window[j - k:j]
-                if (all(w.signature == run[0].signature for w in run)
-                        and _siblings(run) and _stacks(item.signature, run[0].signature, k)):
-                    out[j] = FUSED + OUTSIDE_BLOCK * (item.in_repeat != run[0].in_repeat)
-            self._fused[key] = out
-        return self._fused[key]
-
-    def split(self, item: _Item, k: int) -> np.ndarray:
-        """Per window unit: the cost of aligning k identical source units ``item`` with it, one
-        unit that holds them stacked; inf where it does not."""
-        key = (item, k)
-        if key not in self._split:
-            self._split[key] = np.array([
-                FUSED + OUTSIDE_BLOCK * (item.in_repeat != w.in_repeat)
-                if _stacks(w.signature, item.signature, k) else np.inf for w in self.window])
-        return self._split[key]
-
-
-def _start(costs: _Costs) -> list[np.ndarray]:
-    """The alignment's first row: window units skipped before anything of the source."""
-    return [GAP * np.arange(len(costs.window) + 1)]
-
-
-def _run(rows: list[np.ndarray], seq: list[_Item], costs: _Costs) -> list[np.ndarray]:
-    """The alignment's rows after ``seq`` more source units (the last row's entry j: the cost of
-    aligning everything so far with the window's first j units), from ``rows`` (the last few
-    rows so far). Equal signatures cost nothing, a unit of one family and rank
-    ``GAP * (1 + d / 2)`` (a transpose ``GAP / 4``), a unit that holds 2 or 3 identical units of
-    the other side stacked `FUSED`, a skipped unit of either side ``GAP``; a unit inside a
-    numbered block against one outside any costs `OUTSIDE_BLOCK` more (the final norm is not a
-    block's norm). Row by row with numpy; the last row's last entry is the global cost."""
-    m = len(costs.window)
-    steps = GAP * np.arange(m + 1)
-    rows = list(rows)
-    done: list[_Item] = []
-    for item in seq:
-        prev = rows[-1]
-        row = np.empty(m + 1)
-        row[0] = prev[0] + GAP
-        row[1:] = np.minimum(prev[:-1] + costs.substitution(item), prev[1:] + GAP)
-        for k in FUSED_COUNTS:
-            fused = costs.fused(item, k)  # this unit against the k window units ending at j
-            row[k:] = np.minimum(row[k:], prev[:m + 1 - k] + fused[k:])
-            if len(done) + 1 >= k and len(rows) >= k and all(x == item for x in done[-(k - 1):]):
-                row[1:] = np.minimum(row[1:], rows[-k][:-1] + costs.split(item, k))
-        # skipped window units: row[j] = min over k <= j of row[k] + GAP * (j - k)
-        rows.append(np.minimum.accumulate(row - steps) + steps)
-        done.append(item)
-        rows = rows[-(max(FUSED_COUNTS) + 1):]
-    return rows
-
-
-def _siblings(run: list[_Item]) -> bool:
-    """Whether destination units may be the parts of one fused unit: they read one tensor (when
-    the tracer saw what they read)."""
-    reads = {w.read for w in run}
-    return None in reads or len(reads) == 1
-
-
-def _stacks(whole: Signature, part: Signature, k: int) -> bool:
-    """Whether ``whole``'s main tensor is ``k`` of ``part``'s stacked along the output axis (for a
-    2-d weight also along its second axis: a Conv1D weight stored (in, out) read as such)."""
-    if whole[0] != part[0] or not whole[1] or not part[1]:
-        return False
-    w, p = min(whole[1], key=size_order), min(part[1], key=size_order)
-    if len(w) != len(p) or not w:
-        return False
-    if w[0] == k * p[0] and w[1:] == p[1:]:
-        return True
-    return len(w) == 2 and w[1] == k * p[0] and w[0] == p[1]
-
-
-def _item(unit: Unit) -> _Item:
-    return _Item(unit_signature(unit), _in_repeat(unit.key))
-
-
-def _in_repeat(key: str) -> bool:
-    """Whether a unit lies inside a numbered block (``layers.3.mlp``; not ``norm``, ``conv1``)."""
-    return any(part.isdigit() for part in key.split("."))
-
-
-def _substitution(a: Signature, b: Signature) -> float:
-    if a == b:
-        return 0.0
-    if a[0] != b[0] and not ({a[0], b[0]} <= {"linear", "embedding"}):
-        return np.inf
-    sa = min(a[1], key=size_order) if a[1] else ()
-    sb = min(b[1], key=size_order) if b[1] else ()
-    if [d for d in sa if d != 1] == [d for d in sb if d != 1]:
-        return GAP * 0.25  # the same values with singleton axes (a layer scale (C, 1, 1) vs (C,))
-    if len(sa) != len(sb):
-        return np.inf
-    if sorted(sa) == sorted(sb):
-        return GAP * 0.25  # a transpose (a Conv1D weight read without its module)
-    differing = sum(x != y for x, y in zip(sa, sb)) / max(len(sa), 1)
-    return GAP * (1.0 + 0.5 * differing)
