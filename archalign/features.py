@@ -289,9 +289,10 @@ def _align_rest(a: Sequence[Signature], b: Sequence[Signature]) -> list[tuple[in
     a_fam, b_fam = np.array([s[0] for s in a]), np.array([s[0] for s in b])
     a_main, a_rank = _main_shapes(a)
     b_main, b_rank = _main_shapes(b)
-    # runs[k][j]: the k units ending at j (exclusive) share one signature (parts of a fused unit)
-    a_runs = {k: _runs(a_id, k) for k in FUSED_PARTS}
-    b_runs = {k: _runs(b_id, k) for k in FUSED_PARTS}
+    # runs[k]: the k units ending at j (exclusive) may be the parts of one fused unit, and
+    # their rows summed and shared trailing shape (`_Runs`)
+    a_runs = {k: _Runs.of(a_fam, a_main, a_rank, k) for k in FUSED_PARTS}
+    b_runs = {k: _Runs.of(b_fam, b_main, b_rank, k) for k in FUSED_PARTS}
     cols = np.arange(m + 1, dtype=float)
     prev = GAP * cols
     history = [prev]  # the last rows, full width: a fused move reaches back k rows
@@ -320,17 +321,15 @@ def _align_rest(a: Sequence[Signature], b: Sequence[Signature]) -> list[tuple[in
         same_fam = b_fam[bs] == a_fam[i - 1]
         for k in FUSED_PARTS:
             # this source unit holds the k destination units ending at j, stacked
-            ok = same_fam & b_runs[k][first:hi + 1] & _stacked(a_main[i - 1], a_rank[i - 1],
-                                                                b_main[bs], b_rank[bs], k)
+            ok = same_fam & b_runs[k].hold(a_main[i - 1], a_rank[i - 1], first, hi + 1)
             back = np.arange(first, hi + 1) - k
             fused = np.where(ok & (back >= 0), prev[np.maximum(back, 0)] + FUSED_ALIGN, np.inf)
             better = fused < best[first - lo:]
             best[first - lo:] = np.where(better, fused, best[first - lo:])
             chosen[first - lo:] = np.where(better, _MOVE_FUSED_SRC + k, chosen[first - lo:])
             # the k source units ending here are held by destination unit j, stacked
-            if i >= k and a_runs[k][i] and len(history) >= k:
-                ok = same_fam & _stacked_many(b_main[bs], b_rank[bs], a_main[i - 1],
-                                              a_rank[i - 1], k)
+            if i >= k and a_runs[k].ok[i] and len(history) >= k:
+                ok = same_fam & a_runs[k].held_by(i, b_main[bs], b_rank[bs])
                 fused = np.where(ok, history[-k][first - 1:hi] + FUSED_ALIGN, np.inf)
                 better = fused < best[first - lo:]
                 best[first - lo:] = np.where(better, fused, best[first - lo:])
@@ -380,34 +379,53 @@ _MOVE_FUSED_SRC = 10  # + k: one source unit aligned with k destination units
 _MOVE_FUSED_DST = 20  # + k: k source units aligned with one destination unit
 
 
-def _runs(ids: np.ndarray, k: int) -> np.ndarray:
-    """``out[j]``: the k entries ending at j (exclusive) are equal (False for j < k)."""
-    out = np.zeros(len(ids) + 1, dtype=bool)
-    if len(ids) >= k:
-        same = np.ones(len(ids) - k + 1, dtype=bool)
-        for d in range(1, k):
-            same &= ids[d:len(ids) - k + 1 + d] == ids[:len(ids) - k + 1]
-        out[k:] = same
-    return out
+@dataclass(frozen=True)
+class _Runs:
+    """For every end j (exclusive): whether the k units before it may be the parts of one fused
+    unit (one family, one rank >= 2, one trailing shape: q, k and v; or grouped-query k and v,
+    fewer rows than q), their rows summed and their trailing shape."""
 
+    ok: np.ndarray  # (n + 1,) bool: False for j < k
+    rows: np.ndarray  # (n + 1,) the parts' leading sizes, summed
+    trailing: np.ndarray  # (n + 1, _MAX_RANK - 1) the parts' trailing shape (-1 padded)
+    rank: np.ndarray  # (n + 1,) the parts' rank
 
-def _stacked(whole: np.ndarray, rank: int, parts: np.ndarray, part_rank: np.ndarray, k: int
-             ) -> np.ndarray:
-    """Per row of ``parts``: ``whole`` is k of it stacked along the first axis (or, for a 2-d
-    weight stored (in, out), along the second)."""
-    same_rank = part_rank == rank
-    axis0 = (whole[0] == k * parts[:, 0]) & (parts[:, 1:] == whole[1:]).all(axis=1)
-    axis1 = (rank == 2) & (whole[1] == k * parts[:, 0]) & (whole[0] == parts[:, 1])
-    return same_rank & (rank >= 2) & (axis0 | axis1)
+    @staticmethod
+    def of(fam: np.ndarray, main: np.ndarray, rank: np.ndarray, k: int) -> _Runs:
+        n = len(fam)
+        ok = np.zeros(n + 1, dtype=bool)
+        rows = np.zeros(n + 1, dtype=np.int64)
+        trailing = np.full((n + 1, main.shape[1] - 1), -2, dtype=np.int64)
+        ranks = np.zeros(n + 1, dtype=np.int64)
+        if n >= k:
+            last = slice(k - 1, n)  # the run's last unit, for runs ending at k .. n
+            same = rank[last] >= 2
+            for d in range(1, k):
+                first = slice(k - 1 - d, n - d)
+                same &= ((fam[first] == fam[last]) & (rank[first] == rank[last])
+                         & (main[first, 1:] == main[last, 1:]).all(axis=1))
+            ok[k:] = same
+            rows[k:] = sum(main[k - 1 - d:n - d, 0] for d in range(k))
+            trailing[k:] = main[last, 1:]
+            ranks[k:] = rank[last]
+        return _Runs(ok, rows, trailing, ranks)
 
+    def hold(self, whole: np.ndarray, rank: int, lo: int, hi: int) -> np.ndarray:
+        """Per end j in lo..hi-1: ``whole`` (one unit's main shape) is the run's parts stacked
+        along its first axis (or, 2-d stored (in, out), along its second)."""
+        ok, rows, trailing = self.ok[lo:hi], self.rows[lo:hi], self.trailing[lo:hi]
+        same_rank = self.rank[lo:hi] == rank
+        axis0 = (rows == whole[0]) & (trailing == whole[1:]).all(axis=1)
+        axis1 = (rank == 2) & (rows == whole[1]) & (trailing[:, 0] == whole[0])
+        return ok & same_rank & (axis0 | axis1)
 
-def _stacked_many(wholes: np.ndarray, ranks: np.ndarray, part: np.ndarray, rank: int, k: int
-                  ) -> np.ndarray:
-    """Per row of ``wholes``: it is k of ``part`` stacked (see `_stacked`)."""
-    same_rank = ranks == rank
-    axis0 = (wholes[:, 0] == k * part[0]) & (wholes[:, 1:] == part[1:]).all(axis=1)
-    axis1 = (ranks == 2) & (wholes[:, 1] == k * part[0]) & (wholes[:, 0] == part[1])
-    return same_rank & (rank >= 2) & (axis0 | axis1)
+    def held_by(self, end: int, wholes: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+        """Per row of ``wholes``: it holds the run ending at ``end`` stacked (see `hold`)."""
+        rows, trailing = self.rows[end], self.trailing[end]
+        same_rank = ranks == self.rank[end]
+        axis0 = (wholes[:, 0] == rows) & (wholes[:, 1:] == trailing).all(axis=1)
+        axis1 = (ranks == 2) & (wholes[:, 1] == rows) & (wholes[:, 0] == trailing[0])
+        return bool(self.ok[end]) & same_rank & (axis0 | axis1)
 
 
 _MAX_RANK = 8

@@ -11,6 +11,7 @@ Planning only: pure functions of signatures, no tensors.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -19,7 +20,7 @@ from .features import GAP, Signature, align_sequences, unit_signature
 from .graph import Unit, size_order
 
 __all__ = ["FUSED", "FUSED_COUNTS", "OUTSIDE_BLOCK", "Costs", "Item", "extend_rows", "first_row",
-           "in_repeat", "item_of", "window_of"]
+           "in_repeat", "item_of", "stacks", "window_of"]
 
 OUTSIDE_BLOCK = 0.5 * GAP  # aligning a unit inside a numbered block with one outside any
 FUSED = 0.25 * GAP  # aligning one unit with 2 or 3 identical units it holds stacked
@@ -52,7 +53,7 @@ class Costs:
         self.window = window
         self._sub: dict[Item, np.ndarray] = {}
         self._fused: dict[tuple[Item, int], np.ndarray] = {}
-        self._split: dict[tuple[Item, int], np.ndarray] = {}
+        self._split: dict[tuple[Item, ...], np.ndarray] = {}
 
     def substitution(self, item: Item) -> np.ndarray:
         """Per window unit: the cost of aligning ``item`` with it."""
@@ -63,28 +64,28 @@ class Costs:
         return self._sub[item]
 
     def fused(self, item: Item, k: int) -> np.ndarray:
-        """Per window end j: the cost of aligning ``item`` with ``window[j - k:j]``, k identical
-        units it holds stacked (a fused qkv against q, k and v), inf where it does not."""
+        """Per window end j: the cost of aligning ``item`` with ``window[j - k:j]``, k units it
+        holds stacked (a fused qkv against q, k and v, equal or not: grouped-query k and v are
+        smaller), inf where it does not."""
         key = (item, k)
         if key not in self._fused:
             out = np.full(len(self.window) + 1, np.inf)
             for j in range(k, len(self.window) + 1):
                 run = self.window[j - k:j]
-                if (all(w.signature == run[0].signature for w in run)
-                        and _siblings(run) and _stacks(item.signature, run[0].signature, k)):
+                if _siblings(run) and stacks(item.signature, [w.signature for w in run]):
                     out[j] = FUSED + OUTSIDE_BLOCK * (item.in_repeat != run[0].in_repeat)
             self._fused[key] = out
         return self._fused[key]
 
-    def split(self, item: Item, k: int) -> np.ndarray:
-        """Per window unit: the cost of aligning k identical source units ``item`` with it, one
-        unit that holds them stacked; inf where it does not."""
-        key = (item, k)
-        if key not in self._split:
-            self._split[key] = np.array([
-                FUSED + OUTSIDE_BLOCK * (item.in_repeat != w.in_repeat)
-                if _stacks(w.signature, item.signature, k) else np.inf for w in self.window])
-        return self._split[key]
+    def split(self, items: tuple[Item, ...]) -> np.ndarray:
+        """Per window unit: the cost of aligning the source units ``items`` (consecutive) with
+        it, one unit that holds them stacked; inf where it does not."""
+        if items not in self._split:
+            self._split[items] = np.array([
+                FUSED + OUTSIDE_BLOCK * (items[-1].in_repeat != w.in_repeat)
+                if stacks(w.signature, [i.signature for i in items]) else np.inf
+                for w in self.window])
+        return self._split[items]
 
 
 def first_row(costs: Costs) -> list[np.ndarray]:
@@ -112,8 +113,9 @@ def extend_rows(rows: list[np.ndarray], seq: list[Item], costs: Costs) -> list[n
         for k in FUSED_COUNTS:
             fused = costs.fused(item, k)  # this unit against the k window units ending at j
             row[k:] = np.minimum(row[k:], prev[:m + 1 - k] + fused[k:])
-            if len(done) + 1 >= k and len(rows) >= k and all(x == item for x in done[-(k - 1):]):
-                row[1:] = np.minimum(row[1:], rows[-k][:-1] + costs.split(item, k))
+            if len(done) + 1 >= k and len(rows) >= k:
+                row[1:] = np.minimum(row[1:], rows[-k][:-1] + costs.split(
+                    (*done[len(done) - k + 1:], item)))
         # skipped window units: row[j] = min over k <= j of row[k] + GAP * (j - k)
         rows.append(np.minimum.accumulate(row - steps) + steps)
         done.append(item)
@@ -128,17 +130,21 @@ def _siblings(run: list[Item]) -> bool:
     return None in reads or len(reads) == 1
 
 
-def _stacks(whole: Signature, part: Signature, k: int) -> bool:
-    """Whether ``whole``'s main tensor is ``k`` of ``part``'s stacked along the output axis (for a
-    2-d weight also along its second axis: a Conv1D weight stored (in, out) read as such)."""
-    if whole[0] != part[0] or not whole[1] or not part[1]:
+def stacks(whole: Signature, parts: Sequence[Signature]) -> bool:
+    """Whether ``whole``'s main tensor is its ``parts``' stacked along the output axis: one
+    family, the same trailing shape, the leading sizes summing up (equal parts: q, k, v; or not:
+    grouped-query k and v smaller than q); for a 2-d weight also along its second axis (a Conv1D
+    weight stored (in, out) read as such). Parts of rank 1 (norms) never stack."""
+    if any(p[0] != whole[0] or not p[1] for p in parts) or not whole[1]:
         return False
-    w, p = min(whole[1], key=size_order), min(part[1], key=size_order)
-    if len(w) != len(p) or not w:
+    w = min(whole[1], key=size_order)
+    mains = [min(p[1], key=size_order) for p in parts]
+    if len(w) < 2 or any(len(m) != len(w) for m in mains):
         return False
-    if w[0] == k * p[0] and w[1:] == p[1:]:
+    rows = sum(m[0] for m in mains)
+    if w[0] == rows and all(m[1:] == w[1:] for m in mains):
         return True
-    return len(w) == 2 and w[1] == k * p[0] and w[0] == p[1]
+    return len(w) == 2 and w[1] == rows and all(m[1] == w[0] for m in mains)
 
 
 def item_of(unit: Unit) -> Item:

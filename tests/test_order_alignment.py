@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from archalign.features import GAP
-from archalign.order_alignment import FUSED, OUTSIDE_BLOCK, Costs, Item, extend_rows, first_row
+from archalign.order_alignment import (
+    FUSED,
+    OUTSIDE_BLOCK,
+    Costs,
+    Item,
+    extend_rows,
+    first_row,
+    stacks,
+)
 
 
 def lin(rows: int, cols: int, block: bool = True, read: int | None = None) -> Item:
@@ -51,3 +59,25 @@ def test_rows_extend_piecewise():
     for item in src:
         rows = extend_rows(rows, [item], costs)
     assert float(rows[-1][-1]) == pytest.approx(cost(src, window))
+
+
+@pytest.mark.parametrize("whole, parts, expected", [
+    ((24, 8), [(8, 8)] * 3, True),  # q, k, v
+    ((12, 8), [(8, 8), (2, 8), (2, 8)], True),  # grouped-query: k and v smaller than q
+    ((8, 12), [(8, 8), (2, 8), (2, 8)], True),  # a Conv1D weight stored (in, out)
+    ((16, 8), [(8, 8), (4, 8)], False),  # the rows do not add up
+    ((16, 8), [(8, 8), (8, 4)], False),  # another trailing shape
+])
+def test_stacks(whole, parts, expected):
+    sig = lambda shape: ("linear", (shape,))  # noqa: E731
+    assert stacks(sig(whole), [sig(p) for p in parts]) is expected
+
+
+def test_norms_never_stack():
+    assert not stacks(("norm", ((16,),)), [("norm", ((8,),))] * 2)
+
+
+def test_grouped_query_projections_align_with_their_fused_unit():
+    q, kv, o = lin(8, 8), lin(2, 8), lin(8, 8)
+    assert cost([norm(8), q, kv, kv, o], [norm(8), lin(12, 8), o]) == pytest.approx(FUSED)
+    assert cost([norm(8), q, o, kv, kv], [norm(8), lin(12, 8), o]) > FUSED  # o among them: no
