@@ -99,15 +99,21 @@ def compute_costs(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
     dst_type = [_canonical_type(d.unit.type_name) for d in dst]
     same_type = _equal(src_type, dst_type, rows, cols)
     same_family = _equal([s.family for s in src], [d.family for d in dst], rows, cols)
-    # a bare 2-d "weight" read from a file may be an embedding as well as a linear layer
-    src_2d = np.array([s.family in _TWO_D for s in src], dtype=bool)
-    dst_2d = np.array([d.family in _TWO_D for d in dst], dtype=bool)
+    # a bare 2-d "weight" read from a file may be an embedding as well as a linear layer, and a
+    # lone 2-d parameter either (CLIP's ``proj``, ``positional_embedding``)
+    src_2d = np.array([_matrix_like(s) for s in src], dtype=bool)
+    dst_2d = np.array([_matrix_like(d) for d in dst], dtype=bool)
     guessable = same_family | (src_2d[rows] & dst_2d[cols])
     known = (np.array([s.known_type for s in src], dtype=bool)[rows]
              & np.array([d.known_type for d in dst], dtype=bool)[cols])
+    # a lone matrix's class ("Parameter") says nothing of what it does: guessed, as unknown
+    src_param = np.array([s.family == "param" for s in src], dtype=bool)
+    dst_param = np.array([d.family == "param" for d in dst], dtype=bool)
+    lone_matrix = src_2d[rows] & dst_2d[cols] & (src_param[rows] | dst_param[cols])
     type_cost = np.where(
         known,
-        np.where(same_type, 0.0, np.where(same_family, weights.same_family, weights.other_family)),
+        np.where(same_type, 0.0, np.where(same_family, weights.same_family, np.where(
+            lone_matrix, weights.unknown_type, weights.other_family))),
         np.where(guessable, weights.unknown_type, weights.other_family))
 
     preds = _pairwise([s.preds for s in src], [d.preds for d in dst], _overlap, rows, cols)
@@ -133,6 +139,12 @@ def compute_costs(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
 
 
 _TWO_D = frozenset({"linear", "embedding"})
+
+
+def _matrix_like(f: UnitFeatures) -> bool:
+    """A linear layer, an embedding, or a lone 2-d parameter: one matrix whichever it is."""
+    return f.family in _TWO_D or (f.family == "param" and len(f.unit.shapes) == 1
+                                  and len(f.unit.shapes[0]) == 2)
 
 
 def _ids(values: Sequence[Hashable], table: dict[Hashable, int]) -> np.ndarray:

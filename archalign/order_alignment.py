@@ -159,7 +159,7 @@ def in_repeat(key: str) -> bool:
 def _substitution(a: Signature, b: Signature) -> float:
     if a == b:
         return 0.0
-    if a[0] != b[0] and not ({a[0], b[0]} <= {"linear", "embedding"}):
+    if a[0] != b[0] and not ({a[0], b[0]} <= {"linear", "embedding"} or _matrices(a, b)):
         return np.inf
     sa = min(a[1], key=size_order) if a[1] else ()
     sb = min(b[1], key=size_order) if b[1] else ()
@@ -171,3 +171,11 @@ def _substitution(a: Signature, b: Signature) -> float:
         return GAP * 0.25  # a transpose (a Conv1D weight read without its module)
     differing = sum(x != y for x, y in zip(sa, sb)) / max(len(sa), 1)
     return GAP * (1.0 + 0.5 * differing)
+
+
+def _matrices(a: Signature, b: Signature) -> bool:
+    """A lone 2-d parameter against a linear layer or an embedding (CLIP's ``proj`` against
+    ``visual_projection``): one matrix either way."""
+    fams = {a[0], b[0]}
+    return ("param" in fams and fams <= {"param", "linear", "embedding"}
+            and all(len(s[1]) == 1 and len(s[1][0]) == 2 for s in (a, b) if s[0] == "param"))

@@ -24,8 +24,8 @@ W = CostWeights()
 def feat(key: str = "m", type_name: str = "Linear", *, family: str | None = None,
          known: bool | None = None, position: float = 0.0, preds: tuple[str, ...] = (),
          succs: tuple[str, ...] = (), tokens: set[str] | None = None,
-         indices: tuple[int, ...] = ()) -> UnitFeatures:
-    unit = Unit(key, (f"{key}.weight",), ((4, 4),), type_name)
+         indices: tuple[int, ...] = (), shape: tuple[int, ...] = (4, 4)) -> UnitFeatures:
+    unit = Unit(key, (f"{key}.weight",), (shape,), type_name)
     return UnitFeatures(
         unit=unit,
         family=family if family is not None else layer_family(type_name),
@@ -58,7 +58,10 @@ def one(s: UnitFeatures, d: UnitFeatures, weights: CostWeights = W) -> dict[str,
         (feat(type_name="BatchNorm2d"), feat(type_name="LayerNorm"), W.same_family),
         (feat(type_name="LlamaRMSNorm"), feat(type_name="LayerNorm"), W.same_family),
         (feat(type_name="Conv2d"), feat(type_name="Linear"), W.other_family),
-        (feat(type_name="Parameter"), feat(type_name="Linear"), W.other_family),
+        (feat(type_name="Parameter", shape=(1, 4, 4)), feat(type_name="Linear"), W.other_family),
+        # a lone matrix (CLIP's proj) may be a linear layer's or an embedding's weight
+        (feat(type_name="Parameter"), feat(type_name="Linear"), W.unknown_type),
+        (feat(type_name="Embedding"), feat(type_name="Parameter"), W.unknown_type),
         # an unknown class (a state_dict) costs a little when the guessed families agree
         (feat(type_name="", family="linear"), feat(type_name="Linear"), W.unknown_type),
         (feat(type_name="Linear"), feat(type_name="", family="linear"), W.unknown_type),

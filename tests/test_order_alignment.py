@@ -81,3 +81,11 @@ def test_grouped_query_projections_align_with_their_fused_unit():
     q, kv, o = lin(8, 8), lin(2, 8), lin(8, 8)
     assert cost([norm(8), q, kv, kv, o], [norm(8), lin(12, 8), o]) == pytest.approx(FUSED)
     assert cost([norm(8), q, o, kv, kv], [norm(8), lin(12, 8), o]) > FUSED  # o among them: no
+
+
+def test_a_lone_matrix_aligns_with_a_linear_layer():
+    """CLIP's ``proj`` (a bare (width, out) parameter) against ``visual_projection``."""
+    proj = Item(("param", ((8, 4),)), False)
+    assert cost([proj], [Item(("linear", ((4, 8),)), False)]) == pytest.approx(0.25 * GAP)
+    assert cost([Item(("param", ((1, 8, 4),)), False)],
+                [Item(("linear", ((4, 8),)), False)]) == pytest.approx(2 * GAP)  # no matrix
