@@ -382,8 +382,9 @@ _MOVE_FUSED_DST = 20  # + k: k source units aligned with one destination unit
 @dataclass(frozen=True)
 class _Runs:
     """For every end j (exclusive): whether the k units before it may be the parts of one fused
-    unit (one family, one rank >= 2, one trailing shape: q, k and v; or grouped-query k and v,
-    fewer rows than q), their rows summed and their trailing shape."""
+    unit (one family, one rank >= 2, one trailing shape, and equal parts, or the grouped-query
+    q, k, v: k and v equal, q no smaller; see `archalign.order_alignment.stacks`), their rows
+    summed and their trailing shape."""
 
     ok: np.ndarray  # (n + 1,) bool: False for j < k
     rows: np.ndarray  # (n + 1,) the parts' leading sizes, summed
@@ -404,8 +405,11 @@ class _Runs:
                 first = slice(k - 1 - d, n - d)
                 same &= ((fam[first] == fam[last]) & (rank[first] == rank[last])
                          & (main[first, 1:] == main[last, 1:]).all(axis=1))
-            ok[k:] = same
-            rows[k:] = sum(main[k - 1 - d:n - d, 0] for d in range(k))
+            lead = [main[k - 1 - d:n - d, 0] for d in range(k - 1, -1, -1)]  # first .. last
+            equal = np.logical_and.reduce([r == lead[0] for r in lead])
+            grouped = (lead[1] == lead[2]) & (lead[0] >= lead[1]) if k == 3 else equal
+            ok[k:] = same & (equal | grouped)
+            rows[k:] = sum(lead)
             trailing[k:] = main[last, 1:]
             ranks[k:] = rank[last]
         return _Runs(ok, rows, trailing, ranks)

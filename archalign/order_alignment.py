@@ -132,16 +132,22 @@ def _siblings(run: list[Item]) -> bool:
 
 def stacks(whole: Signature, parts: Sequence[Signature]) -> bool:
     """Whether ``whole``'s main tensor is its ``parts``' stacked along the output axis: one
-    family, the same trailing shape, the leading sizes summing up (equal parts: q, k, v; or not:
-    grouped-query k and v smaller than q); for a 2-d weight also along its second axis (a Conv1D
-    weight stored (in, out) read as such). Parts of rank 1 (norms) never stack."""
+    family, the same trailing shape, the leading sizes summing up, and equal parts (q, k, v;
+    gate, up) or the grouped-query q, k, v (k and v equal, q no smaller; two unequal parts
+    could be q + kv as well as kv + an output projection: never guessed); for a 2-d weight
+    also along its second axis (a Conv1D weight stored (in, out) read as such). Parts of rank 1
+    (norms) never stack."""
     if any(p[0] != whole[0] or not p[1] for p in parts) or not whole[1]:
         return False
     w = min(whole[1], key=size_order)
     mains = [min(p[1], key=size_order) for p in parts]
     if len(w) < 2 or any(len(m) != len(w) for m in mains):
         return False
-    rows = sum(m[0] for m in mains)
+    lead = [m[0] for m in mains]
+    equal = len(set(lead)) == 1
+    if not (equal or (len(lead) == 3 and lead[1] == lead[2] <= lead[0])):
+        return False  # unequal parts only as grouped-query q, k, v (k and v equal, q larger)
+    rows = sum(lead)
     if w[0] == rows and all(m[1:] == w[1:] for m in mains):
         return True
     return len(w) == 2 and w[1] == rows and all(m[1] == w[0] for m in mains)

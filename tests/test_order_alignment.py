@@ -89,3 +89,11 @@ def test_a_lone_matrix_aligns_with_a_linear_layer():
     assert cost([proj], [Item(("linear", ((4, 8),)), False)]) == pytest.approx(0.25 * GAP)
     assert cost([Item(("param", ((1, 8, 4),)), False)],
                 [Item(("linear", ((4, 8),)), False)]) == pytest.approx(2 * GAP)  # no matrix
+
+
+def test_two_unequal_parts_never_stack():
+    """q + kv and kv + an output projection have the same shapes: neither is guessed."""
+    sig = lambda shape: ("linear", (shape,))  # noqa: E731
+    assert not stacks(sig((24, 8)), [sig((8, 8)), sig((16, 8))])
+    assert not stacks(sig((24, 8)), [sig((16, 8)), sig((8, 8))])
+    assert not stacks(sig((12, 8)), [sig((2, 8)), sig((8, 8)), sig((2, 8))])  # q not first
