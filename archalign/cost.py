@@ -48,6 +48,9 @@ class CostWeights:
     name: float = 0.2  # times 1 - (Jaccard overlap of name tokens + equal indices) / 2
     shape: float = 0.5  # near misses only: times the fraction of differing dimensions
     adapt: float = 0.3  # a match that needs a reshape, or a transpose only the shapes suggest
+    singleton: float = 0.1  # a match whose only adaptation adds or drops axes of size 1 (a 1x1
+    # convolution's weight read as a linear layer's; a layer scale (C, 1, 1) as (C,)): the same
+    # values in the same order
     fused: float = 0.3  # a fused tensor matched to a group of separate ones (concat / split)
     unmatched: float = 1.25  # cost of leaving one unit unmatched (per side)
 
@@ -110,6 +113,14 @@ def compute_costs(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
     src_param = np.array([s.family == "param" for s in src], dtype=bool)
     dst_param = np.array([d.family == "param" for d in dst], dtype=bool)
     lone_matrix = src_2d[rows] & dst_2d[cols] & (src_param[rows] | dst_param[cols])
+    # a linear layer and a 1x1 convolution compute one map
+    src_lin = np.array([s.family == "linear" for s in src], dtype=bool)
+    dst_lin = np.array([d.family == "linear" for d in dst], dtype=bool)
+    src_pw = np.array([_pointwise(s) for s in src], dtype=bool)
+    dst_pw = np.array([_pointwise(d) for d in dst], dtype=bool)
+    pointwise = (src_lin[rows] & dst_pw[cols]) | (src_pw[rows] & dst_lin[cols])
+    same_family = same_family | pointwise
+    guessable = guessable | pointwise
     type_cost = np.where(
         known,
         np.where(same_type, 0.0, np.where(same_family, weights.same_family, np.where(
@@ -139,6 +150,14 @@ def compute_costs(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
 
 
 _TWO_D = frozenset({"linear", "embedding"})
+
+
+def _pointwise(f: UnitFeatures) -> bool:
+    """A convolution whose kernel is all ones (1x1): a linear map per position."""
+    if f.family != "conv" or not f.unit.shapes:
+        return False
+    weight = max(f.unit.shapes, key=len)
+    return len(weight) >= 3 and all(d == 1 for d in weight[2:])
 
 
 def _matrix_like(f: UnitFeatures) -> bool:

@@ -27,6 +27,7 @@ from .confidence import FULL_TRUST, SAME_NAME_IN_TIE, SAME_NAME_MARGIN, Trust, c
 from .cost import CostMatrices, CostWeights, compute_costs, shape_distance
 from .features import UnitFeatures
 from .graph import Unit
+from .ops import OpKind
 from .pairing import MatchMode, TensorPair, pair_tensors
 from .solve import Assignment, solve_assignment, solve_sparse_assignment
 
@@ -157,13 +158,28 @@ def _by_class(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weights:
             total = _forbid(costs.total(), rows, cols, forbidden)
             found.extend(_collect(rows, cols, costs, total, weights, trust, mode=mode))
             continue
-        adapt = np.array([[weights.adapt if pair_tensors(s.unit, d.unit, mode) is not None
-                           else np.inf for d in cols] for s in rows])
+        adapt = np.array([[_adaptation_cost(s.unit, d.unit, mode, weights) for d in cols]
+                          for s in rows])
         total = _forbid(costs.total() + adapt, rows, cols, forbidden)
         found.extend(_collect(rows, cols, costs, total, weights, trust, mode=mode,
                               extra=("adapt", np.where(np.isfinite(adapt), adapt, 0.0))))
     found.sort(key=lambda m: m.dst[0].rank)
     return found
+
+
+def _adaptation_cost(src: Unit, dst: Unit, mode: MatchMode, weights: CostWeights) -> float:
+    """What adapting ``src``'s tensors to ``dst``'s costs: inf when they do not pair,
+    ``weights.singleton`` when every adaptation only adds or drops axes of size 1, else
+    ``weights.adapt``."""
+    pairs = pair_tensors(src, dst, mode)
+    if pairs is None:
+        return np.inf
+    shapes = dict(zip(src.tensors, src.shapes)) | dict(zip(dst.tensors, dst.shapes))
+    singleton = all(
+        all(op.kind is OpKind.RESHAPE for op in p.ops)
+        and [d for d in shapes[p.src[0]] if d != 1] == [d for d in shapes[p.dst[0]] if d != 1]
+        for p in pairs if p.ops)
+    return weights.singleton if singleton else weights.adapt
 
 
 def _solve_class_sparse(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
@@ -184,11 +200,12 @@ def _solve_class_sparse(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures]
     total = costs.total()
     extra: tuple[str, np.ndarray] | None = None
     if mode is not MatchMode.EXACT:
-        fits = np.array([pair_tensors(src[i].unit, dst[j].unit, mode) is not None
-                         for i, j in zip(rows, cols)], dtype=bool)
+        price = np.array([_adaptation_cost(src[i].unit, dst[j].unit, mode, weights)
+                          for i, j in zip(rows, cols)], dtype=float)
+        fits = np.isfinite(price)
         rows, cols = rows[fits], cols[fits]
         costs = CostMatrices(*(term[fits] for term in costs))
-        extra = ("adapt", np.full(rows.size, weights.adapt))
+        extra = ("adapt", price[fits])
         total = costs.total() + extra[1]
     solved = solve_sparse_assignment(rows, cols, total, (len(src), len(dst)), weights.unmatched,
                                      beyond=beyond)

@@ -165,7 +165,8 @@ def in_repeat(key: str) -> bool:
 def _substitution(a: Signature, b: Signature) -> float:
     if a == b:
         return 0.0
-    if a[0] != b[0] and not ({a[0], b[0]} <= {"linear", "embedding"} or _matrices(a, b)):
+    if a[0] != b[0] and not ({a[0], b[0]} <= {"linear", "embedding"} or _matrices(a, b)
+                             or _pointwise(a, b)):
         return np.inf
     sa = min(a[1], key=size_order) if a[1] else ()
     sb = min(b[1], key=size_order) if b[1] else ()
@@ -185,3 +186,13 @@ def _matrices(a: Signature, b: Signature) -> bool:
     fams = {a[0], b[0]}
     return ("param" in fams and fams <= {"param", "linear", "embedding"}
             and all(len(s[1]) == 1 and len(s[1][0]) == 2 for s in (a, b) if s[0] == "param"))
+
+
+def _pointwise(a: Signature, b: Signature) -> bool:
+    """A linear layer against a convolution whose kernel is all ones (a 1x1 convolution): the
+    same map (the original ConvNeXt's ``pwconv1`` against timm's ``mlp.fc1`` with conv_mlp)."""
+    if {a[0], b[0]} != {"linear", "conv"}:
+        return False
+    conv = a if a[0] == "conv" else b
+    weight = max(conv[1], key=len) if conv[1] else ()
+    return len(weight) >= 3 and all(d == 1 for d in weight[2:])

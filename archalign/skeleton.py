@@ -24,6 +24,7 @@ Planning only: pure functions of units and signatures, no tensors.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -46,6 +47,7 @@ BEAM = 16  # partial orders the beam search keeps
 MAX_FREE_MOVES_UNITS = 2000  # above this many units, no single-unit moves (each costs an alignment)
 SCORED_MEMBERS = 3  # members of a family of identical modules whose span scores an order
 MAX_SWEEPS = 3  # passes over the tree: bottom-up once, then top-down until nothing moves
+OWN = "\x00own"  # in an order: where a module's own lone tensor runs (a block's layer scale)
 _ORDINAL = re.compile(r"(.*?)_?(\d+)")  # "norm2" -> ("norm", 2); "ln_1" -> ("ln", 1); "3" -> ("", 3)
 
 
@@ -57,20 +59,38 @@ class _Node:
     unit: Unit | None = None  # the unit whose key is this path (a layer or a lone tensor)
     children: dict[str, _Node] = field(default_factory=dict)  # by name, in checkpoint order
     order: list[str] | None = None  # the children's chosen order (None: checkpoint order)
+    turns: tuple[str, str] | None = None  # two children, runs of numbered blocks, that run in
+    # turns (block i of the first, then block i of the second: `_interleave_runs`)
 
     def items(self) -> list[str | None]:
-        """The names of what this node holds, in the chosen order: None for its own unit."""
-        names: list[str | None] = list(self.children if self.order is None else self.order)
-        return ([None] if self.unit is not None else []) + names
+        """The names of what this node holds, in the chosen order: None for its own unit (first,
+        unless the order places it: `OWN`)."""
+        names = list(self.children if self.order is None else self.order)
+        if OWN in names:
+            return [None if n == OWN else n for n in names]
+        return ([None] if self.unit is not None else []) + list(names)
+
+    def part(self, name: str) -> list[Unit]:
+        """The units of one item of an order: a child's, or (`OWN`) the node's own unit."""
+        if name == OWN:
+            assert self.unit is not None
+            return [self.unit]
+        return list(self.children[name].units())
 
     def units(self) -> Iterator[Unit]:
-        """Its units in the chosen order, depth first."""
+        """Its units in the chosen order, depth first (two children in turns where `turns`
+        says so, from where the first of them stands)."""
         for name in self.items():
             if name is None:
                 assert self.unit is not None
                 yield self.unit
-            else:
+            elif self.turns is None or name not in self.turns:
                 yield from self.children[name].units()
+            elif name == next(n for n in self.items() if n in self.turns):
+                first, second = (self.children[n] for n in self.turns)
+                for block in sorted(first.children, key=int):
+                    yield from first.children[block].units()
+                    yield from second.children[block].units()
 
 
 def fit_order(src: UnitGraph, dst: UnitGraph) -> UnitGraph:
@@ -104,6 +124,7 @@ def fit_order(src: UnitGraph, dst: UnitGraph) -> UnitGraph:
         for part in key.split("."):
             names_at.setdefault(part, rank)
     blocks = _paired_blocks(root, list(dst.units), target)
+    _interleave_runs(root, target)  # before the sweeps: their windows need the units in turns
     families = _families(_open_nodes(root))
     # deepest modules first (their context is local), then top-down again with every inner order
     # fitted, until no order changes: a module's order is judged with its children's in place
@@ -122,6 +143,37 @@ def fit_order(src: UnitGraph, dst: UnitGraph) -> UnitGraph:
     graph = chain_graph(fitted, Tracer.FITTED)
     graph.reads = dict(src.reads)
     return graph
+
+
+def _interleave_runs(root: _Node, target: list[Item]) -> None:
+    """Let two sibling runs of numbered blocks of one length run in turns (``downsample_layers.i``
+    then ``stages.i`` in the original ConvNeXt: two ModuleLists used in turns) where the whole
+    sequence aligns better by at least a unit skipped, either run first (`_Node.turns`)."""
+    if sum(1 for _ in root.units()) > MAX_FREE_MOVES_UNITS:
+        return
+    costs = Costs(target)
+
+    def cost() -> float:
+        seq = [item_of(u) for u in root.units()]
+        return float(extend_rows(first_row(costs), seq, costs)[-1][-1])
+
+    best = cost()
+    queue = [root]
+    while queue:
+        node = queue.pop(0)
+        queue.extend(node.children.values())
+        runs = [name for name, c in node.children.items()
+                if len(c.children) >= 2 and all(n.isdigit() for n in c.children)]
+        for a, b in itertools.combinations(runs, 2):
+            if sorted(node.children[a].children) != sorted(node.children[b].children):
+                continue
+            kept = node.turns
+            for turns in ((a, b), (b, a)):
+                node.turns = turns
+                found = cost()
+                if found <= best - GAP:
+                    kept, best = turns, found
+            node.turns = kept
 
 
 def _free_moves(sequence: list[Unit], target: list[Item]) -> list[Unit]:
@@ -248,6 +300,9 @@ def _fit_family(root: _Node, members: list[_Node], target: list[Item],
     the alignment's phase: a block cannot win by lining up with its neighbour's half)."""
     first = members[0]
     names = list(first.children if first.order is None else first.order)
+    if OWN not in names and all(m.unit is not None and m.unit.type_name == "Parameter"
+                                for m in members):
+        names = [OWN, *names]  # a lone tensor of the module (a layer scale) runs where it is used
     chains = _Chains.of(names)
     if chains.count() <= 1:  # one order keeps the chains (blocks 0 .. N): numbers, not names
         for node in members:  # (a sorted file keeps "10" before "2")
@@ -273,7 +328,7 @@ def _fit_family(root: _Node, members: list[_Node], target: list[Item],
         arrangements = list(chains.arrangements())
     else:  # too many to try: the checkpoint's order and the best ones a beam search builds
         costs = spans[0][2]
-        lead = head + ([item_of(first.unit)] if first.unit else [])
+        lead = head + ([item_of(first.unit)] if first.unit and OWN not in names else [])
         if inside[0] is not None:  # the member's block units before the member
             block_units = list(inside[0][0].units())
             at = _segment_start(block_units, first)
@@ -320,6 +375,10 @@ class _Chains:
             labels.append(stem)
         return _Chains(tuple(labels), {s: tuple(n for _, n in sorted(c)) for s, c in chains.items()})
 
+    def labels_names(self) -> list[str]:
+        """Every child of every chain."""
+        return [n for chain in self.ordered.values() for n in chain]
+
     def count(self) -> int:
         """How many orders keep every chain in order (a multinomial coefficient)."""
         return math.factorial(len(self.labels)) // math.prod(
@@ -344,8 +403,8 @@ def _beam(node: _Node, chains: _Chains, rows: list[np.ndarray], costs: Costs) ->
     """Orders of ``node``'s children built child by child, keeping the `BEAM` partial orders whose
     units align best with some beginning of the window (``rows``: the alignment so far)."""
     beam: list[tuple[float, list[str], list[np.ndarray]]] = [(0.0, [], rows)]
-    contents_of = {name: tuple(item_of(u) for u in child.units())
-                   for name, child in node.children.items()}
+    contents_of = {name: tuple(item_of(u) for u in node.part(name))
+                   for name in chains.labels_names()}
     for _ in chains.labels:
         grown = []
         for _, order, state in beam:
@@ -354,7 +413,7 @@ def _beam(node: _Node, chains: _Chains, rows: list[np.ndarray], costs: Costs) ->
                 if done == len(members):
                     continue
                 name = members[done]
-                after = extend_rows(state, [item_of(u) for u in node.children[name].units()], costs)
+                after = extend_rows(state, [item_of(u) for u in node.part(name)], costs)
                 grown.append((float(after[-1].min()), [*order, name], after))
         # orders that hold the same units in the same places cost the same (q, k, v and o are
         # four equal linears): one of them, the best named, stands for all, so that equal
@@ -373,8 +432,8 @@ def _named_in_place(order: list[str], node: _Node, chains: _Chains,
     """``order`` with children of identical content (equal units, so equal costs) swapped into
     the order their names say: destination names in its order, then steps (`_ROLES`), then the
     checkpoint's order; ``order`` itself when that would break a chain (``fc1`` before ``fc2``)."""
-    content = {n: tuple(item_of(u) for u in node.children[n].units()) for n in order}
-    rank = {n: i for i, n in enumerate(node.children)}
+    content = {n: tuple(item_of(u) for u in node.part(n)) for n in order}
+    rank = {n: i for i, n in enumerate([OWN, *node.children])}
     slots: dict[tuple[Item, ...], list[int]] = {}
     for i, name in enumerate(order):
         slots.setdefault(content[name], []).append(i)

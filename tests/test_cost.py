@@ -62,6 +62,11 @@ def one(s: UnitFeatures, d: UnitFeatures, weights: CostWeights = W) -> dict[str,
         # a lone matrix (CLIP's proj) may be a linear layer's or an embedding's weight
         (feat(type_name="Parameter"), feat(type_name="Linear"), W.unknown_type),
         (feat(type_name="Embedding"), feat(type_name="Parameter"), W.unknown_type),
+        # a 1x1 convolution computes what a linear layer does; a 3x3 one does not
+        (feat(type_name="Linear"), feat(type_name="Conv2d", shape=(4, 4, 1, 1)), W.same_family),
+        (feat(type_name="", family="linear"), feat(type_name="Conv2d", shape=(4, 4, 1, 1)),
+         W.unknown_type),
+        (feat(type_name="Linear"), feat(type_name="Conv2d", shape=(4, 4, 3, 3)), W.other_family),
         # an unknown class (a state_dict) costs a little when the guessed families agree
         (feat(type_name="", family="linear"), feat(type_name="Linear"), W.unknown_type),
         (feat(type_name="Linear"), feat(type_name="", family="linear"), W.unknown_type),

@@ -124,12 +124,20 @@ def test_adapted_linear_into_a_1x1_conv():
     assert m.pairs == (tp("fc.weight", "conv.weight",
                           ops=(Op("reshape", shape=(8, 4, 1, 1), from_shape=(8, 4)),)),
                        tp("fc.bias", "conv.bias"))
-    # a linear is not a conv: other_family, plus the price of adapting; the names differ
-    assert m.terms["type"] == pytest.approx(W.other_family)
-    assert m.terms["adapt"] == pytest.approx(W.adapt)
-    total = W.other_family + W.adapt + W.name * 0.5  # "fc" vs "conv": equal (no) indices
+    # a linear is a 1x1 conv's family, and reading its weight so only adds axes of size 1
+    assert m.terms["type"] == pytest.approx(W.same_family)
+    assert m.terms["adapt"] == pytest.approx(W.singleton)
+    total = W.same_family + W.singleton + W.name * 0.5  # "fc" vs "conv": equal (no) indices
     assert m.terms["regret"] == pytest.approx(2 * W.unmatched - total)
-    assert m.confidence == pytest.approx(confidence(W.other_family + W.adapt, 2 * W.unmatched - total))
+    assert m.confidence == pytest.approx(
+        confidence(W.same_family + W.singleton, 2 * W.unmatched - total))
+
+
+def test_adapting_more_than_singleton_axes_costs_the_full_price():
+    fs, fd = features([unit("a", ["weight"], [(8, 4)], "Linear")],
+                      [unit("b", ["weight"], [(4, 8)], "Linear")])  # a transpose, by shapes
+    (m,) = match_adapted(fs, fd, W)
+    assert m.terms["adapt"] == pytest.approx(W.adapt)
 
 
 def test_adapted_needs_equal_element_counts():

@@ -97,3 +97,10 @@ def test_two_unequal_parts_never_stack():
     assert not stacks(sig((24, 8)), [sig((8, 8)), sig((16, 8))])
     assert not stacks(sig((24, 8)), [sig((16, 8)), sig((8, 8))])
     assert not stacks(sig((12, 8)), [sig((2, 8)), sig((8, 8)), sig((2, 8))])  # q not first
+
+
+def test_a_linear_layer_aligns_with_a_pointwise_convolution():
+    linear = Item(("linear", ((8, 4), (8,))), True)
+    assert cost([linear], [Item(("conv", ((8, 4, 1, 1), (8,))), True)]) == pytest.approx(
+        0.25 * GAP)
+    assert cost([linear], [Item(("conv", ((8, 4, 3, 3), (8,))), True)]) == pytest.approx(2 * GAP)

@@ -193,3 +193,45 @@ def test_equal_layers_are_put_in_the_order_their_names_say():
 ])
 def test_role_inversions(order, inversions):
     assert _role_inversions(order) == inversions
+
+
+class ScaledBlock(nn.Module):
+    """A block with a layer scale registered first (its own tensor) and used last."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+        self.dw = nn.Conv1d(dim, dim, 3, padding=1, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dw(x).transpose(1, 2)
+        h = self.fc2(torch.relu(self.fc1(self.norm(h)))) * self.gamma
+        return x + h.transpose(1, 2)
+
+
+class InTurns(nn.Module):
+    """The original ConvNeXt's layout: downsampling layers and stages in two ModuleLists,
+    used in turns (downsample i, then stage i)."""
+
+    def __init__(self, dims: tuple[int, ...] = (4, 8, 16)) -> None:
+        super().__init__()
+        ins = (3, *dims[:-1])
+        self.downsample_layers = nn.ModuleList(nn.Conv1d(i, o, 1) for i, o in zip(ins, dims))
+        self.stages = nn.ModuleList(nn.Sequential(ScaledBlock(d), ScaledBlock(d)) for d in dims)
+        self.head = nn.Linear(dims[-1], 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for down, stage in zip(self.downsample_layers, self.stages):
+            x = stage(down(x))
+        return self.head(x.mean(-1))
+
+
+@pytest.mark.parametrize("saved", [lambda m: m.state_dict(), sorted_state],
+                         ids=["registration", "sorted"])
+def test_two_module_lists_used_in_turns_and_layer_scales_used_last(saved):
+    """Two ModuleLists of one length that run in turns are interleaved, and a block's own
+    tensor (registered first) is placed where it runs."""
+    model = InTurns()
+    assert fitted(saved(model), model) == execution_order(model)
