@@ -161,9 +161,10 @@ def _pointwise(f: UnitFeatures) -> bool:
 
 
 def _matrix_like(f: UnitFeatures) -> bool:
-    """A linear layer, an embedding, or a lone 2-d parameter: one matrix whichever it is."""
+    """A linear layer, an embedding, or a lone parameter that is a matrix but for axes of size 1
+    (ViT's ``pos_embed`` (1, N, D)): one matrix whichever it is."""
     return f.family in _TWO_D or (f.family == "param" and len(f.unit.shapes) == 1
-                                  and len(f.unit.shapes[0]) == 2)
+                                  and sum(d != 1 for d in f.unit.shapes[0]) == 2)
 
 
 def _ids(values: Sequence[Hashable], table: dict[Hashable, int]) -> np.ndarray:

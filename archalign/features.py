@@ -407,7 +407,9 @@ class _Runs:
                          & (main[first, 1:] == main[last, 1:]).all(axis=1))
             lead = [main[k - 1 - d:n - d, 0] for d in range(k - 1, -1, -1)]  # first .. last
             equal = np.logical_and.reduce([r == lead[0] for r in lead])
-            grouped = (lead[1] == lead[2]) & (lead[0] >= lead[1]) if k == 3 else equal
+            # (either way round: the alignment also runs on the reversed sequences)
+            grouped = (((lead[1] == lead[2]) & (lead[0] >= lead[1]))
+                       | ((lead[0] == lead[1]) & (lead[2] >= lead[1]))) if k == 3 else equal
             ok[k:] = same & (equal | grouped)
             rows[k:] = sum(lead)
             trailing[k:] = main[last, 1:]

@@ -145,8 +145,9 @@ def stacks(whole: Signature, parts: Sequence[Signature]) -> bool:
         return False
     lead = [m[0] for m in mains]
     equal = len(set(lead)) == 1
-    if not (equal or (len(lead) == 3 and lead[1] == lead[2] <= lead[0])):
-        return False  # unequal parts only as grouped-query q, k, v (k and v equal, q larger)
+    if not (equal or (len(lead) == 3 and (lead[1] == lead[2] <= lead[0]
+                                          or lead[0] == lead[1] <= lead[2]))):
+        return False  # unequal: only grouped-query q, k, v (k and v equal, q larger; or reversed)
     rows = sum(lead)
     if w[0] == rows and all(m[1:] == w[1:] for m in mains):
         return True
@@ -185,7 +186,8 @@ def _matrices(a: Signature, b: Signature) -> bool:
     ``visual_projection``): one matrix either way."""
     fams = {a[0], b[0]}
     return ("param" in fams and fams <= {"param", "linear", "embedding"}
-            and all(len(s[1]) == 1 and len(s[1][0]) == 2 for s in (a, b) if s[0] == "param"))
+            and all(len(s[1]) == 1 and sum(d != 1 for d in s[1][0]) == 2
+                    for s in (a, b) if s[0] == "param"))
 
 
 def _pointwise(a: Signature, b: Signature) -> bool:

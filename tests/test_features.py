@@ -300,6 +300,9 @@ def W(rows: int, cols: int) -> tuple[str, tuple[tuple[int, ...], ...]]:
      [(0, 0), (1, 1), (1, 2), (1, 3), (2, 4), (3, 5)]),
     ([N(8), W(8, 8), W(2, 8), W(2, 8), W(8, 8), N(8)], [N(8), W(12, 8), W(8, 8), N(8)],
      [(0, 0), (1, 1), (2, 1), (3, 1), (4, 2), (5, 3)]),
+    # the same, read backwards (the alignment also runs on reversed sequences): v, k, q
+    ([N(8), W(2, 8), W(2, 8), W(8, 8), N(8)], [N(8), W(12, 8), N(8)],
+     [(0, 0), (1, 1), (2, 1), (3, 1), (4, 2)]),
     # gate and up fused, stored (in, out) as a Conv1D keeps it
     ([("linear", ((8, 32),)), W(8, 16)], [W(16, 8), W(16, 8), W(8, 16)], [(0, 0), (0, 1), (1, 2)]),
 ])

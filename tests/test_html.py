@@ -366,13 +366,14 @@ def test_flagged_rows_are_marked_on_the_page() -> None:
 
 
 @pytest.fixture(scope="module")
-def weak_vit():  # type: ignore[no-untyped-def]
-    """A ViT plan from a state_dict (timm's fused qkv into Hugging Face's q, k and v): some rows
-    are flagged, and some fall below the default threshold; with what a default apply loads."""
+def weak_plan():  # type: ignore[no-untyped-def]
+    """A BERT -> ELECTRA plan from a state_dict (the MLM head's lone bias and its norm stay
+    uncertain): some rows are flagged, and some fall below the default threshold; with what a
+    default apply loads."""
     torch = pytest.importorskip("torch")
     from corpus import get_pair
 
-    pair = get_pair("timm_vit->hf_vit")
+    pair = get_pair("hf_bert_mlm->hf_electra_mlm")
     src = pair.make_src()
     plan = archalign.align(src.state_dict(), pair.make_dst())
     return plan, len(plan.apply(pair.make_dst(), src.state_dict()).loaded), torch
@@ -380,14 +381,14 @@ def weak_vit():  # type: ignore[no-untyped-def]
 
 @needs_chromium
 def test_the_slider_starts_at_the_default_and_counts_what_apply_loads(tmp_path: Path,
-                                                                      weak_vit) -> None:  # type: ignore[no-untyped-def]
-    plan, loads, _ = weak_vit
+                                                                      weak_plan) -> None:  # type: ignore[no-untyped-def]
+    plan, loads, _ = weak_plan
     review = archalign.review.build_review(plan)
     below = sum(len(r.dst) for r in review.rows if r.below_default)
     flagged = sum(bool(r.flags) for r in review.rows)
     assert below and flagged and loads == sum(len(m.dst) for m in plan.matches) - below
     page = tmp_path / "weak.html"
-    save_html(plan, page, source="vit.pt (torchvision)", destination="timm VisionTransformer")
+    save_html(plan, page, source="bert.bin (BertForMaskedLM)", destination="ElectraForMaskedLM")
     status, dom = render_in_browser(tmp_path, page)
     assert status["data-loads"] == str(loads)  # apply(min_confidence=0.50) loads exactly these
     matched = sum(len(m.dst) for m in plan.matches)  # a fused source feeds several tensors
@@ -395,7 +396,7 @@ def test_the_slider_starts_at_the_default_and_counts_what_apply_loads(tmp_path: 
            "(the default)" in dom
     assert '<output id="minv">0.50</output>' in dom
     assert 'class="wire faded"' in dom  # what a default apply skips is drawn faded
-    assert ">vit.pt (torchvision)</span>" in dom and ">timm VisionTransformer</span>" in dom
+    assert ">bert.bin (BertForMaskedLM)</span>" in dom and ">ElectraForMaskedLM</span>" in dom
     assert status["data-flagged"] == str(flagged)
     assert dom.count('class="tag flag"') >= 1
     rows = re.findall(r'<div class="row [^"]*\bsuspect\b', dom)
@@ -410,8 +411,8 @@ def test_the_slider_starts_at_the_default_and_counts_what_apply_loads(tmp_path: 
 
 
 @needs_chromium
-def test_only_below_draws_the_lines_a_default_apply_skips(tmp_path: Path, weak_vit) -> None:  # type: ignore[no-untyped-def]
-    plan, _, _ = weak_vit
+def test_only_below_draws_the_lines_a_default_apply_skips(tmp_path: Path, weak_plan) -> None:  # type: ignore[no-untyped-def]
+    plan, _, _ = weak_plan
     page = tmp_path / "weak.html"
     save_html(plan, page)
     status, dom = render_in_browser(tmp_path, page, "#below=1")

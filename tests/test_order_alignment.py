@@ -96,7 +96,8 @@ def test_two_unequal_parts_never_stack():
     sig = lambda shape: ("linear", (shape,))  # noqa: E731
     assert not stacks(sig((24, 8)), [sig((8, 8)), sig((16, 8))])
     assert not stacks(sig((24, 8)), [sig((16, 8)), sig((8, 8))])
-    assert not stacks(sig((12, 8)), [sig((2, 8)), sig((8, 8)), sig((2, 8))])  # q not first
+    assert not stacks(sig((12, 8)), [sig((2, 8)), sig((8, 8)), sig((2, 8))])  # q in the middle
+    assert stacks(sig((12, 8)), [sig((2, 8)), sig((2, 8)), sig((8, 8))])  # reversed: v, k, q
 
 
 def test_a_linear_layer_aligns_with_a_pointwise_convolution():
