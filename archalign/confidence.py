@@ -17,6 +17,7 @@ from .graph import Tracer
 
 __all__ = [
     "AMBIGUOUS_INSIDE",
+    "CHECKPOINT_CHECK_CAP",
     "DEFAULT_MIN_CONFIDENCE",
     "DISAGREEING",
     "DIVERGING",
@@ -24,6 +25,8 @@ __all__ = [
     "HIGH_CONFIDENCE",
     "LOW_CONFIDENCE",
     "NAMES_ONLY_ORDER_WEIGHT",
+    "NORM_FIT_MARGIN",
+    "NORM_FIT_MIN",
     "ORDER_ONLY_GROUP",
     "ORDER_ONLY_TRUST",
     "REGRET_SCALE",
@@ -59,6 +62,12 @@ UNVERIFIED_CAP = 0.85  # ceiling for every match of a plan whose trial did not r
 DIVERGING = 0.45  # ceiling on the diverging path of a plan that should have reproduced them
 DISAGREEING = 0.3  # ceiling for a match whose layer, given its counterpart's input, computes
 # something else
+CHECKPOINT_CHECK_CAP = 0.8  # ceiling for a match a checkpoint check implicates (a BatchNorm whose
+# running statistics do not fit its input; every match when the outputs are NaN/Inf or constant)
+NORM_FIT_MIN = -0.25  # a BatchNorm whose statistics fit its input worse than this (uncorrelated or
+# anti-correlated across channels) fails the checkpoint check (`archalign.selfcheck.norm_fit`)
+NORM_FIT_MARGIN = 0.15  # ... as does one whose input fits another BatchNorm's statistics better
+# than its own by this much (a swapped or misplaced source)
 NAMES_ONLY_ORDER_WEIGHT = 0.25  # position and context costs are scaled by this when the order
 # is names only (`Tracer.SORTED`): tie-breakers, no longer evidence
 

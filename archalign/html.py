@@ -46,7 +46,7 @@ from typing import Any
 from .confidence import DEFAULT_MIN_CONFIDENCE, HIGH_CONFIDENCE, LOW_CONFIDENCE
 from .graph import natural_key
 from .plan import Match, Mismatch, Plan
-from .review import Flag, ReviewRow, build_review, format_shape
+from .review import Flag, ReviewRow, build_review, flag_note, format_shape
 
 __all__ = ["render_html", "save_html"]
 
@@ -316,7 +316,7 @@ def _report_data(plan: Plan, title: str) -> dict[str, Any]:
     counts = {f.value: sum(f in r.flags for r in review) for f in Flag}
     return {"title": title, "low": LOW_CONFIDENCE, "high": HIGH_CONFIDENCE,
             "default": DEFAULT_MIN_CONFIDENCE, "summary": summary,
-            "flags": [{"flag": f.value, "rows": counts[f.value], "note": f.note}
+            "flags": [{"flag": f.value, "rows": counts[f.value], "note": flag_note(f, review)}
                       for f in Flag if counts[f.value]],
             "src": src_rows, "dst": dst_rows, "links": out_links}
 

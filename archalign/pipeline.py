@@ -23,6 +23,7 @@ from .match import UnitMatch, match_adapted, match_near_misses, match_pinned, ma
 from .plan import Match, Mismatch, Plan
 from .report import LoadReport
 from .running import ExampleInputs
+from .selfcheck import check_checkpoint
 from .skeleton import fit_order
 from .source import TensorSource, read_source
 from .stacked import match_stacked
@@ -137,6 +138,8 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
         step("checking the plan by running both models")
         plan = decide_by_activations(plan, source.module, target.module, inputs, src_traced,
                                      dst_traced, rules)
+    elif check_outputs and source.module is None and target.module is not None:
+        plan = _checkpoint_checks(plan, target, inputs, why_not, step)
     elif why_not:
         plan = dataclasses.replace(plan, verification=why_not)
     logger.info("aligned %s -> %s: %d matches, %d mismatches, %d destination keys unmatched",
@@ -206,7 +209,7 @@ def _inputs(source: TensorSource, target: TensorSource, given: ExampleInputs,
         return None, ""
     if source.module is None:  # a checkpoint: an input traces the destination's execution order
         return _destination_input(target.module, given, step, check_outputs and
-                                  _cheap_to_run(target)), ""
+                                  _cheap_to_run(target))
     if given is not None:
         return bind(source.module, target.module, given), ""
     if not check_outputs:
@@ -220,18 +223,36 @@ def _inputs(source: TensorSource, target: TensorSource, given: ExampleInputs,
 
 
 def _destination_input(dst: nn.Module, given: ExampleInputs, step: Callable[[str], None],
-                       make: bool) -> BoundInputs | None:
-    """The input the destination runs on to trace its order when the source is a checkpoint: the
-    user's, or (when ``make``) one made from the destination alone; None when there is none."""
+                       make: bool) -> tuple[BoundInputs | None, str]:
+    """The input the destination runs on to trace its order (and check the loaded plan) when the
+    source is a checkpoint: the user's, or (when ``make``) one made from the destination alone;
+    None when there is none, and why ("" when it was not to be made)."""
     if given is not None:
-        return bind(dst, dst, given)
+        return bind(dst, dst, given), ""
     if not make:
-        return None
+        return None, ""
     step("making an input for the destination")
     made, how = make_inputs(dst, dst)
     if made is None:
         logger.info("no input for the destination (%s): its order is traced without one", how)
-    return made
+        return None, f"no input could be made for the destination ({how})"
+    return made, ""
+
+
+def _checkpoint_checks(plan: Plan, target: TensorSource, inputs: BoundInputs | None,
+                       why_not: str, step: Callable[[str], None]) -> Plan:
+    """The plan checked on the destination alone (`archalign.selfcheck`), or saying why not."""
+    if not _cheap_to_run(target):
+        why = (f"the destination is too large (over {AUTO_CHECK_LIMIT:.0e} elements) or on the "
+               "meta device to run unasked")
+    elif inputs is None:
+        why = why_not or "no input for the destination"
+    else:
+        assert target.module is not None  # the caller's condition
+        step("checking the loaded plan on the destination alone")
+        return check_checkpoint(plan, target.module, inputs)
+    return dataclasses.replace(plan, verification=f"checkpoint checks not run: {why}; no source "
+                                                  "model to compare outputs with")
 
 
 def _cheap_to_run(side: TensorSource) -> bool:

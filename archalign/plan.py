@@ -226,15 +226,24 @@ class Plan:
 
     def to_records(self) -> list[dict[str, Any]]:
         """One flat dict per match (for ``pandas.DataFrame(plan.to_records())``); ``nonfinite``
-        says whether a source tensor of the match held NaN/Inf when aligned."""
+        says whether a source tensor of the match held NaN/Inf when aligned, ``flags`` the
+        review's flags of the row, space separated ("order-only prior"; see
+        `archalign.review.Flag`)."""
         bad = set(self.nonfinite)
         return [{"dst": ", ".join(m.dst), "src": ", ".join(m.src),
                  "dst_shape": " ".join(map(str, m.dst_shapes)),
                  "src_shape": " ".join(map(str, m.src_shapes)),
                  "confidence": m.confidence, "ops": " ".join(map(str, m.ops)),
                  "dst_unit": m.dst_unit, "src_unit": m.src_unit,
-                 "nonfinite": any(k in bad for k in m.src), **dict(m.costs)}
-                for m in self.matches]
+                 "nonfinite": any(k in bad for k in m.src),
+                 "flags": " ".join(f.value for f in flags), **dict(m.costs)}
+                for m, flags in zip(self.matches, self._flags())]
+
+    def _flags(self) -> list[tuple[Any, ...]]:
+        """The review's flags of every match (`archalign.review.find_flags`), in match order."""
+        from .review import find_flags
+
+        return find_flags(self)
 
     def _repr_html_(self) -> str:
         """The review table as HTML (Jupyter shows it); see `archalign.review.format_plan_html`."""
@@ -244,7 +253,13 @@ class Plan:
 
     # ---------------------------------------------------------------- saving
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (the plan file schema, version `PLAN_VERSION`)."""
+        """A JSON-ready dict (the plan file schema, version `PLAN_VERSION`).
+
+        A match flagged by the review (`archalign.review.find_flags`) carries its flags
+        (``"flags": ["order-only", "prior"]``): derived from the plan's own data, for readers of
+        the file; `from_dict` checks their form and derives them again.
+        """
+        flags = self._flags()
         return {
             "archalign_plan": PLAN_VERSION,
             "src_tracer": self.src_tracer,
@@ -258,8 +273,9 @@ class Plan:
                  "confidence": _round(m.confidence),
                  "costs": {k: _round(v) for k, v in m.costs},
                  "src_unit": m.src_unit, "dst_unit": m.dst_unit,
-                 **({"ops": [op.to_dict() for op in m.ops]} if m.ops else {})}
-                for m in self.matches
+                 **({"ops": [op.to_dict() for op in m.ops]} if m.ops else {}),
+                 **({"flags": [f.value for f in f_]} if f_ else {})}
+                for m, f_ in zip(self.matches, flags)
             ],
             "mismatches": [
                 {"src": list(m.src), "dst": list(m.dst),
@@ -307,6 +323,7 @@ class Plan:
                 if not isinstance(m, Mapping) or set(m) - _MATCH_FIELDS:
                     extra = sorted(set(m) - _MATCH_FIELDS) if isinstance(m, Mapping) else m
                     raise PlanError(f"malformed plan: match entry with unknown fields {extra!r:.200}")
+                _flag_values(m.get("flags", []))  # derived: checked, then derived again
             matches = tuple(
                 Match(src=_keys(m["src"]), dst=_keys(m["dst"]),
                       src_shapes=_shapes(m["src_shapes"], m["src"]),
@@ -382,7 +399,7 @@ _PLAN_FIELDS = frozenset({"archalign_plan", "src_tracer", "dst_tracer", "verific
                           "matches", "mismatches", "unmatched_src", "unmatched_dst", "tied_src",
                           "tied_dst", "nonfinite"})
 _MATCH_FIELDS = frozenset({"src", "dst", "src_shapes", "dst_shapes", "confidence", "costs",
-                           "src_unit", "dst_unit", "ops"})
+                           "src_unit", "dst_unit", "ops", "flags"})
 
 
 def load_plan(path: str | os.PathLike[str]) -> Plan:
@@ -399,6 +416,16 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
         return Plan.from_json(Path(path).read_bytes())
     except PlanError as exc:
         raise PlanError(f"{str(path)!r}: {exc}") from exc
+
+
+def _flag_values(values: Any) -> None:
+    """Check a match's ``flags`` field: a list of known flag names (their value is derived)."""
+    from .review import Flag
+
+    known = {f.value for f in Flag}
+    for value in _list(values):
+        if _text(value) not in known:
+            raise ValueError(f"unknown flag {value!r:.100}; known: {sorted(known)}")
 
 
 def _round(x: float) -> float:

@@ -16,7 +16,9 @@ data (no model is needed, so a saved plan shows them too):
   so the order of registration or of names decided between them;
 - `Flag.PRIOR`: a convention decided, not the structure: a cost term ``same_name`` (where the
   alignment could not tell, the very same name did) or any term whose name starts with
-  ``prior`` (the convention for named priors);
+  ``prior`` (the convention for named priors); the flag's note names the priors
+  (`describe_prior`: ``prior_layout_in_out`` reads "layout from the checkpoint's convention
+  (in_out)");
 - `Flag.INDEX_SHIFT`: among the matches of one pair of key templates (``blocks.#.fc`` <-
   ``layers.#.mlp``), ordered by the destination's block indices, the source's indices of this
   row go backwards against a neighbour's: a swap or a misplaced block.
@@ -43,8 +45,8 @@ if TYPE_CHECKING:
     from .plan import Match, Plan
 
 __all__ = ["COLUMNS", "FLAGS_COLUMN", "Band", "Flag", "Review", "ReviewRow", "band_of",
-           "build_review", "describe_header", "describe_leftovers", "find_flags", "format_plan",
-           "format_plan_html", "format_shape"]
+           "build_review", "describe_header", "describe_leftovers", "describe_prior", "find_flags",
+           "flag_note", "format_plan", "format_plan_html", "format_shape"]
 
 COLUMNS = ("conf", "destination", "source", "shape", "adaptation")  # every table's columns
 FLAGS_COLUMN = "flags"  # the column added after `COLUMNS` when some row carries a `Flag`
@@ -110,6 +112,8 @@ class ReviewRow:
     adapted: bool  # the tensors are transformed on the way (``match.ops``)
     nonfinite: bool  # a source tensor held NaN/Inf when the plan was made
     flags: tuple[Flag, ...] = ()  # why its confidence may rest on weaker ground (see `Flag`)
+    priors: tuple[str, ...] = ()  # the cost terms behind its PRIOR flag (``same_name``,
+    # ``prior_*``), in the match's order
 
     @property
     def cells(self) -> tuple[str, str, str, str, str]:
@@ -163,10 +167,50 @@ def build_review(plan: Plan) -> Review:
     rows = tuple(_row(i, plan.matches[i], bad, flags[i]) for i in order)
     counts = Counter(f for row in rows for f in row.flags)
     notes = tuple(f"{flag.value} ({counts[flag]} row{'s' if counts[flag] > 1 else ''}): "
-                  f"{flag.note}" for flag in Flag if counts[flag])
+                  f"{flag_note(flag, rows)}" for flag in Flag if counts[flag])
     return Review(header=tuple(describe_header(plan)), rows=rows,
                   not_loaded=tuple(_describe_mismatches(plan)),
                   unmatched=tuple(_describe_unmatched(plan)), flag_notes=notes)
+
+
+def flag_note(flag: Flag, rows: Sequence[ReviewRow]) -> str:
+    """What ``flag`` means for these rows: its note, and for `Flag.PRIOR` the priors that decided
+    (`describe_prior`), each once, in the order the rows give them."""
+    if flag is not Flag.PRIOR:
+        return flag.note
+    named = dict.fromkeys(describe_prior(t) for r in rows if flag in r.flags for t in r.priors
+                          if t != "same_name")
+    if not named:
+        return flag.note
+    same = any("same_name" in r.priors for r in rows if flag in r.flags)
+    return ("a convention decided: " + "; ".join(named)
+            + ("; the same name where the structure could not tell" if same else ""))
+
+
+_PRIOR_TOPICS = {  # the first word of a ``prior_*`` term, as the notes name it
+    "layout": "layout from the checkpoint's convention",
+}
+
+
+def describe_prior(term: str) -> str:
+    """A cost term naming a prior, as a reader reads it.
+
+    >>> describe_prior("prior_layout_in_out"), describe_prior("prior_rotary_half")
+    ("layout from the checkpoint's convention (in_out)", 'rotary half (a named prior)')
+    >>> describe_prior("same_name")
+    'the same name where the structure could not tell'
+    """
+    if term == "same_name":
+        return "the same name where the structure could not tell"
+    words = term.removeprefix("prior").strip("_").split("_")
+    topic, rest = words[0], "_".join(words[1:])
+    if topic in _PRIOR_TOPICS:
+        return _PRIOR_TOPICS[topic] + (f" ({rest})" if rest else "")
+    return (" ".join(w for w in words if w) or "prior") + " (a named prior)"
+
+
+def _is_prior(term: str) -> bool:
+    return term == "same_name" or term.startswith("prior")
 
 
 def find_flags(plan: Plan) -> list[tuple[Flag, ...]]:
@@ -193,7 +237,7 @@ def find_flags(plan: Plan) -> list[tuple[Flag, ...]]:
         found = []
         if i in order_only:
             found.append(Flag.ORDER_ONLY)
-        if any(t == "same_name" or t.startswith("prior") for t in terms):
+        if any(_is_prior(t) for t in terms):
             found.append(Flag.PRIOR)
         if i in shifted:
             found.append(Flag.INDEX_SHIFT)
@@ -311,7 +355,9 @@ def _row(index: int, m: Match, nonfinite: set[str], flags: tuple[Flag, ...]) -> 
                      dst=m.dst, src=m.src, shape=" ".join(format_shape(s) for s in m.dst_shapes),
                      adaptation=" ".join(map(str, m.ops)), band=band_of(m.confidence),
                      below_default=m.confidence < DEFAULT_MIN_CONFIDENCE, adapted=m.adapted,
-                     nonfinite=any(k in nonfinite for k in m.src), flags=flags)
+                     nonfinite=any(k in nonfinite for k in m.src), flags=flags,
+                     priors=tuple(t for t, _ in m.costs if _is_prior(t)) if Flag.PRIOR in flags
+                     else ())
 
 
 def _describe_mismatches(plan: Plan) -> list[str]:

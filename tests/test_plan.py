@@ -328,3 +328,46 @@ def test_a_plan_file_that_is_not_utf8_is_a_plan_error_naming_it(tmp_path) -> Non
     path.write_bytes(make_plan().to_json().replace("fc1", "f\xe9").encode("latin-1"))
     with pytest.raises(PlanError, match=r"plan\.json.*UTF-8 text; byte \d+ is not"):
         load_plan(path)
+
+
+def _flagged_plan() -> Plan:
+    """Two same-shaped layers told apart by registration order, one decided by a named prior."""
+    def match(i: int, *terms: str) -> Match:
+        return Match(src=(f"a.{i}.weight",), dst=(f"b.{i}.weight",), src_shapes=((4, 4),),
+                     dst_shapes=((4, 4),), confidence=0.7,
+                     costs=(("shape", 0.0), *((t, 0.1) for t in terms)),
+                     src_unit=f"a.{i}", dst_unit=f"b.{i}")
+    return Plan(matches=(match(0), match(1, "prior_layout_in_out")),
+                src_tracer="state_dict", dst_tracer="registration")
+
+
+def test_json_rows_carry_their_flags():
+    plan = _flagged_plan()
+    rows = plan.to_dict()["matches"]
+    assert rows[0]["flags"] == ["order-only"]
+    assert rows[1]["flags"] == ["order-only", "prior"]
+    assert [r["flags"] for r in plan.to_records()] == ["order-only", "order-only prior"]
+    assert Plan.from_json(plan.to_json()) == plan
+    assert Plan.from_json(plan.to_json()).to_json() == plan.to_json()
+
+
+def test_flags_field_is_optional_and_derived_on_load():
+    plan = _flagged_plan()
+    data = plan.to_dict()
+    for row in data["matches"]:
+        del row["flags"]  # a file written before flags were saved
+    assert Plan.from_dict(data) == plan
+    data["matches"][0]["flags"] = ["index-shift"]  # a stale value: derived again
+    assert Plan.from_dict(data).to_dict()["matches"][0]["flags"] == ["order-only"]
+    data["matches"][0]["flags"] = ["made-up"]
+    with pytest.raises(PlanError, match="unknown flag"):
+        Plan.from_dict(data)
+    data["matches"][0]["flags"] = "order-only"
+    with pytest.raises(PlanError):
+        Plan.from_dict(data)
+
+
+def test_unflagged_rows_write_no_flags_field():
+    plan = dataclasses.replace(_flagged_plan(), src_tracer="fx", dst_tracer="fx")
+    assert "flags" not in plan.to_dict()["matches"][0]
+    assert plan.to_records()[0]["flags"] == ""

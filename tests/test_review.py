@@ -419,3 +419,24 @@ def test_flags_get_a_column_and_a_note_in_every_table() -> None:
     page = [it for items in rows_of_page(plan) for it in items]
     by_dst = {row.dst: row for row in review.rows}
     assert all(it["flags"] == [f.value for f in by_dst[tuple(it["dst"])].flags] for it in page)
+
+
+def test_prior_note_names_the_prior():
+    from archalign.plan import Match, Plan
+    from archalign.review import build_review, describe_prior
+
+    match = Match(src=("a.weight",), dst=("b.weight",), src_shapes=((4, 4),),
+                  dst_shapes=((4, 4),), confidence=0.7,
+                  costs=(("shape", 0.0), ("prior_layout_in_out", 0.1)), src_unit="a",
+                  dst_unit="b")
+    plan = Plan(matches=(match,), src_tracer="fx", dst_tracer="fx")
+    note = "layout from the checkpoint's convention (in_out)"
+    assert describe_prior("prior_layout_in_out") == note
+    assert describe_prior("prior_rotary_half") == "rotary half (a named prior)"
+    review = build_review(plan)
+    assert review.rows[0].priors == ("prior_layout_in_out",)
+    assert any(line.startswith("prior (1 row)") and note in line for line in review.flag_notes)
+    assert note in str(plan)
+    from archalign.html import render_html
+
+    assert f"a convention decided: {note}" in render_html(plan)
