@@ -24,6 +24,7 @@ Planning only: pure functions of units and signatures, no tensors.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .features import GAP, unit_signature
+from .features import GAP, name_tokens, unit_signature
 from .graph import Tracer, Unit, UnitGraph, chain_graph
 from .order_alignment import Costs, Item, extend_rows, first_row, in_repeat, item_of, window_of
 
@@ -136,7 +137,7 @@ def fit_order(src: UnitGraph, dst: UnitGraph) -> UnitGraph:
             changed |= members[0].items() != before
         if not changed:
             break
-    fitted = _free_moves(list(root.units()), target)
+    fitted = _swap_by_names(_free_moves(list(root.units()), target), list(dst.units.values()))
     moved = sum(a.key != b.key for a, b in zip(fitted, src.units.values()))
     logger.info("fitted the checkpoint's key tree to the destination's execution order: %d of %d "
                 "units moved", moved, len(fitted))
@@ -174,6 +175,33 @@ def _interleave_runs(root: _Node, target: list[Item]) -> None:
                 if found <= best - GAP:
                     kept, best = turns, found
             node.turns = kept
+
+
+def _swap_by_names(sequence: list[Unit], dst_units: list[Unit]) -> list[Unit]:
+    """Swap two equal single units outside any numbered block (an input embedding and an output
+    head of one shape) that stand against the order of the destination units their names agree
+    with: equal units cost the same anywhere, so the alignment cannot tell them apart."""
+    rank = {u.key: r for r, u in enumerate(dst_units)}
+    tokens = [(name_tokens(u.key), u.key) for u in dst_units]
+
+    @functools.cache
+    def named_at(unit: Unit) -> int | None:
+        """Where the destination unit of the closest name runs (None: no name in common)."""
+        mine = name_tokens(unit.key)
+        score, key = max(((len(mine & t) / max(len(mine | t), 1), k) for t, k in tokens),
+                         default=(0.0, ""))
+        return rank[key] if score > 0.5 else None
+
+    out = list(sequence)
+    lone = [i for i, u in enumerate(out) if not in_repeat(u.key)]
+    for i, j in itertools.combinations(lone, 2):  # i < j
+        a, b = out[i], out[j]
+        if item_of(a) != item_of(b):
+            continue
+        at_a, at_b = named_at(a), named_at(b)
+        if at_a is not None and at_b is not None and at_a > at_b:
+            out[i], out[j] = b, a
+    return out
 
 
 def _free_moves(sequence: list[Unit], target: list[Item]) -> list[Unit]:

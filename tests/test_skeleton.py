@@ -235,3 +235,27 @@ def test_two_module_lists_used_in_turns_and_layer_scales_used_last(saved):
     tensor (registered first) is placed where it runs."""
     model = InTurns()
     assert fitted(saved(model), model) == execution_order(model)
+
+
+class LanguageModel(nn.Module):
+    """An input embedding and an output head of one shape; sorted keys put the head first."""
+
+    def __init__(self, vocab: int = 12, dim: int = 8) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(vocab, dim)
+        self.model.layers = nn.ModuleList(Block(dim, fused=False) for _ in range(2))
+        self.model.norm = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.model.embed_tokens(ids)
+        for layer in self.model.layers:
+            x = layer(x)
+        return self.lm_head(self.model.norm(x))
+
+
+def test_an_embedding_and_a_head_of_one_shape_are_told_apart_by_their_names():
+    model = LanguageModel()
+    order = fitted(sorted_state(model), model)
+    assert order[0] == "model.embed_tokens" and order[-1] == "lm_head"
