@@ -23,17 +23,20 @@ __all__ = [
     "DIVERGING",
     "FULL_TRUST",
     "HIGH_CONFIDENCE",
+    "LAYOUT_PRIOR",
     "LOW_CONFIDENCE",
     "NAMES_ONLY_ORDER_WEIGHT",
     "NORM_FIT_MARGIN",
     "NORM_FIT_MIN",
     "ORDER_ONLY_GROUP",
     "ORDER_ONLY_TRUST",
+    "PRIOR_CEILING",
     "REGRET_SCALE",
     "SAME_NAME_IN_TIE",
     "SAME_NAME_MARGIN",
     "VERIFIED_CONFIDENCE",
     "Trust",
+    "UNDECIDED_LAYOUT_CAP",
     "UNVERIFIED_CAP",
     "confidence",
     "trust_in",
@@ -52,6 +55,12 @@ REGRET_SCALE = 0.25  # a regret of this size leaves ~63% of the margin factor; 4
 # ------------------------------------------------------------------------ factors
 
 AMBIGUOUS_INSIDE = 0.5  # equal-shaped tensors inside a unit were paired by their order only
+LAYOUT_PRIOR = 0.9  # a square weight whose layout is the checkpoint's convention (a prior,
+# `archalign.layouts.infer_layouts`): with the fit's own factor below 1, it stays below
+# HIGH_CONFIDENCE
+PRIOR_CEILING = 0.89  # and never above this: a prior alone is not certainty
+UNDECIDED_LAYOUT_CAP = 0.45  # ceiling for a match whose square weight's layout the checkpoint
+# leaves open (its layers disagree): below DEFAULT_MIN_CONFIDENCE, apply does not guess
 ORDER_ONLY_GROUP = 0.8  # equal-shaped members of a fused group were ordered by execution alone
 ORDER_ONLY_TRUST = 0.85  # a match beat same-shaped rivals on a non-execution order (registration
 # or names): such an order is a guess, so the match stays below HIGH_CONFIDENCE

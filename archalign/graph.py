@@ -44,6 +44,8 @@ class Unit:
     shapes: tuple[Shape, ...]  # shapes of `tensors`, same order
     type_name: str  # owning module's class name; "Parameter" for a lone tensor; "" when unknown
     transposed: tuple[bool, ...] = ()  # per tensor: stored (in, out) where nn.Linear stores (out, in)
+    prior: str = ""  # the named prior its layout rests on (`archalign.layouts.infer_layouts`: a
+    # checkpoint's convention, no module to probe); "" when probed, shown by shapes, or default
 
     def is_transposed(self, index: int) -> bool:
         return bool(self.transposed) and self.transposed[index]

@@ -5,12 +5,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
-from .confidence import AMBIGUOUS_INSIDE, DEFAULT_MIN_CONFIDENCE, trust_in
+from .confidence import (
+    AMBIGUOUS_INSIDE,
+    DEFAULT_MIN_CONFIDENCE,
+    LAYOUT_PRIOR,
+    PRIOR_CEILING,
+    UNDECIDED_LAYOUT_CAP,
+    trust_in,
+)
 from .cost import CostWeights
 from .errors import SourceError
 from .features import UnitFeatures, extract_features, without_own_classes
@@ -19,6 +26,7 @@ from .fused import match_fused
 from .graph import Tracer, Unit, UnitGraph, build_units
 from .hints import Hints, resolve_hints
 from .inputs import BoundInputs, bind, make_inputs
+from .layouts import IN_OUT_PRIOR, UNDECIDED_PRIOR
 from .match import UnitMatch, match_adapted, match_near_misses, match_pinned, match_units
 from .plan import Match, Mismatch, Plan
 from .report import LoadReport
@@ -277,20 +285,35 @@ def _left(features: list[UnitFeatures], found: list[UnitMatch], side: str) -> li
     return [f for f in features if f.unit.key not in taken]
 
 
+def _with_priors(conf: float, priors: Sequence[str]) -> float:
+    """A tensor's confidence once the layout priors it rests on are counted
+    (`archalign.layouts.infer_layouts`)."""
+    if UNDECIDED_PRIOR in priors:
+        return min(conf, UNDECIDED_LAYOUT_CAP)
+    if IN_OUT_PRIOR in priors:
+        return min(conf * LAYOUT_PRIOR, PRIOR_CEILING)
+    return conf
+
+
 def _build_plan(found: list[UnitMatch], near: list[UnitMatch], source: TensorSource,
                 target: TensorSource, src_tracer: str, dst_tracer: str) -> Plan:
     matches: list[Match] = []
     for um in found:
         src_unit = um.src_label or "+".join(f.unit.key for f in um.src)
         dst_unit = um.dst_label or "+".join(f.unit.key for f in um.dst)
+        prior_of = {k: f.unit.prior for f in um.src if f.unit.prior  # a layout: the weights'
+                    for k, shape in zip(f.unit.tensors, f.unit.shapes) if len(shape) == 2}
         for pair in um.pairs:
             conf = um.confidence * (1.0 if pair.by_name else AMBIGUOUS_INSIDE)
+            priors = sorted({prior_of[k] for k in pair.src if k in prior_of})
+            conf = _with_priors(conf, priors)
             matches.append(Match(
                 src=pair.src, dst=pair.dst,
                 src_shapes=tuple(source.specs[k].shape for k in pair.src),
                 dst_shapes=tuple(target.specs[k].shape for k in pair.dst),
                 confidence=round(conf, 6),
-                costs=tuple((k, round(v, 6)) for k, v in um.terms.items()),
+                costs=(*((k, round(v, 6)) for k, v in um.terms.items()),
+                       *((p, 0.0) for p in priors)),
                 src_unit=src_unit, dst_unit=dst_unit, ops=pair.ops))
     mismatches: list[Mismatch] = []
     for um in near:

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 
 from .graph import Tracer, Unit, UnitGraph, build_units, chain_graph, natural_key
-from .layouts import probe_layouts
+from .layouts import infer_layouts, probe_layouts
 from .running import ExampleInputs, dummy_inputs, first_line
 from .source import TensorSource
 from .trace_fx import trace_fx
@@ -49,8 +49,9 @@ def trace_graph(source: TensorSource, example_inputs: ExampleInputs = None, *,
     module = source.module
     if module is not None:
         units = probe_layouts(module, units)
-    if module is None:
-        return chain_graph(units, Tracer.STATE_DICT if source.ordered else Tracer.SORTED)
+    if module is None:  # a checkpoint: its layouts from its own layers' shapes and conventions
+        return chain_graph(infer_layouts(units), Tracer.STATE_DICT if source.ordered
+                           else Tracer.SORTED)
     try:
         return trace_fx(module, units, source, collapse_repeats=collapse_repeats)
     except Exception as exc:  # fx raises many kinds of errors on untraceable code
