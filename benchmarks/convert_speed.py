@@ -254,11 +254,11 @@ def _measure(log: Log, work: Path, rounds: int) -> Section:
             if kind == "two":
                 walls.append(result["wall"])
     med = {k: statistics.median(v) if v else None for k, v in times.items()}
-    lines += [f"A {format_mib(size)} float32 checkpoint ({info['tensors']} tensors of the "
+    lines += [f"A {format_mib(size)} MiB float32 checkpoint ({info['tensors']} tensors of the "
               f"`corpus.scale` MoE, `MoeShape(layers=8, experts=16, hidden=768, "
               f"intermediate=2048)`, Mixtral names -> DeepSeek names, {info['source_files'] - 1} "
-              f"source shards of {format_mib(SOURCE_SHARD_BYTES)}; output shards of "
-              f"{format_mib(OUTPUT_SHARD_BYTES)}) in `/tmp`, read from the page cache. "
+              f"source shards of {format_mib(SOURCE_SHARD_BYTES)} MiB; output shards of "
+              f"{format_mib(OUTPUT_SHARD_BYTES)} MiB) in `/tmp`, read from the page cache. "
               f"One warm-up round (not counted), then {rounds} interleaved rounds, fresh processes "
               "each, `os.sync()` before every run (so that no run pays for the writeback of "
               "the one before); medians. Floor: "
@@ -294,6 +294,11 @@ def _measure(log: Log, work: Path, rounds: int) -> Section:
     if walls:
         lines += ["", f"The whole `torchrun` command (start-up, imports, reading the plan, "
                   f"converting) took {statistics.median(walls):.1f} s (median)."]
+    if med["floor"] and med["floor2"]:
+        lines += ["", f"Two floors in parallel run at {med['floor'] / med['floor2']:.2f}x one "
+                  "floor: that is the most two ranks can gain over one process here (the same "
+                  "bytes, no plan); at or below 1x the machine (two shared cores, the write "
+                  "bandwidth into the page cache) cannot scale this work, whatever archalign does."]
     if errors:
         lines += ["", "Failed runs: " + "; ".join(errors)]
     targets = []
