@@ -18,6 +18,7 @@ from .confidence import (
     UNDECIDED_LAYOUT_CAP,
     trust_in,
 )
+from .conventions import apply_conventions
 from .cost import CostWeights
 from .errors import SourceError
 from .features import UnitFeatures, extract_features, without_own_classes
@@ -136,6 +137,8 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
                               weights, no, trust=trust)
 
     plan = _build_plan(found, near, source, target, src_graph.tracer, dst_graph.tracer)
+    if source.module is None and target.module is not None:  # a checkpoint: its format's rules
+        plan = apply_conventions(plan, target.module)
     step("scanning the source for NaN/Inf")
     nonfinite = source.scan_nonfinite()  # remembered: apply does not scan these tensors again
     if nonfinite:
