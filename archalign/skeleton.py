@@ -30,7 +30,7 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -331,7 +331,7 @@ def _fit_family(root: _Node, members: list[_Node], target: list[Item],
     if OWN not in names and all(m.unit is not None and m.unit.type_name == "Parameter"
                                 for m in members):
         names = [OWN, *names]  # a lone tensor of the module (a layer scale) runs where it is used
-    chains = _Chains.of(names)
+    chains = _Chains.of(names, lambda n: tuple(item_of(u) for u in first.part(n)))
     if chains.count() <= 1:  # one order keeps the chains (blocks 0 .. N): numbers, not names
         for node in members:  # (a sorted file keeps "10" before "2")
             node.order = chains.realise(chains.labels)
@@ -365,7 +365,7 @@ def _fit_family(root: _Node, members: list[_Node], target: list[Item],
                         *(_named_in_place(order, first, chains, names_at)
                           for order in _beam(first, chains, extend_rows(first_row(costs), lead, costs),
                                              costs))]
-    best, best_key = arrangements[0], (np.inf, np.inf, np.inf, np.inf)
+    best, best_key = arrangements[0], (np.inf, np.inf, np.inf, np.inf, np.inf)
     for order in arrangements:
         for node in members:
             node.order = list(order)
@@ -377,7 +377,7 @@ def _fit_family(root: _Node, members: list[_Node], target: list[Item],
         # siblings of one number together (conv1 with bn1), then the earlier arrangement (the
         # checkpoint's own)
         key = (cost, _name_inversions(order, names_at), _role_inversions(order),
-               _ordinal_spread(order))
+               _ordinal_inversions(order), _ordinal_spread(order))
         if key < best_key:
             best, best_key = order, key
     for node in members:
@@ -393,12 +393,18 @@ class _Chains:
     ordered: dict[str, tuple[str, ...]]  # chain -> its children in order
 
     @staticmethod
-    def of(names: Sequence[str]) -> _Chains:
+    def of(names: Sequence[str], content: Callable[[str], object] | None = None) -> _Chains:
+        """The chains of ``names``; with ``content`` (a child's units, compared), numbered
+        siblings chain only with equal ones: ``w1``, ``w3`` (gate, up) of Meta's feed-forward
+        chain, its ``w2`` (down, run last) is free (blocks ``0 .. N`` always chain)."""
         chains: dict[str, list[tuple[int, str]]] = {}
         labels = []
+        kinds: dict[object, int] = {}
         for name in names:
             match = _ORDINAL.fullmatch(name)
             stem = f"#{match.group(1)}" if match else name
+            if match and match.group(1) and content is not None:
+                stem += f"#{kinds.setdefault(content(name), len(kinds))}"
             chains.setdefault(stem, []).append((int(match.group(2)) if match else 0, name))
             labels.append(stem)
         return _Chains(tuple(labels), {s: tuple(n for _, n in sorted(c)) for s, c in chains.items()})
@@ -506,6 +512,13 @@ _ROLES = {**{w: (0, 0) for w in ("q", "query", "wq")}, **{w: (0, 1) for w in ("k
           **{w: (0, 3) for w in ("o", "out", "output", "wo")},
           "gate": (1, 0), "up": (1, 1), "down": (1, 2),
           **{w: (2, 0) for w in ("before", "pre", "input")}, **{w: (2, 1) for w in ("after", "post")}}
+
+
+def _ordinal_inversions(order: list[str]) -> int:
+    """Pairs of numbered siblings of one stem against their numbers' order (``w2`` before ``w1``)."""
+    at = [(m.group(1), int(m.group(2))) for m in map(_ORDINAL.fullmatch, order)
+          if m and m.group(1)]
+    return sum(a[0] == b[0] and a[1] > b[1] for i, a in enumerate(at) for b in at[i + 1:])
 
 
 def _ordinal_spread(order: list[str]) -> int:

@@ -259,3 +259,27 @@ def test_an_embedding_and_a_head_of_one_shape_are_told_apart_by_their_names():
     model = LanguageModel()
     order = fitted(sorted_state(model), model)
     assert order[0] == "model.embed_tokens" and order[-1] == "lm_head"
+
+
+class MetaFeedForward(nn.Module):
+    """Meta's SwiGLU naming: w2 (down) runs after w1 and w3 (gate and up)."""
+
+    def __init__(self, dim: int = 8, hidden: int = 16) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        return self.norm2(x + self.w2(torch.nn.functional.silu(self.w1(h)) * self.w3(h)))
+
+
+@pytest.mark.parametrize("saved", [lambda m: m.state_dict(), sorted_state],
+                         ids=["registration", "sorted"])
+def test_numbered_siblings_chain_only_with_equal_ones(saved):
+    """w1 and w3 are equal (they chain: w1 first), w2 is not (free, it runs last); the equal
+    norms keep their numbers' order."""
+    model = MetaFeedForward()
+    assert fitted(saved(model), model) == ["norm1", "w1", "w3", "w2", "norm2"]
