@@ -492,26 +492,41 @@ def _name_inversions(order: list[str], names_at: dict[str, int]) -> int:
 
 def _role_inversions(order: list[str]) -> int:
     """Pairs of children named for their step (`_ROLES`: ``q_proj``, ``key``, ``wo``,
-    ``down_proj``; ``layernorm_before``, ``post_attention_layernorm``) that stand against the
-    order attention and gated MLPs compute them in, or against what their names say."""
-    at = [r for r in map(_role, order) if r is not None]
-    return sum(a[0] == b[0] and a[1] > b[1] for i, a in enumerate(at) for b in at[i + 1:])
+    ``down_proj``; ``layernorm_before``, ``post_attention_layernorm``; ``tok_embeddings``,
+    ``output``) that stand against the order attention, gated MLPs and language models compute
+    them in, or against what their names say."""
+    at = [_roles(n) for n in order]
+    return sum(any(g in b and a[g] > b[g] for g in a)
+               for i, a in enumerate(at) for b in at[i + 1:])
+
+
+def _roles(name: str) -> dict[int, int]:
+    """The steps a child's name claims, per computation (the first word that claims one)."""
+    out: dict[int, int] = {}
+    for word in _WORDS.findall(name.lower()):
+        for group, step in _ROLES.get(word, ()):
+            out.setdefault(group, step)
+    return out
 
 
 def _role(name: str) -> tuple[int, int] | None:
-    for word in _WORDS.findall(name.lower()):
-        if word in _ROLES:
-            return _ROLES[word]
-    return None
+    """The first step a child's name claims (a sort key)."""
+    roles = _roles(name)
+    return min(roles.items()) if roles else None
 
 
 _WORDS = re.compile(r"[a-z]+")
-# the conventions of projection names: (which computation, the step it is computed at)
-_ROLES = {**{w: (0, 0) for w in ("q", "query", "wq")}, **{w: (0, 1) for w in ("k", "key", "wk")},
-          **{w: (0, 2) for w in ("v", "value", "wv")},
-          **{w: (0, 3) for w in ("o", "out", "output", "wo")},
-          "gate": (1, 0), "up": (1, 1), "down": (1, 2),
-          **{w: (2, 0) for w in ("before", "pre", "input")}, **{w: (2, 1) for w in ("after", "post")}}
+# the conventions of names: word -> (which computation, the step it is computed at)
+_ROLES: dict[str, tuple[tuple[int, int], ...]] = {
+    **{w: ((0, 0),) for w in ("q", "query", "wq")}, **{w: ((0, 1),) for w in ("k", "key", "wk")},
+    **{w: ((0, 2),) for w in ("v", "value", "wv")},
+    **{w: ((0, 3),) for w in ("o", "out", "wo")}, "output": ((0, 3), (3, 1)),
+    "gate": ((1, 0),), "up": ((1, 1),), "down": ((1, 2),),
+    **{w: ((2, 0),) for w in ("before", "pre", "input")}, **{w: ((2, 1),) for w in ("after", "post")},
+    # a language model's input embedding runs first, its output head last
+    **{w: ((3, 0),) for w in ("embed", "embeddings", "embedding", "tok", "wte", "tokens")},
+    **{w: ((3, 1),) for w in ("head", "lm", "logits", "unembed")},
+}
 
 
 def _ordinal_inversions(order: list[str]) -> int:

@@ -190,6 +190,8 @@ def test_equal_layers_are_put_in_the_order_their_names_say():
     (["up_proj", "gate_proj", "down_proj"], 1),
     (["layernorm_after", "attention", "layernorm_before"], 1),
     (["post_attention_layernorm", "input_layernorm"], 1),
+    (["layers", "norm", "output", "tok_embeddings"], 1),  # Meta's names, sorted: head first
+    (["attention", "output"], 0),  # BERT's attention output: no embedding among them
 ])
 def test_role_inversions(order, inversions):
     assert _role_inversions(order) == inversions
