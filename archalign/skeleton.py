@@ -331,7 +331,8 @@ def _fit_family(root: _Node, members: list[_Node], target: list[Item],
     if OWN not in names and all(m.unit is not None and m.unit.type_name == "Parameter"
                                 for m in members):
         names = [OWN, *names]  # a lone tensor of the module (a layer scale) runs where it is used
-    chains = _Chains.of(names, lambda n: tuple(item_of(u) for u in first.part(n)))
+    chains = _Chains.of(names, lambda n: tuple(item_of(u) for u in first.part(n))
+                        if n == OWN or not first.children[n].children else "module")
     if chains.count() <= 1:  # one order keeps the chains (blocks 0 .. N): numbers, not names
         for node in members:  # (a sorted file keeps "10" before "2")
             node.order = chains.realise(chains.labels)
@@ -394,9 +395,10 @@ class _Chains:
 
     @staticmethod
     def of(names: Sequence[str], content: Callable[[str], object] | None = None) -> _Chains:
-        """The chains of ``names``; with ``content`` (a child's units, compared), numbered
-        siblings chain only with equal ones: ``w1``, ``w3`` (gate, up) of Meta's feed-forward
-        chain, its ``w2`` (down, run last) is free (blocks ``0 .. N`` always chain)."""
+        """The chains of ``names``; with ``content`` (a layer's units, compared; a container's
+        name), numbered layers chain only with equal ones: ``w1``, ``w3`` (gate, up) of Meta's
+        feed-forward chain, its ``w2`` (down, run last) is free; numbered containers (stages
+        ``layer1 .. layer4``, blocks ``0 .. N``) always chain."""
         chains: dict[str, list[tuple[int, str]]] = {}
         labels = []
         kinds: dict[object, int] = {}
