@@ -28,7 +28,6 @@ import functools
 import itertools
 import logging
 import math
-import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,14 @@ import numpy as np
 from .features import GAP, name_tokens, unit_signature
 from .graph import Tracer, Unit, UnitGraph, chain_graph
 from .order_alignment import Costs, Item, extend_rows, first_row, in_repeat, item_of, window_of
+from .order_names import (
+    ORDINAL,
+    name_inversions,
+    ordinal_inversions,
+    ordinal_spread,
+    role_inversions,
+    role_of,
+)
 
 __all__ = ["BEAM", "MAX_ARRANGEMENTS", "MAX_SWEEPS", "fit_order"]
 
@@ -49,7 +56,6 @@ MAX_FREE_MOVES_UNITS = 2000  # above this many units, no single-unit moves (each
 SCORED_MEMBERS = 3  # members of a family of identical modules whose span scores an order
 MAX_SWEEPS = 3  # passes over the tree: bottom-up once, then top-down until nothing moves
 OWN = "\x00own"  # in an order: where a module's own lone tensor runs (a block's layer scale)
-_ORDINAL = re.compile(r"(.*?)_?(\d+)")  # "norm2" -> ("norm", 2); "ln_1" -> ("ln", 1); "3" -> ("", 3)
 
 
 @dataclass
@@ -377,8 +383,8 @@ def _fit_family(root: _Node, members: list[_Node], target: list[Item],
         # step's order (q, k, v before o; gate, up before down; before/pre before after/post), then
         # siblings of one number together (conv1 with bn1), then the earlier arrangement (the
         # checkpoint's own)
-        key = (cost, _name_inversions(order, names_at), _role_inversions(order),
-               _ordinal_inversions(order), _ordinal_spread(order))
+        key = (cost, name_inversions(order, names_at), role_inversions(order),
+               ordinal_inversions(order), ordinal_spread(order))
         if key < best_key:
             best, best_key = order, key
     for node in members:
@@ -403,7 +409,7 @@ class _Chains:
         labels = []
         kinds: dict[object, int] = {}
         for name in names:
-            match = _ORDINAL.fullmatch(name)
+            match = ORDINAL.fullmatch(name)
             stem = f"#{match.group(1)}" if match else name
             if match and match.group(1) and content is not None:
                 stem += f"#{kinds.setdefault(content(name), len(kinds))}"
@@ -454,7 +460,7 @@ def _beam(node: _Node, chains: _Chains, rows: list[np.ndarray], costs: Costs) ->
         # orders that hold the same units in the same places cost the same (q, k, v and o are
         # four equal linears): one of them, the best named, stands for all, so that equal
         # children do not fill the beam with permutations of one another
-        grown.sort(key=lambda g: (g[0], _role_inversions(g[1])))
+        grown.sort(key=lambda g: (g[0], role_inversions(g[1])))
         contents: dict[tuple[tuple[Item, ...], ...], tuple[float, list[str], list[np.ndarray]]] = {}
         for entry in grown:
             content = tuple(contents_of[n] for n in entry[1])
@@ -476,7 +482,7 @@ def _named_in_place(order: list[str], node: _Node, chains: _Chains,
     out = list(order)
     for places in slots.values():
         names = sorted((order[i] for i in places), key=lambda n: (
-            names_at.get(n, math.inf), _role(n) or (math.inf, math.inf), rank[n]))
+            names_at.get(n, math.inf), role_of(n) or (math.inf, math.inf), rank[n]))
         for i, name in zip(places, names):
             out[i] = name
     for chain in chains.ordered.values():
@@ -484,69 +490,6 @@ def _named_in_place(order: list[str], node: _Node, chains: _Chains,
         if at != sorted(at):
             return order
     return out
-
-
-def _name_inversions(order: list[str], names_at: dict[str, int]) -> int:
-    """Pairs of children named as destination modules that run in the other order."""
-    at = [names_at[n] for n in order if n in names_at]
-    return sum(a > b for i, a in enumerate(at) for b in at[i + 1:])
-
-
-def _role_inversions(order: list[str]) -> int:
-    """Pairs of children named for their step (`_ROLES`: ``q_proj``, ``key``, ``wo``,
-    ``down_proj``; ``layernorm_before``, ``post_attention_layernorm``; ``tok_embeddings``,
-    ``output``) that stand against the order attention, gated MLPs and language models compute
-    them in, or against what their names say."""
-    at = [_roles(n) for n in order]
-    return sum(any(g in b and a[g] > b[g] for g in a)
-               for i, a in enumerate(at) for b in at[i + 1:])
-
-
-def _roles(name: str) -> dict[int, int]:
-    """The steps a child's name claims, per computation (the first word that claims one)."""
-    out: dict[int, int] = {}
-    for word in _WORDS.findall(name.lower()):
-        for group, step in _ROLES.get(word, ()):
-            out.setdefault(group, step)
-    return out
-
-
-def _role(name: str) -> tuple[int, int] | None:
-    """The first step a child's name claims (a sort key)."""
-    roles = _roles(name)
-    return min(roles.items()) if roles else None
-
-
-_WORDS = re.compile(r"[a-z]+")
-# the conventions of names: word -> (which computation, the step it is computed at)
-_ROLES: dict[str, tuple[tuple[int, int], ...]] = {
-    **{w: ((0, 0),) for w in ("q", "query", "wq")}, **{w: ((0, 1),) for w in ("k", "key", "wk")},
-    **{w: ((0, 2),) for w in ("v", "value", "wv")},
-    **{w: ((0, 3),) for w in ("o", "out", "wo")}, "output": ((0, 3), (3, 1)),
-    "gate": ((1, 0),), "up": ((1, 1),), "down": ((1, 2),),
-    **{w: ((2, 0),) for w in ("before", "pre", "input")}, **{w: ((2, 1),) for w in ("after", "post")},
-    # a language model's input embedding runs first, its output head last
-    **{w: ((3, 0),) for w in ("embed", "embeddings", "embedding", "tok", "wte", "tokens")},
-    **{w: ((3, 1),) for w in ("head", "lm", "logits", "unembed")},
-}
-
-
-def _ordinal_inversions(order: list[str]) -> int:
-    """Pairs of numbered siblings of one stem against their numbers' order (``w2`` before ``w1``)."""
-    at = [(m.group(1), int(m.group(2))) for m in map(_ORDINAL.fullmatch, order)
-          if m and m.group(1)]
-    return sum(a[0] == b[0] and a[1] > b[1] for i, a in enumerate(at) for b in at[i + 1:])
-
-
-def _ordinal_spread(order: list[str]) -> int:
-    """How far apart siblings of one number are (``conv1``, ``bn1``): 0 when each number's
-    siblings are adjacent."""
-    at: dict[str, list[int]] = {}
-    for i, name in enumerate(order):
-        match = _ORDINAL.fullmatch(name)
-        if match and match.group(1):
-            at.setdefault(match.group(2), []).append(i)
-    return sum(max(p) - min(p) - (len(p) - 1) for p in at.values())
 
 
 def _multiset_permutations(items: list[str]) -> Iterator[list[str]]:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from archalign.graph import Tracer, natural_key
-from archalign.skeleton import _Chains, _role_inversions, fit_order
+from archalign.skeleton import _Chains, fit_order
 from archalign.source import read_source
 from archalign.trace import trace_graph
 
@@ -181,20 +181,6 @@ def test_equal_layers_are_put_in_the_order_their_names_say():
                           "blocks.0.attention.o_proj", "blocks.0.layernorm_after",
                           "blocks.0.fc1", "blocks.0.fc2"]
 
-
-@pytest.mark.parametrize("order, inversions", [
-    (["q_proj", "k_proj", "v_proj", "o_proj"], 0),
-    (["k_proj", "o_proj", "q_proj", "v_proj"], 3),  # k>q, o>q, o>v
-    (["wq", "wk", "wv", "wo", "w1"], 0),
-    (["query", "key", "value", "proj"], 0),  # proj: no step of its own
-    (["up_proj", "gate_proj", "down_proj"], 1),
-    (["layernorm_after", "attention", "layernorm_before"], 1),
-    (["post_attention_layernorm", "input_layernorm"], 1),
-    (["layers", "norm", "output", "tok_embeddings"], 1),  # Meta's names, sorted: head first
-    (["attention", "output"], 0),  # BERT's attention output: no embedding among them
-])
-def test_role_inversions(order, inversions):
-    assert _role_inversions(order) == inversions
 
 
 class ScaledBlock(nn.Module):
