@@ -103,12 +103,12 @@ def check_checkpoint(plan: Plan, dst: nn.Module, inputs: BoundInputs) -> Plan:
     RunError
         If the destination does not run on an input the user gave (``inputs.how == "given"``).
     """
-    scratch = copy.deepcopy(dst)
-    try:
+    try:  # a destination that cannot be copied (sparse parameters) or take the plan: say so
+        scratch = copy.deepcopy(dst)
         report = apply_plan(plan, scratch, min_confidence=DEFAULT_MIN_CONFIDENCE,
                             check_finite=False)
-    except Exception as exc:  # a plan this destination cannot take: say so, change nothing
-        why = f"loading the plan into a copy failed ({type(exc).__name__}: {first_line(exc)})"
+    except Exception as exc:
+        why = f"copying the destination or loading the plan into the copy failed ({type(exc).__name__}: {first_line(exc)})"
         return dataclasses.replace(plan, verification=f"checkpoint checks not run: {why}")
     loaded = frozenset(report.loaded)
     try:
