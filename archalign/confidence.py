@@ -27,7 +27,7 @@ __all__ = [
     "LOW_CONFIDENCE",
     "NAMES_ONLY_ORDER_WEIGHT",
     "NORM_FIT_MARGIN",
-    "NORM_FIT_MIN",
+    "NORM_ANTI_FIT",
     "ORDER_ONLY_GROUP",
     "ORDER_ONLY_TRUST",
     "PRIOR_CEILING",
@@ -73,8 +73,8 @@ DISAGREEING = 0.3  # ceiling for a match whose layer, given its counterpart's in
 # something else
 CHECKPOINT_CHECK_CAP = 0.8  # ceiling for a match a checkpoint check implicates (a BatchNorm whose
 # running statistics do not fit its input; every match when the outputs are NaN/Inf or constant)
-NORM_FIT_MIN = -0.25  # a BatchNorm whose statistics fit its input worse than this (uncorrelated or
-# anti-correlated across channels) fails the checkpoint check (`archalign.selfcheck.norm_fit`)
+NORM_ANTI_FIT = 0.25  # a BatchNorm whose statistics fit its input below minus this (anti-correlated
+# across channels) fails the checkpoint check (`archalign.selfcheck.norm_fit`)
 NORM_FIT_MARGIN = 0.15  # ... as does one whose input fits another BatchNorm's statistics better
 # than its own by this much (a swapped or misplaced source)
 NAMES_ONLY_ORDER_WEIGHT = 0.25  # position and context costs are scaled by this when the order

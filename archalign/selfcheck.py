@@ -10,7 +10,7 @@ destination with, but the loaded destination can still be run, on the input made
   statistics were loaded is consistent with what the loaded layers before it produce: across its
   channels, the mean and log variance of its actual input correlate with its running mean and
   log running variance (`norm_fit`). The input is synthetic, so equality is not asked for; the
-  checks are relative and lenient (see `NORM_FIT_MIN` and `NORM_FIT_MARGIN`, measured on the
+  checks are relative and lenient (see `NORM_ANTI_FIT` and `NORM_FIT_MARGIN`, measured on the
   corpus pairs that have BatchNorm).
 
 A failed check caps the implicated matches at `CHECKPOINT_CHECK_CAP` (below `HIGH_CONFIDENCE`):
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .apply import apply_plan
-from .confidence import CHECKPOINT_CHECK_CAP, DEFAULT_MIN_CONFIDENCE, NORM_FIT_MARGIN, NORM_FIT_MIN
+from .confidence import CHECKPOINT_CHECK_CAP, DEFAULT_MIN_CONFIDENCE, NORM_ANTI_FIT, NORM_FIT_MARGIN
 from .inputs import BoundInputs
 from .plan import Match, Plan
 from .running import first_line, run_in_eval
@@ -55,8 +55,8 @@ class NormCheck(NamedTuple):
 
     @property
     def ok(self) -> bool:
-        """Consistent: not clearly uncorrelated (`NORM_FIT_MIN`), and no rival fits better."""
-        return not self.rival and not self.fit < NORM_FIT_MIN
+        """Consistent: not clearly uncorrelated (below ``-NORM_ANTI_FIT``), and no rival fits better."""
+        return not self.rival and not self.fit < -NORM_ANTI_FIT
 
     @property
     def why(self) -> str:
@@ -103,12 +103,13 @@ def check_checkpoint(plan: Plan, dst: nn.Module, inputs: BoundInputs) -> Plan:
     RunError
         If the destination does not run on an input the user gave (``inputs.how == "given"``).
     """
-    scratch = copy.deepcopy(dst)
-    try:
+    try:  # a destination that cannot be copied (sparse parameters) or take the plan: say so
+        scratch = copy.deepcopy(dst)
         report = apply_plan(plan, scratch, min_confidence=DEFAULT_MIN_CONFIDENCE,
                             check_finite=False)
-    except Exception as exc:  # a plan this destination cannot take: say so, change nothing
-        why = f"loading the plan into a copy failed ({type(exc).__name__}: {first_line(exc)})"
+    except Exception as exc:
+        why = (f"copying the destination or loading the plan into the copy failed "
+               f"({type(exc).__name__}: {first_line(exc)})")
         return dataclasses.replace(plan, verification=f"checkpoint checks not run: {why}")
     loaded = frozenset(report.loaded)
     try:

@@ -182,3 +182,10 @@ def test_norm_fit_ignores_an_affine_shift(scale, shift):
     assert norm_fit(mean * scale + shift, var * scale, mean, var) == pytest.approx(1.0)
     assert norm_fit(-mean, 1 / var, mean, var) == pytest.approx(-1.0)
     assert norm_fit(mean, var, torch.zeros(32), torch.ones(32)) != norm_fit(mean, var, mean, var)
+
+
+def test_a_destination_that_cannot_be_copied_is_not_checked():
+    dst = nn.Linear(3, 4)
+    dst.weight = nn.Parameter(torch.randn(4, 3).to_sparse())  # deepcopy refuses it
+    plan = archalign.align({"weight": torch.randn(4, 3), "bias": torch.randn(4)}, dst)
+    assert plan.verification.startswith("checkpoint checks not run: copying the destination")
