@@ -24,7 +24,7 @@ from torch import nn
 from .checkpoint import LazySafetensors, read_checkpoint
 from .errors import SourceError
 from .interrupts import interrupts_kept
-from .wrappers import describe, set_aside, wrapper_of
+from .wrappers import AVERAGED_COUNT, describe, set_aside, wrapper_of
 
 __all__ = ["TensorSource", "TensorSpec", "has_nonfinite", "read_destination", "read_source",
            "storage_start"]
@@ -372,7 +372,9 @@ def _described(description: str, prefix: str, aside: tuple[str, ...]) -> str:
     """The description with the recorded facts about its keys (logged once, at INFO)."""
     facts = [f"every key under {describe(prefix)}"] if prefix else []
     if aside:
-        facts.append(f"{', '.join(aside)} set aside (AveragedModel's count, not a weight)")
+        why = [f"{k} (AveragedModel's count)" if k == AVERAGED_COUNT
+               else f"{k} (rotary frequencies the model computes)" for k in aside]
+        facts.append(f"{', '.join(why)} set aside: not weights")
     if facts:
         logger.info("the %s: %s", description, "; ".join(facts))
     return f"{description} ({'; '.join(facts)})" if facts else description

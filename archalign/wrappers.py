@@ -21,7 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple, TypeVar
 
-__all__ = ["AVERAGED_COUNT", "WRAPPERS", "Wrapper", "describe", "set_aside", "wrapper_of"]
+__all__ = ["AVERAGED_COUNT", "ROTARY_FREQUENCIES", "WRAPPERS", "Wrapper", "describe", "set_aside",
+           "wrapper_of"]
 
 V = TypeVar("V")
 
@@ -40,6 +41,8 @@ WRAPPERS: tuple[Wrapper, ...] = (
 )
 
 AVERAGED_COUNT = "n_averaged"  # AveragedModel's buffer: how many models were averaged
+ROTARY_FREQUENCIES = ("rope.freqs", "rotary_emb.inv_freq")  # key endings of rotary frequencies a
+# model computes from its config (buffers some releases save): never weights
 
 
 def wrapper_of(keys: Iterable[str]) -> str:
@@ -68,10 +71,15 @@ def describe(prefix: str) -> str:
 def set_aside(state: Mapping[str, V]) -> tuple[dict[str, V], tuple[str, ...]]:
     """``state`` without the keys that are not weights of the network, and those keys.
 
-    Today one: ``n_averaged`` beside keys that all start with ``module.`` (an ``AveragedModel``'s
-    state_dict, as an EMA copy is saved).
+    ``n_averaged`` beside keys that all start with ``module.`` (an ``AveragedModel``'s state_dict,
+    as an EMA copy is saved), and rotary frequencies a model computes from its config, saved by
+    some releases (`ROTARY_FREQUENCIES`: Meta's ``rope.freqs``; ``rotary_emb.inv_freq`` of older
+    Hugging Face checkpoints), which converters drop.
     """
-    rest = [k for k in state if k != AVERAGED_COUNT]
+    aside = tuple(k for k in state if k.endswith(ROTARY_FREQUENCIES))
+    rest = [k for k in state if k != AVERAGED_COUNT and k not in aside]
     if AVERAGED_COUNT in state and rest and all(k.startswith("module.") for k in rest):
-        return {k: state[k] for k in rest}, (AVERAGED_COUNT,)
-    return dict(state), ()
+        aside = (*aside, AVERAGED_COUNT)
+    if not aside or not rest:
+        return dict(state), ()
+    return {k: state[k] for k in state if k not in aside}, aside

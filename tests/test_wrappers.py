@@ -29,6 +29,16 @@ def test_only_an_averaged_models_count_is_set_aside() -> None:
     assert set_aside({"n_averaged": 1, "w": 2}) == ({"n_averaged": 1, "w": 2}, ())
 
 
+def test_computed_rotary_frequencies_are_set_aside() -> None:
+    """Meta's release saves rope.freqs, older Hugging Face files rotary_emb.inv_freq: both are
+    computed from the config, not trained."""
+    state = {"tok_embeddings.weight": 1, "rope.freqs": 2,
+             "layers.0.attention.rotary_emb.inv_freq": 3}
+    assert set_aside(state) == ({"tok_embeddings.weight": 1},
+                                ("rope.freqs", "layers.0.attention.rotary_emb.inv_freq"))
+    assert set_aside({"rope.freqs": 2}) == ({"rope.freqs": 2}, ())  # nothing else: keep it
+
+
 def test_a_wrapped_file_is_recorded_and_its_keys_kept(tmp_path: Path) -> None:
     torch.manual_seed(0)
     src = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
