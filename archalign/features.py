@@ -167,7 +167,10 @@ def infer_family(unit: Unit) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def _sig_text(sig: Signature) -> str:
-    return f"{sig[0]}{list(sig[1])}"
+    """A neighbour as the context term compares it: an embedding's matrix as a linear layer's
+    (a checkpoint cannot tell them apart: both are one 2-d ``weight``)."""
+    family = "linear" if sig[0] == "embedding" else sig[0]
+    return f"{family}{list(sig[1])}"
 
 
 def _features(unit: Unit, rank: int, position: float, graph: UnitGraph,

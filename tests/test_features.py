@@ -323,3 +323,14 @@ def test_without_own_classes_forgets_only_classes_no_one_shares():
         "param", "linear", "norm", "param"]
     assert graph.tracer is Tracer.HOOKS and list(graph.graph.edges) == list(
         chain_graph(units, Tracer.HOOKS).graph.edges)
+
+
+def test_an_embedding_neighbour_reads_as_a_matrix():
+    """A checkpoint's embedding is one 2-d weight, guessed linear: the destination's embedding
+    neighbour is described the same way, so the context term does not hold it against a match."""
+    embed = Unit("embed", ("embed.weight",), ((10, 4),), "Embedding")
+    src = [Unit("embed", ("embed.weight",), ((10, 4),), ""), linear("fc", 4, 4, type_name="")]
+    dst = [embed, linear("fc", 4, 4)]
+    fs, fd = extract_features(chain_graph(src, Tracer.STATE_DICT), chain_graph(dst, Tracer.HOOKS))
+    assert fs[1].preds == fd[1].preds
+    assert all(p.startswith("linear[") for p in fd[1].preds)
