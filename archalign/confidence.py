@@ -39,6 +39,7 @@ __all__ = [
     "UNDECIDED_LAYOUT_CAP",
     "UNVERIFIED_CAP",
     "confidence",
+    "prior_confidence",
     "trust_in",
 ]
 
@@ -109,6 +110,12 @@ def trust_in(src: Tracer, dst: Tracer) -> Trust:
     if not (src.executes and dst.executes):
         return Trust(order_trust=ORDER_ONLY_TRUST)
     return FULL_TRUST
+
+
+def prior_confidence(conf: float) -> float:
+    """A match's confidence once a named prior decided part of it (a layout the checkpoint does
+    not show): times `LAYOUT_PRIOR`, never above `PRIOR_CEILING`."""
+    return min(conf * LAYOUT_PRIOR, PRIOR_CEILING)
 
 
 def confidence(structural: float, regret: float) -> float:

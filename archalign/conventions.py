@@ -4,7 +4,7 @@ With the source module at hand, archalign runs both models and finds row layouts
 (`archalign.repair`). A checkpoint cannot run, so where its key names follow a format whose
 layout is known, the format says it, as a *prior*: an explicit, named rule whose matches carry a
 cost term ``prior_<name>`` (the review flags them, `archalign.review.Flag.PRIOR`) and whose
-confidence is held below certainty (`archalign.confidence.LAYOUT_PRIOR`, `PRIOR_CEILING`).
+confidence is held below certainty (`archalign.confidence.prior_confidence`).
 
 - `ROTARY_META` (``prior_rotary_meta``): Meta's reference Llama code (``attention.wq`` /
   ``attention.wk``, also Mistral's and Mixtral's releases) rotates interleaved pairs of a query or
@@ -24,7 +24,7 @@ import re
 
 from torch import nn
 
-from .confidence import LAYOUT_PRIOR, PRIOR_CEILING
+from .confidence import prior_confidence
 from .ops import Op, OpKind
 from .plan import Match, Plan
 
@@ -93,5 +93,5 @@ def _rotated(m: Match, heads: tuple[int, int]) -> Match:
         return m
     return dataclasses.replace(
         m, ops=(Op(OpKind.ROPE, groups=(count,)),),
-        confidence=round(min(m.confidence * LAYOUT_PRIOR, PRIOR_CEILING), 6),
+        confidence=round(prior_confidence(m.confidence), 6),
         costs=(*m.costs, (ROTARY_META, 0.0)))

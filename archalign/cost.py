@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .confidence import FULL_TRUST, Trust
-from .features import TYPE_ALIASES, UnitFeatures
+from .features import TYPE_ALIASES, UnitFeatures, is_matrix, is_pointwise
 from .graph import INPUT, OUTPUT, size_order
 
 __all__ = ["COST_TERMS", "INCOMPATIBLE", "RECORDED_COST_TERMS", "CostMatrices", "CostWeights",
@@ -153,18 +153,11 @@ _TWO_D = frozenset({"linear", "embedding"})
 
 
 def _pointwise(f: UnitFeatures) -> bool:
-    """A convolution whose kernel is all ones (1x1): a linear map per position."""
-    if f.family != "conv" or not f.unit.shapes:
-        return False
-    weight = max(f.unit.shapes, key=len)
-    return len(weight) >= 3 and all(d == 1 for d in weight[2:])
+    return is_pointwise((f.family, f.unit.shape_key))
 
 
 def _matrix_like(f: UnitFeatures) -> bool:
-    """A linear layer, an embedding, or a lone parameter that is a matrix but for axes of size 1
-    (ViT's ``pos_embed`` (1, N, D)): one matrix whichever it is."""
-    return f.family in _TWO_D or (f.family == "param" and len(f.unit.shapes) == 1
-                                  and sum(d != 1 for d in f.unit.shapes[0]) == 2)
+    return is_matrix((f.family, f.unit.shape_key))
 
 
 def _ids(values: Sequence[Hashable], table: dict[Hashable, int]) -> np.ndarray:

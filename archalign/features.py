@@ -18,8 +18,8 @@ import numpy as np
 
 from .graph import INPUT, OUTPUT, Unit, UnitGraph, size_order
 
-__all__ = ["UnitFeatures", "extract_features", "layer_family", "unit_signature",
-           "without_own_classes"]
+__all__ = ["UnitFeatures", "extract_features", "is_matrix", "is_pointwise", "layer_family",
+           "unit_signature", "without_own_classes"]
 
 Signature = tuple[str, tuple[tuple[int, ...], ...]]
 
@@ -133,6 +133,22 @@ def unit_signature(unit: Unit) -> Signature:
     if family == "unknown":
         family = infer_family(unit)
     return (family, unit.shape_key)
+
+
+def is_matrix(sig: Signature) -> bool:
+    """A linear layer, an embedding, or a lone parameter that is a matrix but for axes of size 1
+    (CLIP's ``proj``; ViT's ``pos_embed`` (1, N, D)): one matrix whichever it is (a checkpoint
+    cannot tell them apart)."""
+    family, shapes = sig
+    return family in ("linear", "embedding") or (
+        family == "param" and len(shapes) == 1 and sum(d != 1 for d in shapes[0]) == 2)
+
+
+def is_pointwise(sig: Signature) -> bool:
+    """A convolution whose kernel is all ones (1x1): a linear map per position."""
+    family, shapes = sig
+    weight = max(shapes, key=len) if shapes else ()
+    return family == "conv" and len(weight) >= 3 and all(d == 1 for d in weight[2:])
 
 
 def without_own_classes(graph: UnitGraph) -> UnitGraph:
@@ -260,10 +276,10 @@ def align_sequences(a: Sequence[Signature], b: Sequence[Signature]) -> list[tupl
 
     Equal signatures align for free; signatures of one family whose main tensors have the same
     rank align for ``GAP * (1 + d / 2)``, ``d`` the fraction of differing dimensions (cheaper than
-    skipping both, and the closer shape wins); a unit that holds 2 or 3 consecutive identical units
-    of the other side stacked (a fused qkv against q, k, v) aligns with all of them for
-    `FUSED_ALIGN` (a pair is returned with each part); anything else never; skipping a unit
-    costs ``GAP``.
+    skipping both, and the closer shape wins); a unit that holds 2 or 3 consecutive units of the
+    other side stacked (a fused qkv against q, k, v: equal parts, or grouped-query ones, see
+    `_Runs`) aligns with all of them for `FUSED_ALIGN` (a pair is returned with each part);
+    anything else never; skipping a unit costs ``GAP``.
     Among equal alignments the skipped units go last, so a deeper model's extra blocks at the end
     of a stage are the ones left out ("first N blocks"). Every aligned pair is returned (equal
     signatures and substitutions: both are positional correspondents). The dynamic program runs

@@ -16,11 +16,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .features import GAP, Signature, align_sequences, unit_signature
+from .features import GAP, Signature, align_sequences, is_matrix, is_pointwise, unit_signature
 from .graph import Unit, size_order
 
 __all__ = ["FUSED", "FUSED_COUNTS", "OUTSIDE_BLOCK", "Costs", "Item", "extend_rows", "first_row",
-           "in_repeat", "item_of", "stacks", "window_of"]
+           "in_repeat", "item_of", "sequence_cost", "stacks", "window_of"]
 
 OUTSIDE_BLOCK = 0.5 * GAP  # aligning a unit inside a numbered block with one outside any
 FUSED = 0.25 * GAP  # aligning one unit with 2 or 3 identical units it holds stacked
@@ -88,6 +88,11 @@ class Costs:
         return self._split[items]
 
 
+def sequence_cost(units: Sequence[Unit], costs: Costs) -> float:
+    """The cost of aligning the whole of ``units`` with the whole window."""
+    return float(extend_rows(first_row(costs), [item_of(u) for u in units], costs)[-1][-1])
+
+
 def first_row(costs: Costs) -> list[np.ndarray]:
     """The alignment's first row: window units skipped before anything of the source."""
     return [GAP * np.arange(len(costs.window) + 1)]
@@ -97,8 +102,8 @@ def extend_rows(rows: list[np.ndarray], seq: list[Item], costs: Costs) -> list[n
     """The alignment's rows after ``seq`` more source units (the last row's entry j: the cost of
     aligning everything so far with the window's first j units), from ``rows`` (the last few
     rows so far). Equal signatures cost nothing, a unit of one family and rank
-    ``GAP * (1 + d / 2)`` (a transpose ``GAP / 4``), a unit that holds 2 or 3 identical units of
-    the other side stacked `FUSED`, a skipped unit of either side ``GAP``; a unit inside a
+    ``GAP * (1 + d / 2)`` (a transpose ``GAP / 4``), a unit that holds 2 or 3 units of the other
+    side stacked (`stacks`) `FUSED`, a skipped unit of either side ``GAP``; a unit inside a
     numbered block against one outside any costs `OUTSIDE_BLOCK` more (the final norm is not a
     block's norm). Row by row with numpy; the last row's last entry is the global cost."""
     m = len(costs.window)
@@ -184,17 +189,10 @@ def _substitution(a: Signature, b: Signature) -> float:
 def _matrices(a: Signature, b: Signature) -> bool:
     """A lone 2-d parameter against a linear layer or an embedding (CLIP's ``proj`` against
     ``visual_projection``): one matrix either way."""
-    fams = {a[0], b[0]}
-    return ("param" in fams and fams <= {"param", "linear", "embedding"}
-            and all(len(s[1]) == 1 and sum(d != 1 for d in s[1][0]) == 2
-                    for s in (a, b) if s[0] == "param"))
+    return "param" in (a[0], b[0]) and is_matrix(a) and is_matrix(b)
 
 
 def _pointwise(a: Signature, b: Signature) -> bool:
     """A linear layer against a convolution whose kernel is all ones (a 1x1 convolution): the
     same map (the original ConvNeXt's ``pwconv1`` against timm's ``mlp.fc1`` with conv_mlp)."""
-    if {a[0], b[0]} != {"linear", "conv"}:
-        return False
-    conv = a if a[0] == "conv" else b
-    weight = max(conv[1], key=len) if conv[1] else ()
-    return len(weight) >= 3 and all(d == 1 for d in weight[2:])
+    return {a[0], b[0]} == {"linear", "conv"} and is_pointwise(a if a[0] == "conv" else b)

@@ -13,9 +13,8 @@ from torch import nn
 from .confidence import (
     AMBIGUOUS_INSIDE,
     DEFAULT_MIN_CONFIDENCE,
-    LAYOUT_PRIOR,
-    PRIOR_CEILING,
     UNDECIDED_LAYOUT_CAP,
+    prior_confidence,
     trust_in,
 )
 from .conventions import apply_conventions
@@ -293,9 +292,7 @@ def _with_priors(conf: float, priors: Sequence[str]) -> float:
     (`archalign.layouts.infer_layouts`)."""
     if UNDECIDED_PRIOR in priors:
         return min(conf, UNDECIDED_LAYOUT_CAP)
-    if IN_OUT_PRIOR in priors:
-        return min(conf * LAYOUT_PRIOR, PRIOR_CEILING)
-    return conf
+    return prior_confidence(conf) if IN_OUT_PRIOR in priors else conf
 
 
 def _build_plan(found: list[UnitMatch], near: list[UnitMatch], source: TensorSource,

@@ -36,7 +36,16 @@ import numpy as np
 
 from .features import GAP, name_tokens, unit_signature
 from .graph import Tracer, Unit, UnitGraph, chain_graph
-from .order_alignment import Costs, Item, extend_rows, first_row, in_repeat, item_of, window_of
+from .order_alignment import (
+    Costs,
+    Item,
+    extend_rows,
+    first_row,
+    in_repeat,
+    item_of,
+    sequence_cost,
+    window_of,
+)
 from .order_names import (
     ORDINAL,
     name_inversions,
@@ -159,12 +168,7 @@ def _interleave_runs(root: _Node, target: list[Item]) -> None:
     if sum(1 for _ in root.units()) > MAX_FREE_MOVES_UNITS:
         return
     costs = Costs(target)
-
-    def cost() -> float:
-        seq = [item_of(u) for u in root.units()]
-        return float(extend_rows(first_row(costs), seq, costs)[-1][-1])
-
-    best = cost()
+    best = sequence_cost(list(root.units()), costs)
     queue = [root]
     while queue:
         node = queue.pop(0)
@@ -177,7 +181,7 @@ def _interleave_runs(root: _Node, target: list[Item]) -> None:
             kept = node.turns
             for turns in ((a, b), (b, a)):
                 node.turns = turns
-                found = cost()
+                found = sequence_cost(list(root.units()), costs)
                 if found <= best - GAP:
                     kept, best = turns, found
             node.turns = kept
@@ -218,11 +222,7 @@ def _free_moves(sequence: list[Unit], target: list[Item]) -> list[Unit]:
     if len(sequence) > MAX_FREE_MOVES_UNITS:
         return sequence
     costs = Costs(target)
-
-    def cost(seq: list[Unit]) -> float:
-        return float(extend_rows(first_row(costs), [item_of(u) for u in seq], costs)[-1][-1])
-
-    best = cost(sequence)
+    best = sequence_cost(sequence, costs)
     for unit in [u for u in sequence if not in_repeat(u.key)]:
         rest = [u for u in sequence if u is not unit]
         tops = [u.key.split(".")[0] for u in rest]
@@ -231,7 +231,7 @@ def _free_moves(sequence: list[Unit], target: list[Item]) -> list[Unit]:
                   or _block_path(rest[i].key) != _block_path(rest[i - 1].key)]
         for at in bounds:
             candidate = [*rest[:at], unit, *rest[at:]]
-            found = cost(candidate)
+            found = sequence_cost(candidate, costs)
             if found <= best - GAP:
                 sequence, best = candidate, found
     return sequence
@@ -370,14 +370,13 @@ def _fit_family(root: _Node, members: list[_Node], target: list[Item],
             lead = [item_of(u) for u in block_units[:at]] + lead
         arrangements = [chains.realise(chains.labels),
                         *(_named_in_place(order, first, chains, names_at)
-                          for order in _beam(first, chains, extend_rows(first_row(costs), lead, costs),
-                                             costs))]
+                          for order in _beam(first, chains,
+                                             extend_rows(first_row(costs), lead, costs), costs))]
     best, best_key = arrangements[0], (np.inf, np.inf, np.inf, np.inf, np.inf)
     for order in arrangements:
         for node in members:
             node.order = list(order)
-        cost = round(sum(float(extend_rows(first_row(c), [item_of(u) for u in list(n.units())[part]], c)
-                               [-1][-1]) for n, part, c in spans), 9)
+        cost = round(sum(sequence_cost(list(n.units())[part], c) for n, part, c in spans), 9)
         # equal costs (identical signatures: q, k, v; or a block shifted by one norm): children
         # named as in the destination in its order, then children named for their step in that
         # step's order (q, k, v before o; gate, up before down; before/pre before after/post), then

@@ -71,3 +71,10 @@ def test_every_factor_keeps_a_confidence_in_the_unit_interval():
         value = getattr(confidence_module, name)
         if isinstance(value, float):
             assert 0.0 < value <= 1.0, name
+
+
+def test_a_prior_never_makes_a_match_certain():
+    from archalign.confidence import LAYOUT_PRIOR, PRIOR_CEILING, prior_confidence
+
+    assert prior_confidence(0.6) == pytest.approx(0.6 * LAYOUT_PRIOR)
+    assert prior_confidence(1.0) == PRIOR_CEILING < HIGH_CONFIDENCE
