@@ -250,11 +250,14 @@ def _shards_of(index: Path, role: str, suffixes: tuple[str, ...] = (".safetensor
         raise SourceError(f"{where} holds no \"weight_map\" object naming the shard of each "
                           "tensor; is it a safetensors index?")
     shards: dict[Path, list[str]] = {}
+    paths: dict[str, Path] = {}  # each shard's name checked once, not once per key
     for key, shard in weight_map.items():
         if not isinstance(shard, str) or not shard.endswith(suffixes):
             raise SourceError(f"{where} maps {key!r:.200} to {shard!r:.200}, not the name of a "
                               f"{' or '.join(suffixes)} file")
-        shards.setdefault(inside_folder(index.parent, shard, where), []).append(key)
+        if shard not in paths:
+            paths[shard] = inside_folder(index.parent, shard, where)
+        shards.setdefault(paths[shard], []).append(key)
     missing = [str(p) for p in shards if not p.is_file()]
     if missing:
         raise SourceError(f"{where} names missing shards: {', '.join(missing[:10])}")

@@ -31,7 +31,7 @@ from torch import nn
 from . import __version__
 from .checkpoint import PICKLE_SUFFIXES
 from .confidence import DEFAULT_MIN_CONFIDENCE
-from .convert import DEFAULT_SHARD_BYTES
+from .convert import DEFAULT_SHARD_BYTES, DEFAULT_WRITERS
 from .errors import ArchalignError, PlanError, RunError, SourceError, StrictError, UsageError
 from .factories import build_model, import_paths, load_source, parse_input
 from .plan import Plan, load_plan
@@ -140,6 +140,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--distributed", action="store_true",
                    help="spread the shards over the ranks torchrun starts (torchrun "
                         "--nproc-per-node N -m archalign convert ... --distributed; gloo on CPU)")
+    p.add_argument("--writers", type=int, metavar="N",
+                   help="shards written at once, one thread each (default: "
+                        f"{DEFAULT_WRITERS}; 1 per rank with --distributed); each shard being "
+                        "written is held in memory")
     _shards(p)
     p.set_defaults(run=_convert)
 
@@ -269,7 +273,8 @@ def _convert(args: argparse.Namespace, console: Console) -> int:
         return _convert_distributed(args, console, plan, src, config)
     with progress_bar(console, "converting") as update:
         files = convert_checkpoint(plan, src, args.output, min_confidence=args.min_confidence,
-                                   max_shard_bytes=args.max_shard_size, progress=update)
+                                   max_shard_bytes=args.max_shard_size, progress=update,
+                                   writers=DEFAULT_WRITERS if args.writers is None else args.writers)
     if config is not None:
         files.insert(0, copy_config(config, args.output))
     say(console, f"saved {args.output} ({', '.join(f.name for f in files)})")
@@ -297,7 +302,8 @@ def _convert_distributed(args: argparse.Namespace, console: Console, plan: Any, 
         with bar as update:
             files = convert_distributed(plan, src, args.output,
                                         min_confidence=args.min_confidence,
-                                        max_shard_bytes=args.max_shard_size, progress=update)
+                                        max_shard_bytes=args.max_shard_size, progress=update,
+                                        writers=1 if args.writers is None else args.writers)
         if rank == 0:
             if config is not None:
                 files.insert(0, copy_config(config, args.output))

@@ -1,7 +1,8 @@
 """Write a converted checkpoint straight to (sharded) safetensors, without building the model.
 
 The plan knows every destination key and shape; the source is read one tensor at a time (a
-``.safetensors`` or sharded source is lazy), so peak memory is about one output shard.
+``.safetensors`` or sharded source is lazy), so peak memory is about ``writers + 1`` output shards:
+the one being filled, and those the writer threads are writing (`DEFAULT_WRITERS`).
 
 `write_safetensors` is archalign's one writer of safetensors checkpoints: `convert_checkpoint`
 and `archalign.outputs` (a loaded model saved as a Hugging Face folder or a file) both write
@@ -22,7 +23,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +40,15 @@ from .ops import apply_ops
 from .plan import Match, Plan
 from .source import TensorSource, read_source
 
-__all__ = ["DEFAULT_SHARD_BYTES", "convert_checkpoint", "write_safetensors",
+__all__ = ["DEFAULT_SHARD_BYTES", "DEFAULT_WRITERS", "convert_checkpoint", "write_safetensors",
            "write_safetensors_file"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3  # a checkpoint larger than this is written as shards
+DEFAULT_WRITERS = 2  # shards one process writes at once: safetensors writes without the GIL, so
+# two threads keep two cores busy (the files of a conversion come out about twice as fast on two
+# cores); each shard being written stays in memory until its file is complete
 INDEX_NAME = "model.safetensors.index.json"  # the Hugging Face names of a (sharded) checkpoint
 SINGLE_NAME = "model.safetensors"
 _RESERVED_KEY = "__metadata__"  # the safetensors header's own entry: no tensor may be named so
@@ -53,7 +59,8 @@ Progress = Callable[[int, int], None]  # called as progress(written, total) afte
 def convert_checkpoint(plan: Plan, src: Any, out: str | os.PathLike[str], *,
                        min_confidence: float = DEFAULT_MIN_CONFIDENCE,
                        max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
-                       progress: Progress | None = None) -> list[Path]:
+                       writers: int = DEFAULT_WRITERS, progress: Progress | None = None
+                       ) -> list[Path]:
     """Convert ``src`` with ``plan`` into safetensors files under ``out``.
 
     One file (``model.safetensors``) when everything fits in ``max_shard_bytes``; otherwise
@@ -70,6 +77,8 @@ def convert_checkpoint(plan: Plan, src: Any, out: str | os.PathLike[str], *,
         Whether to replace the checkpoint ``out`` already holds (any ``*.safetensors`` file or
         ``*.safetensors.index.json``; other files, such as ``config.json``, are kept; see
         `write_safetensors` for the order in which they are replaced).
+    writers : int
+        How many shards are written at once, each by its own thread (see `write_safetensors`).
     progress : callable, optional
         Called as ``progress(converted, total)`` after each destination tensor is computed.
 
@@ -89,8 +98,8 @@ def convert_checkpoint(plan: Plan, src: Any, out: str | os.PathLike[str], *,
         If a source tensor cannot be written (meta device, quantized, sparse) or read; nothing
         is then left in ``out``.
     UsageError
-        If ``max_shard_bytes`` is not positive, ``min_confidence`` lies outside [0, 1], or
-        ``out`` holds a checkpoint already and ``overwrite`` is False.
+        If ``max_shard_bytes`` or ``writers`` is not positive, ``min_confidence`` lies outside
+        [0, 1], or ``out`` holds a checkpoint already and ``overwrite`` is False.
     OSError
         If a file cannot be written (full disk, read-only folder, file-size limit), naming the
         output file; nothing new is then left in ``out``, and the checkpoint it held is intact.
@@ -100,17 +109,20 @@ def convert_checkpoint(plan: Plan, src: Any, out: str | os.PathLike[str], *,
     """
     with interrupts_kept():
         matches, source, folder = _prepared(plan, src, out, min_confidence=min_confidence,
-                                            max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+                                            max_shard_bytes=max_shard_bytes, overwrite=overwrite,
+                                            writers=writers)
         return write_safetensors(_converted(matches, source, progress), folder,
-                                 max_shard_bytes=max_shard_bytes)
+                                 max_shard_bytes=max_shard_bytes, writers=writers)
 
 
 def _prepared(plan: Plan, src: Any, out: str | os.PathLike[str], *, min_confidence: float,
-              max_shard_bytes: int, overwrite: bool) -> tuple[list[Match], TensorSource, Path]:
+              max_shard_bytes: int, overwrite: bool, writers: int = 1
+              ) -> tuple[list[Match], TensorSource, Path]:
     """The matches to write, the source and the output folder, once every check before a write
     has passed (see `convert_checkpoint` for what raises); creates the folder's parent."""
     if max_shard_bytes <= 0:
         raise UsageError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    _check_writers(writers)
     source = read_source(src, role="source")
     matches, _ = split_by_confidence(plan.matches, min_confidence)
     check_plan(dataclasses.replace(plan, matches=tuple(matches), mismatches=()), source, None)
@@ -165,13 +177,16 @@ def _refuse_unstorable(matches: list[Match], min_confidence: float) -> None:
 
 def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], out: str | os.PathLike[str],
                       *, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                      metadata: Mapping[str, str] | None = None) -> list[Path]:
+                      metadata: Mapping[str, str] | None = None,
+                      writers: int = DEFAULT_WRITERS) -> list[Path]:
     """Write named tensors into the folder ``out`` as a Hugging Face checkpoint.
 
     ``model.safetensors`` when they fit in ``max_shard_bytes``, otherwise shards
     ``model-0000k-of-0000n.safetensors`` of at most that size (a larger tensor gets a shard of
-    its own) and ``model.safetensors.index.json``. Tensors are taken one at a time: at most one
-    shard is held in memory. The folder is created if its parent exists. The files of an
+    its own) and ``model.safetensors.index.json``. Tensors are taken one at a time, and each
+    complete shard is written by one of ``writers`` threads while the next one fills: at most
+    ``writers + 1`` shards are held in memory (tensors taken from a model are references, not
+    copies). The folder is created if its parent exists. The files of an
     earlier checkpoint in the folder are replaced once the new ones are complete: the old
     indexes are removed, then the old safetensors files, and the new files are moved in, the
     index last, so that a reader (`archalign.checkpoint`) finds at every moment either a whole
@@ -188,6 +203,8 @@ def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], out: str | os
         The size of a shard.
     metadata : mapping of str to str, optional
         Stored in every file's header (``{"format": "pt"}`` is always there).
+    writers : int
+        How many shards are written at once (1: one after the other, in this thread).
 
     Returns
     -------
@@ -200,7 +217,10 @@ def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], out: str | os
         If the folder's parent does not exist, ``out`` is a file, or a file cannot be written
         (read-only folder, full disk, file-size limit): the error names the file, nothing new
         is left behind, and an earlier checkpoint there is intact.
+    UsageError
+        If ``writers`` is not positive.
     """
+    _check_writers(writers)
     folder = Path(out)
     _check_folder(folder.parent)
     if folder.exists() and not folder.is_dir():
@@ -216,7 +236,7 @@ def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], out: str | os
             shutil.rmtree(folder, ignore_errors=True)
         raise OSError(exc.errno, exc.strerror, str(folder)) from exc
     try:
-        names = _write_all(tensors, staging, folder, max_shard_bytes, meta)
+        names = _write_all(tensors, staging, folder, max_shard_bytes, meta, writers)
         with sigint_deferred():  # a few renames: a Ctrl-C waits for them
             _move_in(staging, folder, names, old)
     except BaseException:
@@ -272,33 +292,28 @@ def _check_folder(folder: Path) -> None:
 
 
 def _write_all(tensors: Iterable[tuple[str, torch.Tensor]], staging: Path, folder: Path,
-               max_shard_bytes: int, metadata: dict[str, str]) -> list[str]:
+               max_shard_bytes: int, metadata: dict[str, str], writers: int) -> list[str]:
     """Write every shard (and the index) into ``staging`` (inside ``folder``, the output folder
     that write errors name); returns their names, index last."""
-    shard: dict[str, torch.Tensor] = {}
-    size = 0
+    shard = ShardTensors()
     written: list[list[str]] = []  # the keys of each shard written, as staging/part-k
-
-    def flush() -> None:
-        part = staging / f"part-{len(written) + 1:05d}.safetensors"
-        _save(shard, part, metadata, str(folder), f"shard {len(written) + 1}")
-        written.append(list(shard))
-        shard.clear()
-
-    for key, value in tensors:
-        nbytes = value.numel() * value.element_size()
-        if shard and size + nbytes > max_shard_bytes:
-            flush()
-            size = 0
-        value = value.detach().contiguous()
-        if any(value.data_ptr() == v.data_ptr() for v in shard.values() if v.numel()):
-            value = value.clone()  # one source tensor written twice: its own copy
-        shard[key] = value
-        size += nbytes
-    if not written:
-        _save(shard, staging / SINGLE_NAME, metadata, str(folder / SINGLE_NAME), "the checkpoint")
-        return [SINGLE_NAME]
-    flush()
+    with ShardWriter(writers) as writer:
+        for key, value in tensors:
+            nbytes = value.numel() * value.element_size()
+            if shard.tensors and shard.nbytes + nbytes > max_shard_bytes:
+                part = staging / f"part-{len(written) + 1:05d}.safetensors"
+                writer.write(shard.tensors, part, metadata, str(folder),
+                             f"shard {len(written) + 1}")
+                written.append(list(shard.tensors))
+                shard = ShardTensors()
+            shard.add(key, value)
+        if not written:
+            writer.write(shard.tensors, staging / SINGLE_NAME, metadata,
+                         str(folder / SINGLE_NAME), "the checkpoint")
+            return [SINGLE_NAME]
+        writer.write(shard.tensors, staging / f"part-{len(written) + 1:05d}.safetensors",
+                     metadata, str(folder), f"shard {len(written) + 1}")
+        written.append(list(shard.tensors))
     total = len(written)
     names: list[str] = []
     weight_map: dict[str, str] = {}
@@ -313,6 +328,70 @@ def _write_all(tensors: Iterable[tuple[str, torch.Tensor]], staging: Path, folde
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, str(folder / INDEX_NAME)) from exc
     return [*names, INDEX_NAME]
+
+
+class ShardTensors:
+    """The tensors of one shard as it fills: contiguous, and each its own storage."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}  # key -> tensor, in the order written
+        self.nbytes = 0  # their size
+        self._starts: set[int] = set()  # the data pointers held (a tensor twice needs a copy)
+
+    def add(self, key: str, value: torch.Tensor) -> None:
+        value = value.detach().contiguous()
+        if value.numel() and value.data_ptr() in self._starts:
+            value = value.clone()  # one source tensor written twice: its own copy
+        if value.numel():
+            self._starts.add(value.data_ptr())
+        self.tensors[key] = value
+        self.nbytes += value.numel() * value.element_size()
+
+
+class ShardWriter:
+    """Complete shards written by up to ``writers`` threads (`_save` each), in a ``with`` block.
+
+    `write` returns once the shard is handed over; it waits first while ``writers`` shards are
+    still being written, so that at most that many are held besides the one filling. A write
+    that failed raises at the next `write` or at the end of the block; leaving the block by an
+    exception cancels the shards not started and waits for those being written (their files
+    lie in a staging folder, removed by the caller).
+    """
+
+    def __init__(self, writers: int) -> None:
+        _check_writers(writers)
+        self._limit = writers  # shards handed over and not yet written, at most
+        self._pool = (ThreadPoolExecutor(writers, thread_name_prefix="archalign-writer")
+                      if writers > 1 else None)
+        self._pending: deque[Future[None]] = deque()  # the shards handed over, oldest first
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def write(self, tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str],
+              shown: str, what: str) -> None:
+        """Write ``tensors`` into ``path`` (as `_save`), now or in a writer thread."""
+        if self._pool is None:
+            _save(tensors, path, metadata, shown, what)
+            return
+        while self._pending and (self._pending[0].done() or len(self._pending) >= self._limit):
+            self._pending.popleft().result()  # raises the failure of that shard's write
+        self._pending.append(self._pool.submit(_save, tensors, path, metadata, shown, what))
+
+    def __exit__(self, kind: Any, _value: Any, _traceback: Any) -> None:
+        if self._pool is None:
+            return
+        try:
+            if kind is None:
+                while self._pending:
+                    self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _check_writers(writers: int) -> None:
+    if not isinstance(writers, int) or isinstance(writers, bool) or writers < 1:
+        raise UsageError(f"writers must be a positive number of threads, got {writers!r}")
 
 
 def _index_text(weight_map: Mapping[str, str], total_size: int) -> str:

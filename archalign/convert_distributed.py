@@ -41,13 +41,14 @@ from .convert import (
     INDEX_NAME,
     SINGLE_NAME,
     Progress,
+    ShardTensors,
+    ShardWriter,
     _check_folder,
     _checkpoint_files,
     _converted,
     _index_text,
     _move_in,
     _prepared,
-    _save,
 )
 from .errors import ApplyError
 from .interrupts import interrupts_kept, sigint_deferred
@@ -108,7 +109,7 @@ def assign_shards(shards: Sequence[Shard], world_size: int) -> list[list[Shard]]
 def convert_distributed(plan: Plan, src: Any, out: str | os.PathLike[str], *,
                         min_confidence: float = DEFAULT_MIN_CONFIDENCE,
                         max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
-                        progress: Progress | None = None,
+                        writers: int = 1, progress: Progress | None = None,
                         process_group: Any = None) -> list[Path]:
     """`archalign.convert.convert_checkpoint`, with the shards written by every rank of
     ``process_group`` (the default group when None; one process when torch.distributed is not
@@ -119,6 +120,9 @@ def convert_distributed(plan: Plan, src: Any, out: str | os.PathLike[str], *,
     plan, src, out, min_confidence, max_shard_bytes, overwrite
         As for `convert_checkpoint`; ``out`` must be a folder every rank sees (one machine, or
         a shared file system).
+    writers : int
+        How many of its shards each rank writes at once (threads; see
+        `archalign.convert.write_safetensors`). One by default: the ranks are the parallelism.
     progress : callable, optional
         Called as ``progress(converted, total)`` after each tensor this rank computes.
     process_group : ProcessGroup, optional
@@ -150,7 +154,7 @@ def convert_distributed(plan: Plan, src: Any, out: str | os.PathLike[str], *,
             try:
                 matches, source, folder = _prepared(
                     plan, src, out, min_confidence=min_confidence,
-                    max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+                    max_shard_bytes=max_shard_bytes, overwrite=overwrite, writers=writers)
                 layout = shard_layout(matches, source, max_shard_bytes)
                 mine = assign_shards(layout, group.size)[group.rank]
                 if group.rank == 0:
@@ -164,7 +168,7 @@ def convert_distributed(plan: Plan, src: Any, out: str | os.PathLike[str], *,
             told = group.agree((str(staging), created) if group.rank == 0 else None)
             staging, created = Path(told[0]), bool(told[1])
             try:
-                _write_shards(mine, matches, source, staging, folder, progress)
+                _write_shards(mine, matches, source, staging, folder, progress, writers)
             except BaseException as exc:
                 group.tell(exc)
                 raise
@@ -201,7 +205,8 @@ def convert_distributed(plan: Plan, src: Any, out: str | os.PathLike[str], *,
 
 
 def _write_shards(mine: Sequence[Shard], matches: Sequence[Match], source: TensorSource,
-                  staging: Path, folder: Path, progress: Progress | None) -> None:
+                  staging: Path, folder: Path, progress: Progress | None, writers: int
+                  ) -> None:
     """Compute the tensors of this rank's shards (only the matches they hold) and write each
     shard into ``staging`` under its final name once it is complete.
 
@@ -216,26 +221,24 @@ def _write_shards(mine: Sequence[Shard], matches: Sequence[Match], source: Tenso
     needed = [m for m in matches if any(k in shard_of for k in m.dst)]
     planned = {key: math.prod(shape) * _dtype(m, source).itemsize for m in needed
                for key, shape in zip(m.dst, m.dst_shapes)}
-    open_shards: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in _converted(needed, source, progress):
-        n = shard_of.get(key)
-        if n is None:  # a piece of a split whose other pieces another rank writes
-            continue
-        if value.numel() * value.element_size() != planned[key]:
-            raise ApplyError(f"{key!r} came out with {value.numel() * value.element_size()} "
-                             f"bytes ({value.dtype}), not the planned {planned[key]}: nothing "
-                             "was written")
-        shard = open_shards.setdefault(n, {})
-        value = value.detach().contiguous()
-        if any(value.data_ptr() == v.data_ptr() for v in shard.values() if v.numel()):
-            value = value.clone()  # one source tensor written twice: its own copy
-        shard[key] = value
-        if len(shard) == len(mine[n].keys):
-            name = mine[n].name
-            _save(shard, staging / name, {"format": "pt"},
-                  str(folder if name != SINGLE_NAME else folder / name),
-                  "the checkpoint" if name == SINGLE_NAME else f"shard {name}")
-            del open_shards[n]
+    open_shards: dict[int, ShardTensors] = {}
+    with ShardWriter(writers) as writer:
+        for key, value in _converted(needed, source, progress):
+            n = shard_of.get(key)
+            if n is None:  # a piece of a split whose other pieces another rank writes
+                continue
+            if value.numel() * value.element_size() != planned[key]:
+                raise ApplyError(f"{key!r} came out with {value.numel() * value.element_size()} "
+                                 f"bytes ({value.dtype}), not the planned {planned[key]}: "
+                                 "nothing was written")
+            shard = open_shards.setdefault(n, ShardTensors())
+            shard.add(key, value)
+            if len(shard.tensors) == len(mine[n].keys):
+                name = mine[n].name
+                writer.write(shard.tensors, staging / name, {"format": "pt"},
+                             str(folder if name != SINGLE_NAME else folder / name),
+                             "the checkpoint" if name == SINGLE_NAME else f"shard {name}")
+                del open_shards[n]
 
 
 def _write_index(path: Path, text: str, shown: Path) -> None:

@@ -215,13 +215,15 @@ class Plan:
     def convert_checkpoint(self, src: Any, out: str | os.PathLike[str], *,
                            min_confidence: float = DEFAULT_MIN_CONFIDENCE,
                            max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False,
+                           writers: int | None = None,
                            progress: Callable[[int, int], None] | None = None) -> list[Path]:
         """Write the converted checkpoint as (sharded) safetensors without building the model;
-        see `archalign.convert.convert_checkpoint`."""
-        from .convert import convert_checkpoint
+        see `archalign.convert.convert_checkpoint` (``writers``: its default when None)."""
+        from .convert import DEFAULT_WRITERS, convert_checkpoint
 
         return convert_checkpoint(self, src, out, min_confidence=min_confidence,
                                   max_shard_bytes=max_shard_bytes, overwrite=overwrite,
+                                  writers=DEFAULT_WRITERS if writers is None else writers,
                                   progress=progress)
 
     def to_records(self) -> list[dict[str, Any]]:

@@ -201,6 +201,16 @@ def test_convert_writes_a_folder_from_pretrained_loads(tmp_path: Path, capsys) -
     loaded = type(dst).from_pretrained(out).eval()
     inputs = pair.make_inputs()
     assert float((run_model(loaded, inputs) - run_model(src, inputs)).abs().max()) <= 1e-5
+    one = tmp_path / "one"  # one writer thread: the same files
+    assert main(["convert", str(tmp_path / "llama" / "model.safetensors"), str(plan), "-o",
+                 str(one), "--config", str(tmp_path / "phi3"), "--max-shard-size", "100000",
+                 "--writers", "1"]) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {
+        p.name: p.read_bytes() for p in one.iterdir()}
+    assert main(["convert", str(tmp_path / "llama" / "model.safetensors"), str(plan), "-o",
+                 str(tmp_path / "none"), "--writers", "0"]) == 2
+    assert "writers must be a positive number of threads, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
 
 
 # --------------------------------------------------------------------------- ordinary mistakes

@@ -6,6 +6,8 @@ import dataclasses
 import errno
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,8 +81,10 @@ def _files(folder: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("failure", [KeyboardInterrupt(), SafetensorError(
     "Error while serializing: I/O error: No space left on device (os error 28)")])
 @pytest.mark.parametrize("earlier", [False, True])
+@pytest.mark.parametrize("writers", [1, 2])
 def test_a_failed_conversion_leaves_nothing_and_keeps_the_earlier_checkpoint(
-        tmp_path: Path, monkeypatch, failure: BaseException, earlier: bool) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, monkeypatch, failure: BaseException, earlier: bool,  # type: ignore[no-untyped-def]
+        writers: int) -> None:
     src, plan = _mlp()
     out = tmp_path / "out"
     if earlier:
@@ -97,11 +101,13 @@ def test_a_failed_conversion_leaves_nothing_and_keeps_the_earlier_checkpoint(
     monkeypatch.setattr(safetensors.torch, "save_file", failing)
     expected = KeyboardInterrupt if isinstance(failure, KeyboardInterrupt) else OSError
     with pytest.raises(expected) as info:
-        plan.convert_checkpoint(src, out, max_shard_bytes=200, overwrite=True)
+        plan.convert_checkpoint(src, out, max_shard_bytes=200, overwrite=True, writers=writers)
     if expected is OSError:
         assert info.value.errno == 28 and info.value.filename == str(out)
         assert "No space left on device (writing shard 3" in info.value.strerror
-    assert len(calls) == 3
+    # one writer stops at the failure; with two, the next shard may have started meanwhile
+    assert len(calls) == 3 if writers == 1 else 3 <= len(calls) <= 4
+    assert not [t for t in threading.enumerate() if t.name.startswith("archalign-writer")]
     assert (_files(out) == before) if earlier else not out.exists()
 
 
@@ -252,3 +258,42 @@ def test_a_missing_folder_is_named(tmp_path: Path) -> None:
     assert (exc.value.errno, exc.value.filename) == (errno.ENOENT, str(tmp_path / "a"))
     with pytest.raises(OSError, match="does not exist"):
         write_safetensors_file({"a": torch.zeros(1)}, tmp_path / "a" / "x.safetensors")
+
+
+@pytest.mark.parametrize("writers", [2, 3])
+def test_writer_threads_write_the_same_files_as_one_writer(tmp_path: Path, writers: int) -> None:
+    one = write_safetensors(tensors(9), tmp_path / "one", max_shard_bytes=600, writers=1)
+    many = write_safetensors(tensors(9), tmp_path / "many", max_shard_bytes=600, writers=writers)
+    assert [p.name for p in one] == [p.name for p in many] and len(one) == 6
+    assert _files(tmp_path / "one") == _files(tmp_path / "many")
+
+
+def test_writer_threads_hold_at_most_their_number_of_shards(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    real, lock = safetensors.torch.save_file, threading.Lock()
+    busy, most = [0], [0]
+
+    def slow(shard: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+        with lock:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        time.sleep(0.05)
+        real(shard, path, metadata=metadata)
+        with lock:
+            busy[0] -= 1
+
+    monkeypatch.setattr(safetensors.torch, "save_file", slow)
+    write_safetensors(tensors(12), tmp_path, max_shard_bytes=300, writers=2)
+    assert most[0] == 2  # both threads worked at once, and never more shards than threads
+    assert sorted(archalign.read_source(tmp_path).specs) == sorted(k for k, _ in tensors(12))
+
+
+@pytest.mark.parametrize("writers", [0, -1, 1.5, True])
+def test_writers_must_be_a_positive_count(tmp_path: Path, writers: object) -> None:
+    src, plan = _mlp()
+    with pytest.raises(UsageError, match=f"writers must be a positive number of threads, got "
+                                         f"{writers!r}"):
+        plan.convert_checkpoint(src, tmp_path / "out", writers=writers)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="writers must be"):
+        write_safetensors(tensors(1), tmp_path / "out", writers=writers)  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()

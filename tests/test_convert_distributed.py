@@ -70,7 +70,7 @@ def _rank(rank: int, world: int, store: str, folder: str, out: str, fail: str) -
     """One rank of a conversion; writes what happened to ``out``.rank<N>.json."""
     import torch.distributed as dist
 
-    from archalign import convert_distributed as module
+    from archalign import convert as module  # the one writer of shard files
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
