@@ -12,8 +12,21 @@ confidence is held below certainty (`archalign.confidence.prior_confidence`).
   plain copy from ``wq`` into ``q_proj`` (``wk`` into ``k_proj``) gets the ``rope`` op with the
   destination's head count (key/value heads for ``wk``), as ``convert_llama_weights_to_hf.py``'s
   ``permute`` does.
+- `FUSED_BLOCKS` (``prior_fused_blocks``): a fused projection of the formats that name it
+  ``c_attn`` (GPT-2, whose ``Conv1D`` stores it ``(in, out)``; nanoGPT), ``qkv`` (timm),
+  ``in_proj`` (``nn.MultiheadAttention``), ``qkv_proj`` (Phi-3), ``wqkv`` / ``Wqkv`` (InternLM,
+  MPT), ``to_qkv`` or ``gate_up_proj`` stores its parts as blocks, one after the other
+  (``q | k | v``), as does a projection archalign concatenates from separate source tensors. When
+  the destination's code reads the layer per head instead (GPTBigCode's ``c_attn``: ``q_h, k_h,
+  v_h`` for each head; found by running the destination, `archalign.row_parts`), the rows are
+  regrouped (``regroup``); a row order no regroup gives stays below the threshold.
+  `FUSED_UNDECIDED` (``prior_fused_undecided``): a source of another name, copied into a layer
+  the destination reads per head, shows no layout; its matches stay below the default
+  threshold (`archalign.confidence.UNDECIDED_LAYOUT_CAP`). A source layer of the destination's
+  own name and storage is taken to be the destination's own format.
 
-Planning only: the rules read keys, shapes and the destination's config, never tensors.
+Planning only: the rules read keys, shapes, the destination's config and how the destination
+reads its layers (run once on its input), never the source's tensors.
 """
 
 from __future__ import annotations
@@ -21,14 +34,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections.abc import Sequence
+from typing import Any
 
+import torch
 from torch import nn
 
-from .confidence import prior_confidence
-from .ops import Op, OpKind
+from .confidence import UNDECIDED_LAYOUT_CAP, prior_confidence
+from .errors import RunError
+from .ops import Op, OpKind, apply_ops
 from .plan import Match, Plan
+from .row_parts import RowParts, find_row_parts
 
-__all__ = ["ROTARY_META", "apply_conventions"]
+__all__ = ["FUSED_BLOCKS", "FUSED_UNDECIDED", "ROTARY_META", "apply_conventions"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +54,15 @@ ROTARY_META = "prior_rotary_meta"
 _META = {"wq": "q_proj", "wk": "k_proj"}  # Meta's projection -> Hugging Face's, rotated ones
 _LAST = re.compile(r"(?:^|\.)([A-Za-z_]+)\.weight$")
 _ROTARY_CONFIG = ("rope_theta", "rope_scaling", "rope_parameters", "rotary_emb_base")
+FUSED_BLOCKS = "prior_fused_blocks"
+FUSED_UNDECIDED = "prior_fused_undecided"
+_BLOCK_NAMES = frozenset({"c_attn", "qkv", "in_proj", "qkv_proj", "wqkv", "Wqkv", "to_qkv",
+                          "gate_up_proj"})  # fused layers whose formats store blocks
+_LAYER = re.compile(r"^(?:(?P<path>.*)\.)?(?:(?P<mha>in_proj)_(?:weight|bias)|"
+                    r"(?P<name>[^.]+)\.(?:weight|bias))$")
 
 
-def apply_conventions(plan: Plan, dst: nn.Module) -> Plan:
+def apply_conventions(plan: Plan, dst: nn.Module, inputs: Any = None) -> Plan:
     """The plan with the checkpoint conventions its keys follow applied (see the module).
 
     Parameters
@@ -47,12 +71,23 @@ def apply_conventions(plan: Plan, dst: nn.Module) -> Plan:
         A plan whose source is a checkpoint (no module).
     dst : nn.Module
         The destination; its ``config`` says whether it is rotary and how many heads it has.
+    inputs : optional
+        What ``dst`` is called with; with it, ``dst`` runs once to show how it reads its fused
+        layers (`FUSED_BLOCKS`). Without it (or when the run fails), that rule is skipped.
 
     Returns
     -------
     Plan
         The same plan when no convention applies.
     """
+    plan = _rotary(plan, dst)
+    if inputs is not None:
+        plan = _fused_rows(plan, dst, inputs)
+    return plan
+
+
+def _rotary(plan: Plan, dst: nn.Module) -> Plan:
+    """`ROTARY_META` applied."""
     heads = _rotary_heads(dst)
     if heads is None:
         return plan
@@ -95,3 +130,113 @@ def _rotated(m: Match, heads: tuple[int, int]) -> Match:
         m, ops=(Op(OpKind.ROPE, groups=(count,)),),
         confidence=round(prior_confidence(m.confidence), 6),
         costs=(*m.costs, (ROTARY_META, 0.0)))
+
+
+# ----------------------------------------------------------------------------- fused rows
+
+
+def _fused_rows(plan: Plan, dst: nn.Module, inputs: Any) -> Plan:
+    """`FUSED_BLOCKS` and `FUSED_UNDECIDED` applied, for every destination layer loaded from
+    one source layer (or one concatenation) whose code reads it in parts."""
+    by_layer: dict[str, list[int]] = {}
+    for n, m in enumerate(plan.matches):
+        owner = _layer_of(m.dst[0]) if len(m.dst) == 1 else None
+        if owner is not None and m.dst_shapes[0] and m.dst_shapes[0][0] % 2 == 0:
+            by_layer.setdefault(owner[0], []).append(n)
+    if not by_layer:
+        return plan
+    try:
+        parts = find_row_parts(dst, by_layer, inputs)
+    except RunError as exc:
+        logger.info("fused row layouts not read from the destination: %s", exc)
+        return plan
+    matches = list(plan.matches)
+    for layer, found in parts.items():
+        group = [matches[n] for n in by_layer[layer]]
+        changed = _regrouped(group, found)
+        for n, m in zip(by_layer[layer], changed):
+            matches[n] = m
+    if matches == list(plan.matches):
+        return plan
+    return dataclasses.replace(plan, matches=tuple(matches))
+
+
+def _regrouped(group: Sequence[Match], parts: RowParts) -> list[Match]:
+    """The matches of one destination layer, once its parts' row layout is settled."""
+    order = _blocks_order(parts)
+    if order == list(range(parts.rows)):
+        return list(group)  # the destination reads blocks too: nothing moves
+    weight = next((m for m in group if len(m.dst_shapes[0]) == 2), group[0])
+    src_layer = _layer_of(weight.src[0]) if len(weight.src) == 1 else None
+    dst_name = _layer_of(weight.dst[0])
+    concatenated = any(op.kind == OpKind.CONCAT for op in weight.ops)
+    stored_in_out = any(op.kind == OpKind.TRANSPOSE for op in weight.ops)
+    same_format = (src_layer is not None and dst_name is not None
+                   and src_layer[1] == dst_name[1] and not stored_in_out)
+    if not concatenated and same_format:
+        return list(group)
+    if not concatenated and (src_layer is None or src_layer[1] not in _BLOCK_NAMES):
+        logger.info("%s: the destination reads its rows per head, and the checkpoint's %s shows "
+                    "no layout (%s)", parts.layer, weight.src, FUSED_UNDECIDED)
+        return [_capped(m) for m in group]
+    op = _regroup_for(order)
+    out = []
+    for m in group:
+        if m.dst_shapes[0][0] != parts.rows:
+            out.append(m)
+        elif op is None:
+            out.append(_capped(m))
+        else:
+            out.append(dataclasses.replace(
+                m, ops=(*m.ops, op), confidence=round(prior_confidence(m.confidence), 6),
+                costs=(*m.costs, (FUSED_BLOCKS, 0.0))))
+    logger.info("%s: stored as blocks (%s), read per part by the destination: %s", parts.layer,
+                FUSED_BLOCKS, op if op is not None else "no regroup gives its order (undecided)")
+    return out
+
+
+def _blocks_order(parts: RowParts) -> list[int]:
+    """For each destination row, the source row a block layout puts there: part ``p`` (in the
+    order of their first rows) takes the ``p``-th block, its rows in the order the part is read."""
+    order = [0] * parts.rows
+    start = 0
+    for part in parts.parts:
+        for j, row in enumerate(part):
+            order[row] = start + j
+        start += len(part)
+    return order
+
+
+def _regroup_for(order: list[int]) -> Op | None:
+    """The regroup that puts source row ``order[r]`` at row ``r``; None when none does."""
+    rows = len(order)
+    want = torch.tensor(order)
+    for a in range(2, rows // 2 + 1):
+        if rows % a:
+            continue
+        for b in range(2, rows // a + 1):
+            if (rows // a) % b:
+                continue
+            op = Op(OpKind.REGROUP, groups=(a, b))
+            if torch.equal(apply_ops([torch.arange(rows)], (op,))[0], want):
+                return op
+    return None
+
+
+def _capped(m: Match) -> Match:
+    return dataclasses.replace(m, confidence=round(min(m.confidence, UNDECIDED_LAYOUT_CAP), 6),
+                               costs=(*m.costs, (FUSED_UNDECIDED, 0.0)))
+
+
+def _layer_of(key: str) -> tuple[str, str] | None:
+    """(module path of the layer holding ``key``, its name): ``("h.0.attn.c_attn", "c_attn")``;
+    ``nn.MultiheadAttention``'s ``in_proj_weight`` is the layer ``in_proj``, inside its module."""
+    found = _LAYER.match(key)
+    if found is None:
+        return None
+    if found.group("mha"):
+        path = found.group("path") or ""
+        return path, "in_proj"
+    name = found.group("name")
+    path = found.group("path")
+    return (f"{path}.{name}" if path else name), name

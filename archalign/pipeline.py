@@ -137,7 +137,7 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
 
     plan = _build_plan(found, near, source, target, src_graph.tracer, dst_graph.tracer)
     if source.module is None and target.module is not None:  # a checkpoint: its format's rules
-        plan = apply_conventions(plan, target.module)
+        plan = apply_conventions(plan, target.module, inputs.dst if inputs is not None else None)
     step("scanning the source for NaN/Inf")
     nonfinite = source.scan_nonfinite()  # remembered: apply does not scan these tensors again
     if nonfinite:

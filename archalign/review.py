@@ -189,6 +189,7 @@ def flag_note(flag: Flag, rows: Sequence[ReviewRow]) -> str:
 
 _PRIOR_TOPICS = {  # the first word of a ``prior_*`` term, as the notes name it
     "layout": "layout from the checkpoint's convention",
+    "fused": "row layout of a fused projection from the checkpoint's format",
 }
 
 

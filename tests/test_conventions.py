@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from archalign.confidence import HIGH_CONFIDENCE
-from archalign.conventions import ROTARY_META, apply_conventions
+from archalign.confidence import HIGH_CONFIDENCE, PRIOR_CEILING, UNDECIDED_LAYOUT_CAP
+from archalign.conventions import FUSED_BLOCKS, FUSED_UNDECIDED, ROTARY_META, apply_conventions
 from archalign.ops import Op, OpKind, apply_ops
 from archalign.plan import Match, Plan
 
@@ -65,3 +65,79 @@ def test_only_meta_names_into_hugging_face_names():
     plan = Plan(matches=(copy("blocks.0.attn.q.weight", "model.layers.0.self_attn.q_proj.weight",
                               (16, 16)),))
     assert apply_conventions(plan, rotary()) is plan
+
+
+# ----------------------------------------------------------------------------- fused rows
+
+D, H = 8, 2
+
+
+class Attention(nn.Module):
+    """A fused projection ``c_attn`` read as q | k | v blocks, or per head first."""
+
+    def __init__(self, per_head: bool) -> None:
+        super().__init__()
+        self.per_head = per_head
+        self.c_attn = nn.Linear(D, 3 * D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        y = self.c_attn(x)
+        if self.per_head:
+            q, k, v = y.view(b, t, H, 3 * D // H).transpose(1, 2).split(D // H, dim=-1)
+        else:
+            q, k, v = (p.view(b, t, H, D // H).transpose(1, 2) for p in y.split(D, dim=-1))
+        return ((q @ k.transpose(-1, -2)).softmax(-1) @ v).transpose(1, 2).reshape(b, t, D)
+
+
+def fused_plan(src_layer: str, transposed: bool = False) -> Plan:
+    weight = copy(f"{src_layer}.weight", "c_attn.weight", (3 * D, D), confidence=0.8)
+    if transposed:  # GPT-2's Conv1D stores it (in, out)
+        weight = Match(src=weight.src, dst=weight.dst, src_shapes=((D, 3 * D),),
+                       dst_shapes=weight.dst_shapes, ops=(Op(OpKind.TRANSPOSE),),
+                       confidence=0.8, costs=weight.costs, src_unit=src_layer, dst_unit="c_attn")
+    return Plan(matches=(weight, copy(f"{src_layer}.bias", "c_attn.bias", (3 * D,))))
+
+
+X = torch.randn(2, 3, D, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(("src_layer", "transposed", "per_head", "expected"), [
+    ("attn.qkv", False, True, "regroup"),  # timm's blocks, read per head
+    ("attn.c_attn", True, True, "regroup"),  # GPT-2's Conv1D blocks into GPTBigCode's c_attn
+    ("attn.c_attn", False, True, "same"),  # the destination's own format
+    ("attn.fused", False, True, "undecided"),  # a name no format explains
+    ("attn.qkv", False, False, "same"),  # read as blocks: nothing moves
+])
+def test_fused_rows_follow_the_checkpoints_format_and_how_the_destination_reads_them(
+        src_layer: str, transposed: bool, per_head: bool, expected: str):
+    plan = fused_plan(src_layer, transposed)
+    out = apply_conventions(plan, Attention(per_head), X)
+    if expected == "same":
+        assert out.matches == plan.matches
+    elif expected == "undecided":
+        assert all(m.confidence <= UNDECIDED_LAYOUT_CAP and FUSED_UNDECIDED in m.cost_terms
+                   and m.ops == n.ops for m, n in zip(out.matches, plan.matches))
+    else:
+        weight, bias = out.matches
+        assert weight.ops[-1] == bias.ops[-1] == Op(OpKind.REGROUP, groups=(3, H))
+        assert weight.ops[:-1] == plan.matches[0].ops
+        assert all(FUSED_BLOCKS in m.cost_terms and m.confidence <= PRIOR_CEILING
+                   for m in out.matches)
+
+
+def test_regrouped_blocks_make_the_per_head_destination_compute_the_source():
+    torch.manual_seed(1)
+    src, dst = Attention(per_head=False), Attention(per_head=True)
+    weight, bias = apply_conventions(fused_plan("attn.qkv"), dst, X).matches
+    with torch.no_grad():
+        dst.c_attn.weight.copy_(apply_ops([src.c_attn.weight], weight.ops)[0])
+        dst.c_attn.bias.copy_(apply_ops([src.c_attn.bias], bias.ops)[0])
+        assert torch.allclose(dst(X), src(X), atol=1e-6)
+
+
+def test_fused_rows_need_the_destinations_input():
+    plan = fused_plan("attn.qkv")
+    assert apply_conventions(plan, Attention(per_head=True)) == plan
+    failing = apply_conventions(plan, Attention(per_head=True), torch.randn(2, 3, D + 1))
+    assert failing == plan  # a destination that does not run on it: the rule is skipped
