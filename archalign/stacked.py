@@ -31,9 +31,11 @@ from .ops import Op, OpKind, invert_ops
 from .pairing import TensorPair
 from .solve import solve_assignment
 
-__all__ = ["Family", "find_families", "match_stacked"]
+__all__ = ["UNDECIDED_GROUPING", "Family", "find_families", "match_stacked"]
 
 Shape = tuple[int, ...]
+UNDECIDED_GROUPING = "undecided_grouping"  # the cost term of flattened experts whose grouping
+# the shapes leave open (several source tensors of one shape): capped, not loaded
 _MAX_PIECES = 8  # expert tensors an explanation is searched over (2 ** 8 assignments at most)
 
 
@@ -119,15 +121,17 @@ def match_stacked(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weig
             factor = ORDER_ONLY_GROUP if ambiguous or not family.prefix else 1.0
             structural = float(cost[int(i), int(j)])
             conf = confidence(structural, float(regret)) * factor
+            terms = {"stacked": weights.fused, "position": structural - weights.fused,
+                     "regret": float(regret)}
             if not family.prefix and not all(p.by_name for p in pairs):
                 conf = min(conf, UNDECIDED_LAYOUT_CAP)  # shapes left the grouping open
+                terms[UNDECIDED_GROUPING] = 0.0  # a named convention may decide it
+                # (`archalign.conventions`)
             label = family.prefix  # "" for flattened units: the plan names them
             found.append(UnitMatch(
                 src=members if stacked_is_dst else (single,),
                 dst=(single,) if stacked_is_dst else members,
-                terms={"stacked": weights.fused, "position": structural - weights.fused,
-                       "regret": float(regret)},
-                confidence=conf, pairs=tuple(pairs),
+                terms=terms, confidence=conf, pairs=tuple(pairs),
                 src_label=label if stacked_is_dst else "",
                 dst_label="" if stacked_is_dst else label))
     return found
