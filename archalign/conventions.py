@@ -24,6 +24,11 @@ confidence is held below certainty (`archalign.confidence.prior_confidence`).
   the destination reads per head, shows no layout; its matches stay below the default
   threshold (`archalign.confidence.UNDECIDED_LAYOUT_CAP`). A source layer of the destination's
   own name and storage is taken to be the destination's own format.
+- `FFN_META` (``prior_ffn_meta``): Meta's feed-forward names ``w1`` (gate), ``w3`` (up), ``w2``
+  (down). Where experts held flattened (``block_sparse_moe.w1`` / ``w2`` / ``w3``, all
+  ``[E*I, H]``) fill stacked ones and the shapes leave open which tensor is which
+  (`archalign.stacked.UNDECIDED_GROUPING`), the concatenated destination takes ``w1`` then
+  ``w3``, the transposed one ``w2``, as ``convert_mixtral_weights_to_hf.py`` does.
 
 Planning only: the rules read keys, shapes, the destination's config and how the destination
 reads its layers (run once on its input), never the source's tensors.
@@ -40,17 +45,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .confidence import UNDECIDED_LAYOUT_CAP, prior_confidence
+from .confidence import ORDER_ONLY_GROUP, UNDECIDED_LAYOUT_CAP, confidence, prior_confidence
 from .errors import RunError
 from .ops import Op, OpKind, apply_ops
 from .plan import Match, Plan
 from .row_parts import RowParts, find_row_parts
+from .stacked import UNDECIDED_GROUPING
 
-__all__ = ["FUSED_BLOCKS", "FUSED_UNDECIDED", "ROTARY_META", "apply_conventions"]
+__all__ = ["FFN_META", "FUSED_BLOCKS", "FUSED_UNDECIDED", "ROTARY_META", "apply_conventions"]
 
 logger = logging.getLogger(__name__)
 
 ROTARY_META = "prior_rotary_meta"
+FFN_META = "prior_ffn_meta"
+_FFN = ("w1", "w3", "w2")  # Meta's gate, up and down projections, in the order the prior wants
 _META = {"wq": "q_proj", "wk": "k_proj"}  # Meta's projection -> Hugging Face's, rotated ones
 _LAST = re.compile(r"(?:^|\.)([A-Za-z_]+)\.weight$")
 _ROTARY_CONFIG = ("rope_theta", "rope_scaling", "rope_parameters", "rotary_emb_base")
@@ -80,7 +88,7 @@ def apply_conventions(plan: Plan, dst: nn.Module, inputs: Any = None) -> Plan:
     Plan
         The same plan when no convention applies.
     """
-    plan = _rotary(plan, dst)
+    plan = _rotary(_meta_ffn(plan), dst)
     if inputs is not None:
         plan = _fused_rows(plan, dst, inputs)
     return plan
@@ -130,6 +138,56 @@ def _rotated(m: Match, heads: tuple[int, int]) -> Match:
         m, ops=(Op(OpKind.ROPE, groups=(count,)),),
         confidence=round(prior_confidence(m.confidence), 6),
         costs=(*m.costs, (ROTARY_META, 0.0)))
+
+
+def _meta_ffn(plan: Plan) -> Plan:
+    """The plan with `FFN_META` deciding flattened experts' undecided groupings (see the module):
+    per destination unit, a concat of two such tensors and a transpose of one, from Meta's
+    ``w1``, ``w2``, ``w3`` of one parent, become ``w1`` + ``w3`` and ``w2``."""
+    by_unit: dict[str, list[int]] = {}
+    for i, m in enumerate(plan.matches):
+        if UNDECIDED_GROUPING in m.cost_terms:
+            by_unit.setdefault(m.dst_unit, []).append(i)
+    matches = list(plan.matches)
+    for indices in by_unit.values():
+        decided = _ffn_grouping([plan.matches[i] for i in indices])
+        if decided is not None:
+            for i, m in zip(indices, decided):
+                matches[i] = m
+    if matches == list(plan.matches):
+        return plan
+    logger.info("flattened experts follow Meta's feed-forward names (%s): w1 and w3 concatenated, "
+                "w2 transposed", FFN_META)
+    return dataclasses.replace(plan, matches=tuple(matches))
+
+
+def _ffn_grouping(group: list[Match]) -> list[Match] | None:
+    """``group`` regrouped by `FFN_META`, or None when it is not Meta's three tensors."""
+    if len(group) != 2:
+        return None
+    keys = [k for m in group for k in m.src]
+    parents = {k.rpartition(".")[0] for k in keys}
+    names = sorted(k.rpartition(".")[2] for k in keys)
+    if len(parents) != 1 or names != sorted(_FFN) or len({s for m in group
+                                                           for s in m.src_shapes}) != 1:
+        return None
+    (parent,) = parents
+    out = []
+    for m in group:
+        kinds = [op.kind for op in m.ops]
+        if OpKind.CONCAT in kinds and len(m.src) == 2:
+            src: tuple[str, ...] = tuple(f"{parent}.{n}" for n in _FFN[:2])
+        elif OpKind.TRANSPOSE in kinds and len(m.src) == 1:
+            src = (f"{parent}.{_FFN[2]}",)
+        else:
+            return None
+        terms = m.cost_terms
+        structural = sum(v for k, v in terms.items() if k not in ("regret", UNDECIDED_GROUPING))
+        conf = prior_confidence(confidence(structural, terms.get("regret", 0.0)) * ORDER_ONLY_GROUP)
+        costs = tuple((k, v) for k, v in m.costs if k != UNDECIDED_GROUPING)
+        out.append(dataclasses.replace(m, src=src, confidence=round(conf, 6),
+                                       costs=(*costs, (FFN_META, 0.0))))
+    return out
 
 
 # ----------------------------------------------------------------------------- fused rows

@@ -158,9 +158,9 @@ def _run(tensors, ops):
     for op in ops:
         kind = op["op"]
         if kind == "transpose":
-            tensors = [t.transpose(0, 1) for t in tensors]
+            tensors = [t.transpose(*op.get("axes", (0, 1))) for t in tensors]
         elif kind == "reshape":
-            tensors = [tensors[0].reshape(op["shape"])]
+            tensors = [t.reshape(op["shape"]) for t in tensors]
         elif kind == "concat":
             tensors = [torch.cat(tensors, dim=op.get("axis", 0))]
         elif kind == "split":
@@ -455,7 +455,8 @@ def _unsupported(ops: Sequence[Op], inputs: int) -> str:
 def _hf_op(op: Op) -> str:
     """The transformers conversion op that does what ``op`` does, as source code."""
     if op.kind is OpKind.TRANSPOSE:
-        return "Transpose(dim0=0, dim1=1)"
+        a, b = op.axes or (0, 1)
+        return f"Transpose(dim0={a}, dim1={b})"
     if op.kind is OpKind.CONCAT:
         return f"Concatenate(dim={op.axis})"
     if len(set(op.sizes)) == 1:

@@ -7,7 +7,8 @@ Planning uses only the pure shape functions here (`derive_ops`, `infer_shapes`, 
 op         effect (on the list of source tensors)      inverse
 =========  ==========================================  =======================================
 transpose  swap the first two axes of each tensor      transpose
-reshape    reshape the single tensor to ``shape``      reshape back to ``from_shape``
+           (or the two ``axes``)
+reshape    reshape each tensor to ``shape``            reshape back to ``from_shape``
 concat     concatenate all tensors along axis 0        split into the ``sizes`` of the inputs
 split      split the single tensor along axis 0        concat
 regroup    rows laid out (a, b, rest) -> (b, a, rest)  regroup with a and b swapped
@@ -26,7 +27,9 @@ unstack    each tensor's axis 0 taken apart            stack
 ``concat`` and ``split`` work along ``axis`` (0 unless it says otherwise). Experts stored as one
 3-D parameter (transformers 5's Mixtral ``gate_up_proj`` ``[E, 2I, H]``) are ``stack`` (of each
 expert's gate, then of each up projection) then ``concat`` along axis 1: transformers'
-``MergeModulelist`` and ``Concatenate``.
+``MergeModulelist`` and ``Concatenate``. Experts fused into one 2-D tensor (the first Mixtral
+release's ``w1`` ``[E*I, H]``) are ``reshape`` to ``[E, I, H]``, then that ``concat`` along axis 1,
+or a ``transpose`` of ``axes`` (1, 2) where the destination holds ``[E, H, I]``.
 
 ``pad`` is what OPT's learned position embedding needs against GPT-2's (two leading rows that no
 position reads) and what padded vocabularies need: the rows added hold zeros, and ``crop`` takes
@@ -99,6 +102,7 @@ class Op:
     groups: Shape = ()  # regroup: (a, b): rows laid out as (a, b, rest) become (b, a, rest);
     # rope / unrope: (heads,)
     axis: int = 0  # concat / split: the axis they work along
+    axes: Shape = ()  # transpose: the two axes it swaps; () for (0, 1)
 
     def __post_init__(self) -> None:
         try:
@@ -107,7 +111,7 @@ class Op:
             raise PlanError(f"unknown adaptation {self.kind!r:.100}; known: "
                             f"{', '.join(k.value for k in OpKind)}") from None
         object.__setattr__(self, "kind", kind)
-        for name in ("shape", "from_shape", "sizes", "groups"):
+        for name in _FIELDS:
             object.__setattr__(self, name, as_shape(getattr(self, name), f"{kind}'s {name}"))
         if type(self.axis) is not int or not 0 <= self.axis < _MAX_AXIS:
             raise PlanError(f"an adaptation's axis is an integer in [0, {_MAX_AXIS}), got "
@@ -121,7 +125,7 @@ class Op:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"op": self.kind.value}
-        for name in ("shape", "from_shape", "sizes", "groups"):
+        for name in _FIELDS:
             value = getattr(self, name)
             if value:
                 out[name] = list(value)
@@ -141,17 +145,18 @@ class Op:
         """
         if not isinstance(data, Mapping) or not isinstance(data.get("op"), str):
             raise PlanError(f"an adaptation is an object with a string \"op\", got {data!r:.200}")
-        unknown = set(data) - {"op", "shape", "from_shape", "sizes", "groups", "axis"}
+        unknown = set(data) - {"op", "axis", *_FIELDS}
         if unknown:
             raise PlanError(f"unknown fields {sorted(map(str, unknown))} in adaptation "
                             f"{data['op']!r}")
         return cls(kind=data["op"],  # a string: checked in __post_init__
                    axis=data.get("axis", 0),
                    **{k: as_shape(data[k], f"{data['op']}'s {k}")
-                      for k in ("shape", "from_shape", "sizes", "groups") if k in data})
+                      for k in _FIELDS if k in data})
 
 
 _MAX_AXIS = 8  # an adaptation's axis lies below this
+_FIELDS = ("shape", "from_shape", "sizes", "groups", "axes")  # the size-list parameters
 
 
 def as_shape(values: Any, what: str) -> Shape:
@@ -277,8 +282,7 @@ def _takes(*fields: str, needs: str = "") -> Callable[[Op], None]:
     """A check: the op sets no field but ``fields``, and sets ``needs`` when it is given."""
 
     def check(op: Op) -> None:
-        extra = [f for f in ("shape", "from_shape", "sizes", "groups")
-                 if f not in fields and getattr(op, f)]
+        extra = [f for f in _FIELDS if f not in fields and getattr(op, f)]
         if extra:
             raise PlanError(f"a {op.kind.value} adaptation takes no {' or '.join(extra)} "
                             f"(it takes {', '.join(fields) or 'no parameter'})")
@@ -339,16 +343,44 @@ def _check_rope(op: Op) -> None:
         raise PlanError(f"{op.kind.value} takes one head count, got {list(op.groups)}")
 
 
+def _check_transpose(op: Op) -> None:
+    _takes("axes")(op)
+    if op.axes and (len(op.axes) != 2 or op.axes[0] == op.axes[1]
+                    or max(op.axes) >= _MAX_AXIS):
+        raise PlanError(f"a transpose takes two different axes below {_MAX_AXIS}, got "
+                        f"{list(op.axes)}")
+
+
+def _swapped(op: Op) -> tuple[int, int]:
+    """The two axes a transpose swaps."""
+    a, b = op.axes or (0, 1)
+    return a, b
+
+
 def _infer_transpose(op: Op, current: list[Shape]) -> list[Shape]:
-    if any(len(s) < 2 for s in current):
-        raise PlanError(f"{op} needs tensors of rank >= 2, got shapes {current}")
-    return [(s[1], s[0], *s[2:]) for s in current]
+    a, b = _swapped(op)
+    if any(len(s) <= max(a, b) for s in current):
+        raise PlanError(f"{op} needs tensors of rank >= {max(a, b) + 1}, got shapes {current}")
+    out = []
+    for s in current:
+        swapped = list(s)
+        swapped[a], swapped[b] = s[b], s[a]
+        out.append(tuple(swapped))
+    return out
+
+
+def _transpose_text(op: Op) -> str:
+    """``transpose`` for axes (0, 1), ``transpose(1, 2)`` for others."""
+    return "transpose" if _swapped(op) == (0, 1) else f"transpose{_swapped(op)}"
 
 
 def _infer_reshape(op: Op, current: list[Shape]) -> list[Shape]:
-    if len(current) != 1 or prod(current[0]) != prod(op.shape):
+    """Each tensor reshaped to ``shape``: each must hold its element count (and, when the op
+    records ``from_shape``, be of that shape)."""
+    if not current or any(prod(s) != prod(op.shape) or (op.from_shape and s != op.from_shape)
+                          for s in current):
         raise PlanError(f"{op} does not fit shapes {current}")
-    return [op.shape]
+    return [op.shape for _ in current]
 
 
 def _infer_concat(op: Op, current: list[Shape]) -> list[Shape]:
@@ -438,13 +470,13 @@ def _at(op: Op) -> str:
 
 _KINDS: dict[OpKind, _Kind] = {
     OpKind.TRANSPOSE: _Kind(
-        check=_takes(), text=lambda op: "transpose", infer=_infer_transpose,
-        apply=lambda op, ts: [t.transpose(0, 1) for t in ts],
+        check=_check_transpose, text=_transpose_text, infer=_infer_transpose,
+        apply=lambda op, ts: [t.transpose(*_swapped(op)) for t in ts],
         invert=lambda op, before: op),
     OpKind.RESHAPE: _Kind(
         check=_takes("shape", "from_shape"), text=lambda op: f"reshape{op.shape}",
         infer=_infer_reshape,
-        apply=lambda op, ts: [ts[0].reshape(op.shape)],
+        apply=lambda op, ts: [t.reshape(op.shape) for t in ts],
         invert=lambda op, before: Op(OpKind.RESHAPE, shape=op.from_shape, from_shape=op.shape)),
     OpKind.CONCAT: _Kind(
         check=_check_concat, text=lambda op: f"concat{_at(op)}{list(op.sizes)}",

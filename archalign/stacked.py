@@ -9,6 +9,9 @@ when each of its tensors, expert by expert, is the rows of some of the expert's 
 after the other (``gate_up_proj[e] = cat(w1_e, w3_e)``), every expert tensor used once: the ops
 are ``stack[E]``, then ``concat@1`` when there are several pieces (transformers'
 ``MergeModulelist`` and ``Concatenate``), or their inverses when the stacked side is the source.
+
+A single unit opposite may also hold the experts *flattened* (`archalign.flattened`): each tensor's
+rows ``E`` blocks one after the other, as the first Mixtral release's ``w1`` ``[E*I, H]``.
 """
 
 from __future__ import annotations
@@ -19,17 +22,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .confidence import FULL_TRUST, ORDER_ONLY_GROUP, Trust, confidence
+from .confidence import FULL_TRUST, ORDER_ONLY_GROUP, UNDECIDED_LAYOUT_CAP, Trust, confidence
 from .cost import CostWeights
 from .features import UnitFeatures
+from .flattened import explain_flattened
 from .match import Forbidden, UnitMatch
-from .ops import Op, OpKind
+from .ops import Op, OpKind, invert_ops
 from .pairing import TensorPair
 from .solve import solve_assignment
 
-__all__ = ["Family", "find_families", "match_stacked"]
+__all__ = ["UNDECIDED_GROUPING", "Family", "find_families", "match_stacked"]
 
 Shape = tuple[int, ...]
+UNDECIDED_GROUPING = "undecided_grouping"  # the cost term of flattened experts whose grouping
+# the shapes leave open (several source tensors of one shape): capped, not loaded
 _MAX_PIECES = 8  # expert tensors an explanation is searched over (2 ** 8 assignments at most)
 
 
@@ -85,7 +91,12 @@ def match_stacked(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weig
     found: list[UnitMatch] = []
     for stacked_is_dst in (True, False):
         singles = [f for f in (dst if stacked_is_dst else src) if _stack_count(f) is not None]
-        families = find_families(src if stacked_is_dst else dst)
+        others = src if stacked_is_dst else dst
+        families = find_families(others)
+        counts = {_stack_count(f) for f in singles}
+        in_family = {f.unit.key for fam in families if fam.count in counts
+                     for m in fam.members for f in m}
+        families += _flattened_groups([f for f in others if f.unit.key not in in_family])
         if not singles or not families:
             continue
         cost = np.full((len(singles), len(families)), np.inf)
@@ -93,10 +104,9 @@ def match_stacked(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weig
         position_weight = weights.position * trust.order_weight
         for (i, single), (j, family) in itertools.product(enumerate(singles),
                                                           enumerate(families)):
-            if family.count != _stack_count(single) or _forbidden(single, family, forbidden,
-                                                                  stacked_is_dst):
+            if _forbidden(single, family, forbidden, stacked_is_dst):
                 continue
-            pairs = _explain(single, family, stacked_is_dst)
+            pairs = _explain_any(single, family, stacked_is_dst)
             if pairs is None:
                 continue
             explained[i, j] = pairs
@@ -108,17 +118,22 @@ def match_stacked(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weig
             pairs = explained[int(i), int(j)]
             members = tuple(f for m in family.members for f in m)
             ambiguous = any(len(set(_piece_shapes(p))) < len(_piece_shapes(p)) for p in pairs)
-            factor = ORDER_ONLY_GROUP if ambiguous else 1.0
+            factor = ORDER_ONLY_GROUP if ambiguous or not family.prefix else 1.0
             structural = float(cost[int(i), int(j)])
+            conf = confidence(structural, float(regret)) * factor
+            terms = {"stacked": weights.fused, "position": structural - weights.fused,
+                     "regret": float(regret)}
+            if not family.prefix and not all(p.by_name for p in pairs):
+                conf = min(conf, UNDECIDED_LAYOUT_CAP)  # shapes left the grouping open
+                terms[UNDECIDED_GROUPING] = 0.0  # a named convention may decide it
+                # (`archalign.conventions`)
+            label = family.prefix  # "" for flattened units: the plan names them
             found.append(UnitMatch(
                 src=members if stacked_is_dst else (single,),
                 dst=(single,) if stacked_is_dst else members,
-                terms={"stacked": weights.fused, "position": structural - weights.fused,
-                       "regret": float(regret)},
-                confidence=confidence(structural, float(regret)) * factor,
-                pairs=tuple(pairs),
-                src_label=family.prefix if stacked_is_dst else "",
-                dst_label="" if stacked_is_dst else family.prefix))
+                terms=terms, confidence=conf, pairs=tuple(pairs),
+                src_label=label if stacked_is_dst else "",
+                dst_label="" if stacked_is_dst else label))
     return found
 
 
@@ -136,6 +151,45 @@ def _stack_count(f: UnitFeatures) -> int | None:
         return None
     counts = {s[0] for s in shapes}
     return counts.pop() if len(counts) == 1 and min(counts) >= 2 else None
+
+
+def _flattened_groups(units: Sequence[UnitFeatures]) -> list[Family]:
+    """Candidates for experts held flattened: the units of one parent module (``layers.0.moe``
+    for ``layers.0.moe.w1``, ``.w2``, ``.w3``, each a lone parameter) that are no stacked unit,
+    as one pseudo-family without prefix whose single member is all of them."""
+    by_parent: dict[str, list[UnitFeatures]] = {}
+    for f in units:
+        if _stack_count(f) is None and all(len(s) >= 2 for s in f.unit.shapes):
+            by_parent.setdefault(f.unit.key.rpartition(".")[0], []).append(f)
+    return [Family(prefix="", members=(tuple(fs),),
+                   position=float(np.mean([f.position for f in fs])))
+            for fs in by_parent.values()]
+
+
+def _explain_any(single: UnitFeatures, family: Family, stacked_is_dst: bool
+                 ) -> list[TensorPair] | None:
+    """`_explain` for a family of ``E`` modules, `explain_flattened` for sibling units (its pairs
+    turned round when the stacked unit is the source)."""
+    count = _stack_count(single)
+    if family.prefix:
+        return _explain(single, family, stacked_is_dst) if family.count == count else None
+    (units,) = family.members
+    tensors = [t for f in units for t in f.unit.tensors]
+    shapes = [s for f in units for s in f.unit.shapes]
+    found = explain_flattened(single.unit.shapes, shapes, count or 0)
+    if found is None:
+        return None
+    pairs = []
+    for target, (pieces, ops) in enumerate(found.groups):
+        keys = tuple(tensors[p] for p in pieces)
+        stacked = single.unit.tensors[target]
+        if stacked_is_dst:
+            pairs.append(TensorPair(src=keys, dst=(stacked,), ops=ops, by_name=found.unique))
+        else:
+            pairs.append(TensorPair(src=(stacked,), dst=keys,
+                                    ops=invert_ops(ops, [shapes[p] for p in pieces]),
+                                    by_name=found.unique))
+    return pairs
 
 
 def _forbidden(single: UnitFeatures, family: Family, forbidden: Forbidden,

@@ -30,6 +30,12 @@ CASES = [
     ([(4, 2)] * 6, (Op("stack", sizes=(3,)),), [(3, 4, 2), (3, 4, 2)]),
     ([(4, 2)] * 6, (Op("stack", sizes=(3,)), Op("concat", sizes=(4, 4), axis=1)), [(3, 8, 2)]),
     ([(3, 4, 2)], (Op("unstack", sizes=(3,)),), [(4, 2)] * 3),
+    # flattened experts: rows of E = 3 blocks reshaped, then concatenated or last axes swapped
+    ([(6, 4)] * 2, (Op("reshape", shape=(3, 2, 4), from_shape=(6, 4)),
+                    Op("concat", sizes=(2, 2), axis=1)), [(3, 4, 4)]),
+    ([(6, 4)], (Op("reshape", shape=(3, 2, 4), from_shape=(6, 4)), Op("transpose", axes=(1, 2))),
+     [(3, 4, 2)]),
+    ([(2, 3, 4)], (Op("transpose", axes=(0, 2)),), [(4, 3, 2)]),
 ]
 
 
@@ -103,6 +109,8 @@ def test_squeeze_shape() -> None:
     ([(3, 4)], Op("crop", sizes=(2, 1))),  # nothing would be left
     ([(4, 2)] * 5, Op("stack", sizes=(3,))),  # not runs of three
     ([(3, 4), (3, 5)], Op("concat", sizes=(3, 3), axis=1)),
+    ([(6, 4)], Op("transpose", axes=(1, 2))),  # no axis 2
+    ([(6, 4), (3, 8)], Op("reshape", shape=(3, 2, 4), from_shape=(6, 4))),  # not the recorded shape
 ])
 def test_an_op_that_does_not_fit_names_the_shapes(shapes, op) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(PlanError, match=r"\(\d"):
@@ -117,3 +125,41 @@ def test_ops_round_trip_through_dicts_and_reject_unknowns() -> None:
         Op("rotate")
     with pytest.raises(PlanError, match="unknown fields"):
         Op.from_dict({"op": "transpose", "angle": [90]})
+
+
+def test_flattened_experts_become_stacked_ones_as_the_mixtral_converter_makes_them() -> None:
+    """w1, w3 [E*I, H] -> gate_up_proj [E, 2I, H]; w2 [E*I, H] (each expert's w2 transposed)
+    -> down_proj [E, H, I]: the values of ``w.view(E, I, H)``, concatenated or transposed."""
+    e, inner, h = 3, 2, 4
+    w1, w2, w3 = (torch.arange(e * inner * h, dtype=torch.float32).reshape(e * inner, h) + k * 100
+                  for k in range(3))
+    reshape = Op("reshape", shape=(e, inner, h), from_shape=(e * inner, h))
+    gate_up_ops = (reshape, Op("concat", sizes=(inner, inner), axis=1))
+    (gate_up,) = apply_ops([w1, w3], gate_up_ops)
+    assert torch.equal(gate_up, torch.cat([w1.view(e, inner, h), w3.view(e, inner, h)], 1))
+    assert torch.equal(gate_up[1, inner:], w3[inner:2 * inner])  # expert 1's up rows
+    down_ops = (reshape, Op("transpose", axes=(1, 2)))
+    (down,) = apply_ops([w2], down_ops)
+    assert torch.equal(down, w2.view(e, inner, h).transpose(1, 2))
+    assert [str(o) for o in down_ops] == ["reshape(3, 2, 4)", "transpose(1, 2)"]
+    assert invert_ops(down_ops, [(e * inner, h)]) == (
+        Op("transpose", axes=(1, 2)), Op("reshape", shape=(e * inner, h), from_shape=(e, inner, h)))
+    assert invert_ops(gate_up_ops, [(e * inner, h)] * 2) == (
+        Op("split", sizes=(inner, inner), axis=1),
+        Op("reshape", shape=(e * inner, h), from_shape=(e, inner, h)))
+    for op in (*gate_up_ops, *down_ops):
+        assert Op.from_dict(op.to_dict()) == op
+    assert Op("transpose", axes=(1, 2)).to_dict() == {"op": "transpose", "axes": [1, 2]}
+    assert Op("transpose").to_dict() == {"op": "transpose"}
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"op": "transpose", "axes": [1, 1]}, "two different axes"),
+    ({"op": "transpose", "axes": [1]}, "two different axes"),
+    ({"op": "transpose", "axes": [0, 9]}, "two different axes below 8"),
+    ({"op": "transpose", "axes": [0, -1]}, "not a size"),
+    ({"op": "reshape", "shape": [2], "axes": [0, 1]}, "takes no axes"),
+])
+def test_a_transposes_axes_are_checked(data, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(PlanError, match=message):
+        Op.from_dict(data)

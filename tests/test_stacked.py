@@ -7,11 +7,15 @@ import torch
 from torch import nn
 
 import archalign
+from archalign.confidence import DEFAULT_MIN_CONFIDENCE, HIGH_CONFIDENCE
+from archalign.conventions import FFN_META
 from archalign.cost import CostWeights
 from archalign.features import extract_features
+from archalign.flattened import explain_flattened
 from archalign.graph import Tracer, build_units, chain_graph
+from archalign.plan import Plan
 from archalign.source import read_source
-from archalign.stacked import find_families, match_stacked
+from archalign.stacked import UNDECIDED_GROUPING, find_families, match_stacked
 
 E, H, INNER = 3, 4, 6
 
@@ -96,3 +100,75 @@ def test_a_stacked_source_is_taken_apart_and_the_round_trip_is_exact() -> None:
     back = WithStacked()
     plan.inverse().apply(back, dst)
     assert torch.equal(back.experts.gate_up_proj, src.experts.gate_up_proj)
+
+
+class Fused(nn.Module):
+    """The first Mixtral release's layout: w1, w3 [E*INNER, H] (experts' rows one after the
+    other), w2 [E*INNER, H] holding each expert's w2 transposed."""
+
+    def __init__(self, names: tuple[str, str, str] = ("w1", "w2", "w3")) -> None:
+        super().__init__()
+        self.names = names
+        for name in names:
+            self.register_parameter(name, nn.Parameter(torch.randn(E * INNER, H)))
+
+
+class WithFused(nn.Module):
+    def __init__(self, names: tuple[str, str, str] = ("w1", "w2", "w3")) -> None:
+        super().__init__()
+        self.moe = Fused(names)
+
+
+def _explained(plan: Plan) -> dict[str, tuple[tuple[str, ...], list[str], float]]:
+    return {m.dst[0]: (m.src, [str(o) for o in m.ops], m.confidence) for m in plan.matches}
+
+
+def test_flattened_tensors_explain_stacked_ones_by_shapes_and_say_when_that_is_a_guess() -> None:
+    stacked = [(E, 2 * INNER, H), (E, H, INNER)]
+    ambiguous = explain_flattened(stacked, [(E * INNER, H)] * 3, E)
+    assert ambiguous is not None and not ambiguous.unique  # any two of the three could be gate/up
+    (gate_up, gate_up_ops), (down, down_ops) = ambiguous.groups
+    assert (gate_up, down) == ((0, 1), (2,))  # the first in the sources' order
+    assert [str(o) for o in gate_up_ops] == [f"reshape({E}, {INNER}, {H})",
+                                             f"concat@1[{INNER}, {INNER}]"]
+    assert [str(o) for o in down_ops] == [f"reshape({E}, {INNER}, {H})", "transpose(1, 2)"]
+    # w2 stored as the experts' own [H, INNER] rows: only one grouping needs no transpose
+    plain = explain_flattened(stacked, [(E * INNER, H), (E * H, INNER), (E * INNER, H)], E)
+    assert plain is not None and plain.unique
+    assert [g for g, _ in plain.groups] == [(0, 2), (1,)]
+    assert [str(o) for o in plain.groups[1][1]] == [f"reshape({E}, {H}, {INNER})"]
+    assert explain_flattened(stacked, [(E * INNER + 1, H)] * 3, E) is None  # rows not E blocks
+    assert explain_flattened(stacked, [(E * INNER, H)] * 2, E) is None  # every tensor used once
+
+
+def test_a_guessed_grouping_is_proposed_but_not_loaded() -> None:
+    fs, fd = _features(WithFused(("a", "b", "c")), WithStacked())
+    (match,) = match_stacked(fs, fd, CostWeights())
+    assert UNDECIDED_GROUPING in match.terms and match.confidence < DEFAULT_MIN_CONFIDENCE
+    plan = archalign.align(WithFused(("a", "b", "c")).state_dict(), WithStacked())
+    assert all(m.confidence < DEFAULT_MIN_CONFIDENCE for m in plan.matches)
+
+
+def test_meta_names_decide_flattened_experts_and_the_round_trip_is_exact() -> None:
+    torch.manual_seed(0)
+    src, dst = WithFused(), WithStacked()
+    plan = archalign.align(src.state_dict(), dst)
+    found = _explained(plan)
+    gate_up_src, gate_up_ops, gate_up_conf = found["experts.gate_up_proj"]
+    down_src, down_ops, down_conf = found["experts.down_proj"]
+    assert gate_up_src == ("moe.w1", "moe.w3") and down_src == ("moe.w2",)
+    assert gate_up_ops == [f"reshape({E}, {INNER}, {H})", f"concat@1[{INNER}, {INNER}]"]
+    assert down_ops == [f"reshape({E}, {INNER}, {H})", "transpose(1, 2)"]
+    for conf in (gate_up_conf, down_conf):  # a named prior over a shape-only guess
+        assert DEFAULT_MIN_CONFIDENCE <= conf < HIGH_CONFIDENCE
+    assert all(FFN_META in m.cost_terms for m in plan.matches)
+    assert Plan.from_json(plan.to_json()).matches == plan.matches
+    plan.apply(dst)
+    moe = src.moe
+    assert torch.equal(dst.experts.gate_up_proj, torch.cat(
+        [moe.w1.view(E, INNER, H), moe.w3.view(E, INNER, H)], 1))
+    assert torch.equal(dst.experts.down_proj, moe.w2.view(E, INNER, H).transpose(1, 2))
+    back = WithFused()
+    plan.inverse().apply(back, dst)
+    for name in ("w1", "w2", "w3"):
+        assert torch.equal(getattr(back.moe, name), getattr(moe, name))
