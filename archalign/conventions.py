@@ -24,6 +24,11 @@ confidence is held below certainty (`archalign.confidence.prior_confidence`).
   the destination reads per head, shows no layout; its matches stay below the default
   threshold (`archalign.confidence.UNDECIDED_LAYOUT_CAP`). A source layer of the destination's
   own name and storage is taken to be the destination's own format.
+- `POSITION_OFFSET` (``prior_position_offset``): a learned position table of ``n`` rows, as
+  every format but OPT's reads it from row 0, into a destination table of ``n + k`` rows that its
+  code reads from row ``o <= k`` (OPT's ``embed_positions``: from 2; found by running the
+  destination, `archalign.row_parts.find_position_offsets`): the near miss is loaded padded,
+  ``o`` rows before and ``k - o`` after (``pad``), as OPT's converters do.
 - `FFN_META` (``prior_ffn_meta``): Meta's feed-forward names ``w1`` (gate), ``w3`` (up), ``w2``
   (down). Where experts held flattened (``block_sparse_moe.w1`` / ``w2`` / ``w3``, all
   ``[E*I, H]``) fill stacked ones and the shapes leave open which tensor is which
@@ -49,10 +54,11 @@ from .confidence import ORDER_ONLY_GROUP, UNDECIDED_LAYOUT_CAP, confidence, prio
 from .errors import RunError
 from .ops import Op, OpKind, apply_ops
 from .plan import Match, Plan
-from .row_parts import RowParts, find_row_parts
+from .row_parts import RowParts, find_position_offsets, find_row_parts
 from .stacked import UNDECIDED_GROUPING
 
-__all__ = ["FFN_META", "FUSED_BLOCKS", "FUSED_UNDECIDED", "ROTARY_META", "apply_conventions"]
+__all__ = ["FFN_META", "FUSED_BLOCKS", "FUSED_UNDECIDED", "POSITION_OFFSET", "ROTARY_META",
+           "apply_conventions"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +70,7 @@ _LAST = re.compile(r"(?:^|\.)([A-Za-z_]+)\.weight$")
 _ROTARY_CONFIG = ("rope_theta", "rope_scaling", "rope_parameters", "rotary_emb_base")
 FUSED_BLOCKS = "prior_fused_blocks"
 FUSED_UNDECIDED = "prior_fused_undecided"
+POSITION_OFFSET = "prior_position_offset"
 _BLOCK_NAMES = frozenset({"c_attn", "qkv", "in_proj", "qkv_proj", "wqkv", "Wqkv", "to_qkv",
                           "gate_up_proj"})  # fused layers whose formats store blocks
 _LAYER = re.compile(r"^(?:(?P<path>.*)\.)?(?:(?P<mha>in_proj)_(?:weight|bias)|"
@@ -90,7 +97,7 @@ def apply_conventions(plan: Plan, dst: nn.Module, inputs: Any = None) -> Plan:
     """
     plan = _rotary(_meta_ffn(plan), dst)
     if inputs is not None:
-        plan = _fused_rows(plan, dst, inputs)
+        plan = _position_offsets(_fused_rows(plan, dst, inputs), dst, inputs)
     return plan
 
 
@@ -298,3 +305,46 @@ def _layer_of(key: str) -> tuple[str, str] | None:
     name = found.group("name")
     path = found.group("path")
     return (f"{path}.{name}" if path else name), name
+
+
+# ------------------------------------------------------------------------ position offsets
+
+
+def _position_offsets(plan: Plan, dst: nn.Module, inputs: Any) -> Plan:
+    """`POSITION_OFFSET` applied to the near misses of a table into a longer one."""
+    longer = {n: _layer_of(mm.dst[0]) for n, mm in enumerate(plan.mismatches)
+              if len(mm.src) == len(mm.dst) == 1 and len(mm.src_shapes[0]) == 2
+              and len(mm.dst_shapes[0]) == 2 and mm.src_shapes[0][1] == mm.dst_shapes[0][1]
+              and mm.dst_shapes[0][0] > mm.src_shapes[0][0]}
+    layers = {n: owner[0] for n, owner in longer.items() if owner is not None}
+    if not layers:
+        return plan
+    try:
+        offsets = find_position_offsets(dst, layers.values(), inputs)
+    except RunError as exc:
+        logger.info("position tables not read from the destination: %s", exc)
+        return plan
+    promoted: list[Match] = []
+    kept = []
+    for n, mm in enumerate(plan.mismatches):
+        offset = offsets.get(layers.get(n, ""))
+        extra = mm.dst_shapes[0][0] - mm.src_shapes[0][0]
+        if offset is None or offset > extra:
+            kept.append(mm)
+            continue
+        promoted.append(Match(
+            src=mm.src, dst=mm.dst, src_shapes=mm.src_shapes, dst_shapes=mm.dst_shapes,
+            ops=(Op(OpKind.PAD, sizes=(offset, extra - offset)),),
+            confidence=round(prior_confidence(mm.confidence), 6),
+            costs=((POSITION_OFFSET, 0.0),), src_unit=mm.src[0].rpartition(".")[0],
+            dst_unit=mm.dst[0].rpartition(".")[0]))
+        logger.info("%s reads positions from row %d (%s): %s loaded padded", mm.dst[0], offset,
+                    POSITION_OFFSET, mm.src[0])
+    if not promoted:
+        return plan
+    moved_src = {k for m in promoted for k in m.src}
+    moved_dst = {k for m in promoted for k in m.dst}
+    return dataclasses.replace(
+        plan, matches=(*plan.matches, *promoted), mismatches=tuple(kept),
+        unmatched_src=tuple(k for k in plan.unmatched_src if k not in moved_src),
+        unmatched_dst=tuple(k for k in plan.unmatched_dst if k not in moved_dst))

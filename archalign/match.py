@@ -25,7 +25,7 @@ import numpy as np
 
 from .confidence import FULL_TRUST, SAME_NAME_IN_TIE, SAME_NAME_MARGIN, Trust, confidence
 from .cost import CostMatrices, CostWeights, compute_costs, shape_distance
-from .features import UnitFeatures
+from .features import UnitFeatures, is_matrix
 from .graph import Unit
 from .ops import OpKind
 from .pairing import MatchMode, TensorPair, pair_tensors
@@ -116,13 +116,25 @@ def match_near_misses(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
     distance = np.array([[shape_distance(s.unit.canonical_shapes, d.unit.canonical_shapes)
                           for d in dst] for s in src])
     shape = weights.shape * distance
-    allowed = np.array([[s.family == d.family for d in dst] for s in src]) & (distance <= 1.0)
+    allowed = np.array([[_same_kind(s, d) for d in dst] for s in src]) & (distance <= 1.0)
     total = _forbid(np.where(allowed, costs.total() + shape, np.inf), src, dst, forbidden)
     return _collect(src, dst, costs, total, weights, trust, mode=MatchMode.NEAR,
                     extra=("shape", shape))
 
 
 # ------------------------------------------------------------------------------------ helpers
+
+
+def _same_kind(s: UnitFeatures, d: UnitFeatures) -> bool:
+    """Whether a near miss may pair ``s`` and ``d``: one family, or, when a side's family is a
+    guess (a checkpoint), one matrix either way (a lone 2-d weight reads as a linear layer, and
+    may be an embedding: GPT-2's ``wpe`` against OPT's ``embed_positions``)."""
+    if s.family == d.family:
+        return True
+    guessed = not (s.known_type and d.known_type)
+    return guessed and is_matrix((s.family, s.unit.shape_key)) and is_matrix(
+        (d.family, d.unit.shape_key))
+
 
 
 def _forbid(total: np.ndarray, src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],

@@ -10,6 +10,9 @@ from) through each shape operation the output goes through (view, reshape, trans
 indexing, ...), and records, where the output meets the first operation that computes with it (a
 product, an attention, a sum), which rows arrive there and in which order.
 
+`find_position_offsets` answers the same question for a table: the first row a learned position
+embedding reads (OPT's starts at row 2), from the indices it is called with.
+
 Reading only: the model is run in eval mode without gradients on a given input, and put back as
 it was (`archalign.running.run_in_eval`); no parameter is written.
 """
@@ -27,7 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .running import first_line, run_in_eval
 
-__all__ = ["RowParts", "find_row_parts", "parts_of"]
+__all__ = ["RowParts", "find_position_offsets", "find_row_parts", "parts_of", "position_offset"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +102,55 @@ def find_row_parts(module: nn.Module, layers: Iterable[str], inputs: Any
     return found
 
 
+def find_position_offsets(module: nn.Module, layers: Iterable[str], inputs: Any
+                          ) -> dict[str, int]:
+    """Run ``module`` on ``inputs`` and find the first row each table of ``layers`` reads,
+    for the tables read as positions (`position_offset`).
+
+    Returns
+    -------
+    dict
+        ``layer -> first row read`` for each layer whose ``weight`` is first looked up
+        (``F.embedding``, however the layer calls it) at positions; a table read at other rows
+        (token ids), or never read, is absent.
+
+    Raises
+    ------
+    RunError
+        If the forward pass raises (as `run_in_eval`).
+    """
+    modules = dict(module.named_modules())
+    weights = {id(w): name for name in dict.fromkeys(layers) if name in modules
+               for w in [getattr(modules[name], "weight", None)] if isinstance(w, torch.Tensor)}
+    if not weights:
+        return {}
+    lookups = _Lookups(weights)
+    with lookups:
+        run_in_eval(module, inputs)
+    seen = lookups.seen
+    found = {name: position_offset(index) for name, index in seen.items()}
+    return {name: offset for name, offset in found.items() if offset is not None}
+
+
+def position_offset(index: torch.Tensor) -> int | None:
+    """The first row of positions ``index`` reads: ``index`` holds, along its last axis, at
+    least two consecutive rows ``o, o + 1, ...`` and repeats them along every other axis; None
+    for anything else (token ids, a lone position)."""
+    if index.dtype in (torch.bool,) or index.is_floating_point() or index.dim() == 0:
+        return None
+    if index.device.type == "meta" or index.shape[-1] < 2:
+        return None
+    first = index.reshape(-1, index.shape[-1])
+    run = first[0]
+    if not torch.equal(first, run.expand_as(first)):
+        return None
+    start = int(run[0])
+    if start < 0 or not torch.equal(run, torch.arange(start, start + run.numel(),
+                                                      device=run.device, dtype=run.dtype)):
+        return None
+    return start
+
+
 def parts_of(records: Sequence[torch.Tensor], rows: int) -> tuple[tuple[int, ...], ...] | None:
     """The parts a layer's ``rows`` output rows are read as, from the index tensors its
     consumers received (`RowParts.parts`); None unless the largest pieces read are at least two,
@@ -137,6 +189,24 @@ def _sequence(index: torch.Tensor) -> tuple[int, ...]:
         if sub.shape[axis] > 1 and torch.equal(sub, first.expand_as(sub)):
             sub = first
     return tuple(int(v) for v in sub.reshape(-1).tolist())
+
+
+class _Lookups(TorchFunctionMode):
+    """Records the indices of the first ``F.embedding`` call on each of some weights."""
+
+    def __init__(self, weights: dict[int, str]) -> None:
+        super().__init__()
+        self.weights = weights  # id of a layer's weight -> the layer
+        self.seen: dict[str, torch.Tensor] = {}  # layer -> the indices it was first read at
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") == "embedding" and len(args) >= 2:
+            layer = self.weights.get(id(args[1]))
+            if layer is not None and layer not in self.seen and isinstance(args[0], torch.Tensor):
+                self.seen[layer] = args[0].detach().clone()
+        return func(*args, **kwargs)
 
 
 class _Follow(TorchFunctionMode):

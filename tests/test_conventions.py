@@ -9,9 +9,15 @@ import torch
 from torch import nn
 
 from archalign.confidence import HIGH_CONFIDENCE, PRIOR_CEILING, UNDECIDED_LAYOUT_CAP
-from archalign.conventions import FUSED_BLOCKS, FUSED_UNDECIDED, ROTARY_META, apply_conventions
+from archalign.conventions import (
+    FUSED_BLOCKS,
+    FUSED_UNDECIDED,
+    POSITION_OFFSET,
+    ROTARY_META,
+    apply_conventions,
+)
 from archalign.ops import Op, OpKind, apply_ops
-from archalign.plan import Match, Plan
+from archalign.plan import Match, Mismatch, Plan
 
 
 def copy(src: str, dst: str, shape: tuple[int, ...], confidence: float = 0.8) -> Match:
@@ -141,3 +147,31 @@ def test_fused_rows_need_the_destinations_input():
     assert apply_conventions(plan, Attention(per_head=True)) == plan
     failing = apply_conventions(plan, Attention(per_head=True), torch.randn(2, 3, D + 1))
     assert failing == plan  # a destination that does not run on it: the rule is skipped
+
+
+class Positions(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_positions = nn.Embedding(12, D)  # read from row 2, as OPT's
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_positions(torch.arange(ids.shape[-1]).expand_as(ids) + 2)
+
+
+def test_a_position_table_into_a_longer_one_read_from_an_offset_is_loaded_padded():
+    near = Mismatch(src=("wpe.weight",), dst=("embed_positions.weight",),
+                    src_shapes=((10, D),), dst_shapes=((12, D),), reason="shape mismatch",
+                    confidence=0.74)
+    plan = Plan(matches=(), mismatches=(near,), unmatched_src=("wpe.weight",),
+                unmatched_dst=("embed_positions.weight",))
+    out = apply_conventions(plan, Positions(), torch.zeros(2, 5, dtype=torch.long))
+    (m,) = out.matches
+    assert m.ops == (Op(OpKind.PAD, sizes=(2, 0)),) and POSITION_OFFSET in m.cost_terms
+    assert m.confidence == pytest.approx(0.74 * 0.9) and m.confidence <= PRIOR_CEILING
+    assert out.mismatches == () and out.unmatched_src == () and out.unmatched_dst == ()
+    table = torch.randn(10, D)
+    (padded,) = apply_ops([table], m.ops)
+    assert torch.equal(padded[2:], table)  # position p of the source is row p + 2
+    shorter = Plan(matches=(), mismatches=(Mismatch(src=near.src, dst=near.dst, src_shapes=((11, D),),
+                                        dst_shapes=((12, D),), reason="", confidence=0.7),))
+    assert apply_conventions(shorter, Positions(), torch.zeros(2, 5, dtype=torch.long)) == shorter

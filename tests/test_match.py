@@ -160,6 +160,16 @@ def test_near_miss_same_family_other_shape():
     assert near[0].confidence == pytest.approx(confidence(shape, 2 * W.unmatched - shape))
 
 
+def test_a_checkpoints_lone_matrix_is_a_near_miss_of_a_longer_embedding():
+    """A checkpoint's 2-d weight reads as a linear layer, and may be a position table."""
+    src = [unit("wpe", ["weight"], [(10, 4)])]  # no class: its family is a guess
+    dst = [Unit("embed_positions", ("embed_positions.weight",), ((12, 4),), "Embedding")]
+    fs, fd = features(src, dst, Tracer.STATE_DICT)
+    assert mapping(match_near_misses(fs, fd, W)) == [("wpe", "embed_positions")]
+    known = [Unit("wpe", ("wpe.weight",), ((10, 4),), "Linear")]  # both classes known: no
+    assert match_near_misses(*features(known, dst), W) == []
+
+
 @pytest.mark.parametrize(
     ("src", "dst"),
     [

@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 from archalign.errors import RunError
-from archalign.row_parts import RowParts, find_row_parts, parts_of
+from archalign.row_parts import (
+    RowParts,
+    find_position_offsets,
+    find_row_parts,
+    parts_of,
+    position_offset,
+)
 
 D, H = 8, 2  # width, heads
 HD = D // H  # head size
@@ -110,3 +116,36 @@ def test_a_model_that_fails_raises_a_run_error_and_keeps_no_hook():
 ])
 def test_parts_of_index_records(records: list[torch.Tensor], expected: object):
     assert parts_of(records, 4) == expected
+
+
+class Positions(nn.Module):
+    """Token and position tables; the positions read from ``offset`` (OPT: 2)."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__()
+        self.offset = offset
+        self.tokens = nn.Embedding(20, D)
+        self.positions = nn.Embedding(10 + offset, D)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        where = torch.arange(ids.shape[1]).expand_as(ids) + self.offset
+        return self.tokens(ids) + self.positions(where)
+
+
+@pytest.mark.parametrize("offset", [0, 2])
+def test_a_position_table_is_read_from_its_offset_and_token_ids_are_not_positions(offset: int):
+    ids = torch.tensor([[5, 3, 9, 1], [2, 2, 7, 4]])
+    found = find_position_offsets(Positions(offset), ["tokens", "positions", "nowhere"], ids)
+    assert found == {"positions": offset}
+
+
+@pytest.mark.parametrize(("index", "expected"), [
+    (torch.tensor([[2, 3, 4], [2, 3, 4]]), 2),
+    (torch.tensor([0, 1]), 0),
+    (torch.tensor([[2, 3, 4], [3, 4, 5]]), None),  # not the same run in every row
+    (torch.tensor([3, 1, 2]), None),  # token ids
+    (torch.tensor([4]), None),  # one position says nothing
+    (torch.tensor([0.0, 1.0]), None),  # not indices
+])
+def test_position_offset(index: torch.Tensor, expected: int | None):
+    assert position_offset(index) == expected
