@@ -143,9 +143,12 @@ read with ``weights_only=True``).
 \"\"\"
 
 import argparse
+import logging
 import sys
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 # destination key -> source key (plain copies)
 RENAMES = {renames}
@@ -242,17 +245,16 @@ def main(argv=None):
     parser.add_argument("output", help="where to write the converted one (.safetensors or pickle)")
     parser.add_argument("--entry", help="the entry of a training checkpoint holding the weights")
     args = parser.parse_args(argv)
+    logging.basicConfig(format="%(message)s", level=logging.INFO, stream=sys.stdout)
     try:
         converted = convert_state_dict(_read(args.input, args.entry))
         _write(converted, args.output)
-    except KeyError as exc:
-        print(f"error: {{args.input}} holds no tensor {{exc}} (is it the checkpoint the plan was "
-              "made for? a training checkpoint needs --entry)", file=sys.stderr)
-        return 2
+    except KeyError as exc:  # parser.exit: the message on stderr, exit status 2
+        parser.exit(2, f"error: {{args.input}} holds no tensor {{exc}} (is it the checkpoint the "
+                       "plan was made for? a training checkpoint needs --entry)\\n")
     except (OSError, RuntimeError, ValueError) as exc:
-        print(f"error: {{exc}}", file=sys.stderr)
-        return 2
-    print(f"wrote {{args.output}} ({{len(converted)}} tensors)")
+        parser.exit(2, f"error: {{exc}}\\n")
+    logger.info("wrote %s (%d tensors)", args.output, len(converted))
     return 0
 
 

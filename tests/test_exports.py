@@ -109,6 +109,11 @@ def test_the_converter_runs_as_a_command(tmp_path) -> None:  # type: ignore[no-u
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"wrote {out} ({len(plan.matches)} tensors)\n"
+    missing = subprocess.run([sys.executable, str(script), str(checkpoint), str(tmp_path / "x.pt")],
+                             capture_output=True, text=True, check=False, timeout=300, cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stdout == ""  # the whole file: no --entry
+    assert missing.stderr.startswith(f"error: {checkpoint} holds no tensor")
+    assert "a training checkpoint needs --entry" in missing.stderr
     by_command, by_plan = pair.make_dst(), pair.make_dst()
     by_command.load_state_dict(load_file(str(out)), strict=True)
     plan.apply(by_plan, strict=True)
