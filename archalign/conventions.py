@@ -42,6 +42,7 @@ reads its layers (run once on its input), never the source's tensors.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from collections.abc import Sequence
@@ -229,7 +230,7 @@ def _fused_rows(plan: Plan, dst: nn.Module, inputs: Any) -> Plan:
 def _regrouped(group: Sequence[Match], parts: RowParts) -> list[Match]:
     """The matches of one destination layer, once its parts' row layout is settled."""
     order = _blocks_order(parts)
-    if order == list(range(parts.rows)):
+    if order == tuple(range(parts.rows)):
         return list(group)  # the destination reads blocks too: nothing moves
     weight = next((m for m in group if len(m.dst_shapes[0]) == 2), group[0])
     src_layer = _layer_of(weight.src[0]) if len(weight.src) == 1 else None
@@ -260,7 +261,7 @@ def _regrouped(group: Sequence[Match], parts: RowParts) -> list[Match]:
     return out
 
 
-def _blocks_order(parts: RowParts) -> list[int]:
+def _blocks_order(parts: RowParts) -> tuple[int, ...]:
     """For each destination row, the source row a block layout puts there: part ``p`` (in the
     order of their first rows) takes the ``p``-th block, its rows in the order the part is read."""
     order = [0] * parts.rows
@@ -269,19 +270,17 @@ def _blocks_order(parts: RowParts) -> list[int]:
         for j, row in enumerate(part):
             order[row] = start + j
         start += len(part)
-    return order
+    return tuple(order)
 
 
-def _regroup_for(order: list[int]) -> Op | None:
+@functools.lru_cache(maxsize=64)  # each block of a model asks for the same order
+def _regroup_for(order: tuple[int, ...]) -> Op | None:
     """The regroup that puts source row ``order[r]`` at row ``r``; None when none does."""
     rows = len(order)
     want = torch.tensor(order)
-    for a in range(2, rows // 2 + 1):
-        if rows % a:
-            continue
-        for b in range(2, rows // a + 1):
-            if (rows // a) % b:
-                continue
+    divisors = [a for a in range(2, rows // 2 + 1) if rows % a == 0]
+    for a in divisors:
+        for b in (b for b in divisors if (rows // a) % b == 0):
             op = Op(OpKind.REGROUP, groups=(a, b))
             if torch.equal(apply_ops([torch.arange(rows)], (op,))[0], want):
                 return op

@@ -116,7 +116,7 @@ def convert_checkpoint(plan: Plan, src: Any, out: str | os.PathLike[str], *,
 
 
 def _prepared(plan: Plan, src: Any, out: str | os.PathLike[str], *, min_confidence: float,
-              max_shard_bytes: int, overwrite: bool, writers: int = 1
+              max_shard_bytes: int, overwrite: bool, writers: int
               ) -> tuple[list[Match], TensorSource, Path]:
     """The matches to write, the source and the output folder, once every check before a write
     has passed (see `convert_checkpoint` for what raises); creates the folder's parent."""
@@ -298,22 +298,23 @@ def _write_all(tensors: Iterable[tuple[str, torch.Tensor]], staging: Path, folde
     shard = ShardTensors()
     written: list[list[str]] = []  # the keys of each shard written, as staging/part-k
     with ShardWriter(writers) as writer:
+
+        def hand_over() -> None:
+            part = staging / f"part-{len(written) + 1:05d}.safetensors"
+            writer.write(shard.tensors, part, metadata, str(folder), f"shard {len(written) + 1}")
+            written.append(list(shard.tensors))
+
         for key, value in tensors:
             nbytes = value.numel() * value.element_size()
             if shard.tensors and shard.nbytes + nbytes > max_shard_bytes:
-                part = staging / f"part-{len(written) + 1:05d}.safetensors"
-                writer.write(shard.tensors, part, metadata, str(folder),
-                             f"shard {len(written) + 1}")
-                written.append(list(shard.tensors))
+                hand_over()
                 shard = ShardTensors()
             shard.add(key, value)
         if not written:
             writer.write(shard.tensors, staging / SINGLE_NAME, metadata,
                          str(folder / SINGLE_NAME), "the checkpoint")
             return [SINGLE_NAME]
-        writer.write(shard.tensors, staging / f"part-{len(written) + 1:05d}.safetensors",
-                     metadata, str(folder), f"shard {len(written) + 1}")
-        written.append(list(shard.tensors))
+        hand_over()
     total = len(written)
     names: list[str] = []
     weight_map: dict[str, str] = {}
@@ -358,8 +359,7 @@ class ShardWriter:
     lie in a staging folder, removed by the caller).
     """
 
-    def __init__(self, writers: int) -> None:
-        _check_writers(writers)
+    def __init__(self, writers: int) -> None:  # checked by the caller (`_check_writers`)
         self._limit = writers  # shards handed over and not yet written, at most
         self._pool = (ThreadPoolExecutor(writers, thread_name_prefix="archalign-writer")
                       if writers > 1 else None)
