@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .confidence import FULL_TRUST, Trust
-from .features import TYPE_ALIASES, UnitFeatures, is_matrix, is_pointwise
+from .features import TYPE_ALIASES, UnitFeatures, is_matrix, is_pointwise, is_vector
 from .graph import INPUT, OUTPUT, size_order
 
 __all__ = ["COST_TERMS", "INCOMPATIBLE", "RECORDED_COST_TERMS", "CostMatrices", "CostWeights",
@@ -106,13 +106,19 @@ def compute_costs(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
     # lone 2-d parameter either (CLIP's ``proj``, ``positional_embedding``)
     src_2d = np.array([_matrix_like(s) for s in src], dtype=bool)
     dst_2d = np.array([_matrix_like(d) for d in dst], dtype=bool)
+    # a lone vector may be the bias of a layer whose weight is tied elsewhere
+    src_1d = np.array([is_vector(s.signature) for s in src], dtype=bool)
+    dst_1d = np.array([is_vector(d.signature) for d in dst], dtype=bool)
     guessable = same_family | (src_2d[rows] & dst_2d[cols])
     known = (np.array([s.known_type for s in src], dtype=bool)[rows]
              & np.array([d.known_type for d in dst], dtype=bool)[cols])
-    # a lone matrix's class ("Parameter") says nothing of what it does: guessed, as unknown
+    # a lone matrix's or vector's class ("Parameter") says nothing of what it does: guessed, as
+    # unknown
     src_param = np.array([s.family == "param" for s in src], dtype=bool)
     dst_param = np.array([d.family == "param" for d in dst], dtype=bool)
-    lone_matrix = src_2d[rows] & dst_2d[cols] & (src_param[rows] | dst_param[cols])
+    lone = (((src_2d[rows] & dst_2d[cols]) | (src_1d[rows] & dst_1d[cols]))
+            & (src_param[rows] | dst_param[cols]))
+    guessable = guessable | lone
     # a linear layer and a 1x1 convolution compute one map
     src_lin = np.array([s.family == "linear" for s in src], dtype=bool)
     dst_lin = np.array([d.family == "linear" for d in dst], dtype=bool)
@@ -124,7 +130,7 @@ def compute_costs(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
     type_cost = np.where(
         known,
         np.where(same_type, 0.0, np.where(same_family, weights.same_family, np.where(
-            lone_matrix, weights.unknown_type, weights.other_family))),
+            lone, weights.unknown_type, weights.other_family))),
         np.where(guessable, weights.unknown_type, weights.other_family))
 
     preds = _pairwise([s.preds for s in src], [d.preds for d in dst], _overlap, rows, cols)
@@ -214,10 +220,18 @@ INCOMPATIBLE = 2.0  # shape_distance of units whose tensors cannot correspond at
 
 
 def _overlap(a: tuple[str, ...], b: tuple[str, ...]) -> float:
+    """How far two neighbour sets agree: an equal signature counts 1, one of the same family with
+    other shapes `NEAR_NEIGHBOUR` (a position table two rows longer; a fused qkv against q)."""
     if not a and not b:
         return 1.0
-    common = sum((Counter(a) & Counter(b)).values())
-    return common / max(len(a), len(b))
+    equal = Counter(a) & Counter(b)
+    rest_a, rest_b = Counter(a) - equal, Counter(b) - equal
+    near = (Counter(t.partition("[")[0] for t in rest_a.elements())
+            & Counter(t.partition("[")[0] for t in rest_b.elements()))
+    return (sum(equal.values()) + NEAR_NEIGHBOUR * sum(near.values())) / max(len(a), len(b))
+
+
+NEAR_NEIGHBOUR = 0.5  # context credit of a neighbour of the same family with other shapes
 
 
 def _jaccard(a: frozenset[str], b: frozenset[str]) -> float:

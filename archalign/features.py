@@ -18,8 +18,8 @@ import numpy as np
 
 from .graph import INPUT, OUTPUT, Unit, UnitGraph, size_order
 
-__all__ = ["UnitFeatures", "extract_features", "is_matrix", "is_pointwise", "layer_family",
-           "unit_signature", "without_own_classes"]
+__all__ = ["UnitFeatures", "extract_features", "is_matrix", "is_pointwise", "is_vector",
+           "layer_family", "unit_signature", "without_own_classes"]
 
 Signature = tuple[str, tuple[tuple[int, ...], ...]]
 
@@ -37,13 +37,18 @@ class UnitFeatures:
     succs: tuple[str, ...]  # signatures of the nearest consumers (sorted; sentinels by name)
     tokens: frozenset[str]  # lower-case name tokens without indices ("blocks.0.qkv" -> blocks, qkv)
     indices: tuple[int, ...]  # the numbers in the key, in order ("layer1.2.conv1" -> 1, 2, 1)
-    spread: float = 0.0  # how far `position` moves when the alignment's gaps go first, not last
+    shift: float = 0.0  # how far `position` moves when the alignment's gaps go first, not last
     reads: int | None = None  # id of the tensor its layer read first (equal: siblings); None
     # when unknown
 
     @property
     def signature(self) -> Signature:
         return (self.family, self.unit.shape_key)
+
+    @property
+    def spread(self) -> float:
+        """How uncertain `position` is: the size of `shift`."""
+        return abs(self.shift)
 
 
 # classes that are another class under a different name (subclasses with no new behaviour)
@@ -120,7 +125,7 @@ def extract_features(
     # tell which units were added or removed (a run of identical layers lost one)
     first = positions(gaps_last=False)
     return (
-        [_features(u, i, float(last[i]), src, src_sig, spread=float(abs(last[i] - first[i])))
+        [_features(u, i, float(last[i]), src, src_sig, shift=float(first[i] - last[i]))
          for i, u in zip(ranks, src_units)],
         [_features(u, i, float(i), dst, dst_sig) for i, u in enumerate(dst_units)],
     )
@@ -142,6 +147,15 @@ def is_matrix(sig: Signature) -> bool:
     family, shapes = sig
     return family in ("linear", "embedding") or (
         family == "param" and len(shapes) == 1 and sum(d != 1 for d in shapes[0]) == 2)
+
+
+def is_vector(sig: Signature) -> bool:
+    """One 1-d tensor alone: a lone parameter, or a linear or convolution layer whose weight is
+    tied to another layer's (BERT's ``cls.predictions.bias``, registered on the head, against
+    ELECTRA's ``generator_lm_head``, a Linear holding only its bias): one vector whichever it is
+    (a checkpoint keeps a tie under one name)."""
+    family, shapes = sig
+    return family in ("param", "linear", "conv") and len(shapes) == 1 and len(shapes[0]) == 1
 
 
 def is_pointwise(sig: Signature) -> bool:
@@ -184,13 +198,14 @@ def infer_family(unit: Unit) -> str:
 @functools.lru_cache(maxsize=4096)
 def _sig_text(sig: Signature) -> str:
     """A neighbour as the context term compares it: an embedding's matrix as a linear layer's
-    (a checkpoint cannot tell them apart: both are one 2-d ``weight``)."""
-    family = "linear" if sig[0] == "embedding" else sig[0]
+    (a checkpoint cannot tell them apart: both are one 2-d ``weight``), and a layer holding only
+    a bias as a lone vector (`is_vector`)."""
+    family = "linear" if sig[0] == "embedding" else "param" if is_vector(sig) else sig[0]
     return f"{family}{list(sig[1])}"
 
 
 def _features(unit: Unit, rank: int, position: float, graph: UnitGraph,
-              sigs: dict[str, Signature], spread: float = 0.0) -> UnitFeatures:
+              sigs: dict[str, Signature], shift: float = 0.0) -> UnitFeatures:
     def describe(keys: Sequence[str]) -> tuple[str, ...]:
         return tuple(sorted(k if k in (INPUT, OUTPUT) else _sig_text(sigs[k]) for k in keys))
 
@@ -200,7 +215,7 @@ def _features(unit: Unit, rank: int, position: float, graph: UnitGraph,
         known_type=bool(unit.type_name),
         rank=rank,
         position=position,
-        spread=spread,
+        shift=shift,
         preds=describe(graph.predecessors(unit.key)),
         succs=describe(graph.successors(unit.key)),
         tokens=name_tokens(unit.key),

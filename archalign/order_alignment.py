@@ -16,7 +16,15 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .features import GAP, Signature, align_sequences, is_matrix, is_pointwise, unit_signature
+from .features import (
+    GAP,
+    Signature,
+    align_sequences,
+    is_matrix,
+    is_pointwise,
+    is_vector,
+    unit_signature,
+)
 from .graph import Unit, size_order
 
 __all__ = ["FUSED", "FUSED_COUNTS", "OUTSIDE_BLOCK", "Costs", "Item", "extend_rows", "first_row",
@@ -188,8 +196,10 @@ def _substitution(a: Signature, b: Signature) -> float:
 
 def _matrices(a: Signature, b: Signature) -> bool:
     """A lone 2-d parameter against a linear layer or an embedding (CLIP's ``proj`` against
-    ``visual_projection``): one matrix either way."""
-    return "param" in (a[0], b[0]) and is_matrix(a) and is_matrix(b)
+    ``visual_projection``): one matrix either way; a lone 1-d parameter against a layer that
+    holds only its bias (`archalign.features.is_vector`): one vector."""
+    return "param" in (a[0], b[0]) and ((is_matrix(a) and is_matrix(b))
+                                        or (is_vector(a) and is_vector(b)))
 
 
 def _pointwise(a: Signature, b: Signature) -> bool:

@@ -121,6 +121,13 @@ def test_position_term_matrix():
         # ... and only one side feeds the output
         ((INPUT,), (OUTPUT,), ("a",), ("b",), 0.5 + 0.25 + 0.25),
         ((INPUT,), (OUTPUT,), (INPUT,), (OUTPUT,), 0.0),
+        # a neighbour of the same family with other shapes (a position table two rows longer)
+        # counts half; of another family, nothing
+        (("linear[(4, 8)]",), ("b",), ("linear[(6, 8)]",), ("b",), 0.5 * (1 - 0.5 * (0.5 + 1))),
+        (("linear[(4, 8)]",), ("b",), ("norm[(4, 8)]",), ("b",), 0.5 * (1 - 0.5 * (0 + 1))),
+        # equal ones are counted first: only the rest may be near
+        (("linear[(4, 8)]", "linear[(2, 8)]"), ("b",), ("linear[(4, 8)]", "norm[(2,)]"), ("b",),
+         0.5 * (1 - 0.5 * (0.5 + 1))),
     ],
 )
 def test_context_term(s_preds, s_succs, d_preds, d_succs, expected):

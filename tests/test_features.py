@@ -14,6 +14,7 @@ from archalign.features import (
     align_sequences,
     extract_features,
     infer_family,
+    is_vector,
     layer_family,
     name_tokens,
     unit_signature,
@@ -80,6 +81,21 @@ def test_layer_family(type_name, family):
 def test_infer_family(names, shapes, family):
     unit = Unit("m", tuple(f"m.{n}" for n in names), shapes, "")
     assert infer_family(unit) == family
+
+
+@pytest.mark.parametrize(
+    ("sig", "vector"),
+    [
+        (("param", ((8,),)), True),  # BERT's cls.predictions.bias, a lone tensor
+        (("linear", ((8,),)), True),  # ELECTRA's head, a Linear whose weight is tied elsewhere
+        (("conv", ((8,),)), True),
+        (("linear", ((8,), (8, 4))), False),  # a whole layer
+        (("norm", ((8,),)), False),  # a norm's scale is no lone vector
+        (("param", ((1, 8),)), False),  # a matrix, singleton or not
+    ],
+)
+def test_is_vector(sig, vector):
+    assert is_vector(sig) is vector
 
 
 # --------------------------------------------------------------------------- names

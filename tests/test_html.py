@@ -367,13 +367,13 @@ def test_flagged_rows_are_marked_on_the_page() -> None:
 
 @pytest.fixture(scope="module")
 def weak_plan():  # type: ignore[no-untyped-def]
-    """A BERT -> ELECTRA plan from a state_dict (the MLM head's lone bias and its norm stay
-    uncertain): some rows are flagged, and some fall below the default threshold; with what a
-    default apply loads."""
+    """A ResNet-34 -> ResNet-18 plan from a state_dict (which blocks of each stage were dropped,
+    structure cannot tell): some rows are flagged, and some fall below the default threshold;
+    with what a default apply loads."""
     torch = pytest.importorskip("torch")
     from corpus import get_pair
 
-    pair = get_pair("hf_bert_mlm->hf_electra_mlm")
+    pair = get_pair("tv_resnet34->tv_resnet18")
     src = pair.make_src()
     plan = archalign.align(src.state_dict(), pair.make_dst())
     return plan, len(plan.apply(pair.make_dst(), src.state_dict()).loaded), torch
@@ -388,7 +388,7 @@ def test_the_slider_starts_at_the_default_and_counts_what_apply_loads(tmp_path: 
     flagged = sum(bool(r.flags) for r in review.rows)
     assert below and flagged and loads == sum(len(m.dst) for m in plan.matches) - below
     page = tmp_path / "weak.html"
-    save_html(plan, page, source="bert.bin (BertForMaskedLM)", destination="ElectraForMaskedLM")
+    save_html(plan, page, source="resnet34.pt (torchvision)", destination="resnet18")
     status, dom = render_in_browser(tmp_path, page)
     assert status["data-loads"] == str(loads)  # apply(min_confidence=0.50) loads exactly these
     matched = sum(len(m.dst) for m in plan.matches)  # a fused source feeds several tensors
@@ -396,7 +396,7 @@ def test_the_slider_starts_at_the_default_and_counts_what_apply_loads(tmp_path: 
            "(the default)" in dom
     assert '<output id="minv">0.50</output>' in dom
     assert 'class="wire faded"' in dom  # what a default apply skips is drawn faded
-    assert ">bert.bin (BertForMaskedLM)</span>" in dom and ">ElectraForMaskedLM</span>" in dom
+    assert ">resnet34.pt (torchvision)</span>" in dom and ">resnet18</span>" in dom
     assert status["data-flagged"] == str(flagged)
     assert dom.count('class="tag flag"') >= 1
     rows = re.findall(r'<div class="row [^"]*\bsuspect\b', dom)

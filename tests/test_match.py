@@ -75,9 +75,9 @@ def test_match_units_maps_a_shallow_model_onto_the_first_blocks_of_a_deep_one():
     assert first.confidence == pytest.approx(confidence(0.0, 2 * W.unmatched - name))
 
     second = matches[1]
-    # the runner-up: s1 moves to the free d3, two ranks away, whose producer is not s1's and
-    # whose index differs
-    runner_up = W.position * math.log1p(2) + W.context * 0.5 + W.name
+    # the runner-up: s1 moves to the free d3, two ranks away, whose producer is a linear layer
+    # of other shapes than s1's (half the credit of an equal one) and whose index differs
+    runner_up = W.position * math.log1p(2) + W.context * (1 - 0.5 * (0.5 + 1)) + W.name
     # with the gaps placed first instead of last, s1 would sit at d3: structure cannot tell
     # which two of the four blocks the shallow model kept, and the confidence says so
     assert second.terms == pytest.approx(

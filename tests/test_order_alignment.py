@@ -91,6 +91,14 @@ def test_a_lone_matrix_aligns_with_a_linear_layer():
                 [Item(("linear", ((4, 8),)), False)]) == pytest.approx(2 * GAP)  # no matrix
 
 
+def test_a_lone_vector_aligns_with_a_layer_holding_only_its_bias():
+    """BERT's ``cls.predictions.bias`` (a bare vector) against ELECTRA's head, a Linear whose
+    weight is tied to the embedding and so saved under the embedding's name only."""
+    bias = Item(("param", ((8,),)), False)
+    assert cost([bias], [Item(("linear", ((8,),)), False)]) == pytest.approx(0.25 * GAP)
+    assert cost([bias], [Item(("norm", ((8,),)), False)]) == pytest.approx(2 * GAP)  # no vector
+
+
 def test_two_unequal_parts_never_stack():
     """q + kv and kv + an output projection have the same shapes: neither is guessed."""
     sig = lambda shape: ("linear", (shape,))  # noqa: E731
