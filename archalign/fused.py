@@ -67,7 +67,7 @@ def match_fused(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weight
                         else (single.unit.key, p.unit.key)) in forbidden for p in group):
                     continue
                 # the single unit sits where its first part does (`features._align_rest`)
-                offset = min(abs(single.position - p.position) for p in group)
+                offset = _offset(single, group, gaps_first=False)
                 position = position_weight * np.log1p(offset)
                 structural = position + weights.fused
                 name = weights.name * (0.0 if single.tokens & group[0].tokens else 1.0)
@@ -76,6 +76,7 @@ def match_fused(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weight
                 candidates.append(_Candidate(
                     total=structural + name, structural=structural, src=src_side, dst=dst_side,
                     fused_is_dst=fused_is_dst,
+                    spread=abs(_offset(single, group, gaps_first=True) - offset),
                     terms={"position": float(position), "name": name, "fused": weights.fused}))
     kept = _Kept(existing)
     fused: list[UnitMatch] = []
@@ -106,12 +107,24 @@ def match_fused(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures], weight
         single, group = (best.dst[0], best.src) if best.fused_is_dst else (best.src[0], best.dst)
         alike = len(set(shapes)) < len(shapes)
         factor = ORDER_ONLY_GROUP if alike and not _named_in_order(single.unit, group) else 1.0
+        # an uncertain position matters only against a rival candidate (as in `match`)
+        spread = best.spread if rivals and trust.order_in_fit else 0.0
         fused.append(UnitMatch(
             src=best.src, dst=best.dst, terms={**best.terms, "regret": float(regret)},
-            confidence=confidence(best.structural, regret) * factor
-            * float(np.exp(-max(f.spread for f in best.src))), pairs=best.pairs))
+            confidence=confidence(best.structural, regret) * factor * float(np.exp(-spread)),
+            pairs=best.pairs))
     return list(kept.matches.values()), fused
 
+
+def _offset(single: UnitFeatures, group: Sequence[UnitFeatures], *, gaps_first: bool) -> float:
+    """How far the single unit sits from the nearest part of the group, in destination ranks,
+    with the source positions of the alignment whose gaps go last or first
+    (`archalign.features.UnitFeatures.shift`): a group whose members trade places with a gap
+    (q or kv opposite a fused in_proj) keeps its offset, whichever member the gap is."""
+    def at(f: UnitFeatures) -> float:
+        return f.position + f.shift if gaps_first else f.position
+
+    return min(abs(at(single) - at(p)) for p in group)
 
 
 def _named_in_order(single: Unit, group: Sequence[UnitFeatures]) -> bool:
@@ -158,6 +171,7 @@ class _Candidate:
     src: tuple[UnitFeatures, ...]  # source side (a group when the destination is fused)
     dst: tuple[UnitFeatures, ...]  # destination side
     fused_is_dst: bool  # True: the destination is the fused unit (a concat), else a split
+    spread: float  # how far its offset moves when the alignment's gaps go first, not last
     terms: dict[str, float] = field(hash=False)  # cost terms, for the plan
 
     @cached_property
@@ -267,12 +281,17 @@ def _candidate_groups(parts: Sequence[UnitFeatures]) -> list[tuple[UnitFeatures,
 
 
 def _siblings(group: Sequence[UnitFeatures]) -> bool:
-    """Whether the members may be pieces of one fused tensor, by what they read: the very same
-    tensor (q, k and v of self-attention; gate and up), or, for cross-attention, the first one
-    thing (the query) and all others another (key and value). A run whose last member reads
-    what the others produced (an output projection after q, k and v) is no fused tensor. Two
-    members, or reads not known, always may."""
+    """Whether the members may be pieces of one fused tensor: children of one module (the
+    attention's q, k and v; the MLP's gate and up), and, by what they read, the very same tensor
+    (self-attention; gate and up), or, for cross-attention, the first one thing (the query) and
+    all others another (key and value). A run whose last member reads what the others produced
+    (an output projection after q, k and v) is no fused tensor. Where the reads are not known
+    (a checkpoint), the members must follow one another with nothing between them: a layer
+    between two (a ResNet block's ``conv1``, ``bn1``, ``conv2``) runs on the first one's
+    output. Two members with known reads always may."""
+    if len({f.unit.key.rpartition(".")[0] for f in group}) > 1:
+        return False
     reads = [f.reads for f in group]
-    if len(group) < 3 or None in reads:
-        return True
-    return len(set(reads)) == 1 or len(set(reads[1:])) == 1
+    if None in reads:
+        return group[-1].rank - group[0].rank == len(group) - 1
+    return len(group) < 3 or len(set(reads)) == 1 or len(set(reads[1:])) == 1

@@ -4,7 +4,8 @@ A checkpoint's key tree leaves some sibling orders open, and equal children (q, 
 equal linears; two equal norms) cost the same wherever they stand. The names then decide, by the
 conventions of how models are written: children named as in the destination in its order
 (`name_inversions`); the steps names claim (`role_inversions`: q, k, v before o; gate and up
-before down; before/pre before after/post; a language model's embedding before its head); numbered
+before down; before/pre before after/post; a language model's embedding before its head) and the
+steps of attention or of a gated MLP back to back (`role_spread`); numbered
 siblings in their numbers' order (`ordinal_inversions`) and together (`ordinal_spread`).
 
 Pure functions of names.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import re
 
 __all__ = ["ORDINAL", "name_inversions", "ordinal_inversions", "ordinal_spread", "role_inversions",
-           "role_of", "roles_of"]
+           "role_of", "role_spread", "roles_of"]
 
 ORDINAL = re.compile(r"(.*?)_?(\d+)")  # "norm2" -> ("norm", 2); "ln_1" -> ("ln", 1); "3" -> ("", 3)
 
@@ -36,13 +37,36 @@ def role_inversions(order: list[str]) -> int:
                for i, a in enumerate(at) for b in at[i + 1:])
 
 
+def role_spread(order: list[str]) -> int:
+    """How far apart children claiming steps of attention or of a gated MLP stand (`_ADJACENT`:
+    their steps hold all the parameters of the computation, so they run back to back): 0 when
+    each computation's children are adjacent (``q``, ``kv`` together, not ``q``, ``proj``,
+    ``norm``, ``kv``)."""
+    at: dict[int, list[int]] = {}
+    for i, name in enumerate(order):
+        for group in roles_of(name).keys() & _ADJACENT:
+            at.setdefault(group, []).append(i)
+    return sum(max(p) - min(p) - (len(p) - 1) for p in at.values())
+
+
 def roles_of(name: str) -> dict[int, int]:
     """The steps a child's name claims, per computation (the first word that claims one)."""
     out: dict[int, int] = {}
     for word in _WORDS.findall(name.lower()):
-        for group, step in _ROLES.get(word, ()):
+        for group, step in _ROLES.get(word, _fused_roles(word)):
             out.setdefault(group, step)
     return out
+
+
+def _fused_roles(word: str) -> tuple[tuple[int, int], ...]:
+    """The step of a fused projection's name: ``qkv``, ``kv``, ``wqkv`` are computed where
+    their first part is (``kv`` after ``q``, as cross-attention and pooling heads do)."""
+    letters = word[1:] if word.startswith("w") else word
+    if len(letters) < 2 or not set(letters) <= set("qkv"):
+        return ()
+    if letters != "".join(sorted(set(letters), key="qkv".index)):  # each once, in q, k, v order
+        return ()
+    return ((0, "qkv".index(letters[0])),)
 
 
 def role_of(name: str) -> tuple[int, int] | None:
@@ -63,6 +87,9 @@ _ROLES: dict[str, tuple[tuple[int, int], ...]] = {
     **{w: ((3, 0),) for w in ("embed", "embeddings", "embedding", "tok", "wte", "tokens")},
     **{w: ((3, 1),) for w in ("head", "lm", "logits", "unembed")},
 }
+
+
+_ADJACENT = frozenset({0, 1})  # computations whose named steps run back to back (attention, MLP)
 
 
 def ordinal_inversions(order: list[str]) -> int:

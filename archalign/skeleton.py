@@ -29,11 +29,12 @@ import itertools
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .chains import Chains
 from .features import GAP, name_tokens, unit_signature
 from .graph import Tracer, Unit, UnitGraph, chain_graph
 from .order_alignment import (
@@ -47,12 +48,12 @@ from .order_alignment import (
     window_of,
 )
 from .order_names import (
-    ORDINAL,
     name_inversions,
     ordinal_inversions,
     ordinal_spread,
     role_inversions,
     role_of,
+    role_spread,
 )
 
 __all__ = ["BEAM", "MAX_ARRANGEMENTS", "MAX_SWEEPS", "fit_order"]
@@ -276,7 +277,11 @@ def _paired_blocks(root: _Node, dst_keys: list[str], target: list[Item]
                    ) -> dict[str, tuple[_Node, list[Item]]]:
     """Numbered source blocks (``blk.3``) -> (the block, its destination counterpart's units in
     execution order). Runs of blocks are paired by count and by what they hold (the multiset of
-    their units' signatures), block i with block i."""
+    their units' signatures), block i with block i. A run of another length (ResNet-34's four
+    blocks of a stage against ResNet-18's two) cannot be paired block by block: which blocks
+    were dropped is open; each of its blocks is then judged against a block of one destination
+    run that holds the very same units (`_templates`: the order of a block's children is what
+    matters here, and identical blocks share it)."""
     dst_runs: dict[str, dict[str, list[Item]]] = {}  # run -> member -> units, in order
     for key, item in zip(dst_keys, target):
         block = _block_path(key.rpartition(".")[0])
@@ -309,7 +314,31 @@ def _paired_blocks(root: _Node, dst_keys: list[str], target: list[Item]
         dst_members = dst_runs[best]
         for node, member in zip(members, sorted(dst_members, key=int)):
             out[node.path] = (node, dst_members[member])
+    for members in src_runs.values():
+        if not any(m.path in out for m in members):
+            out.update(_templates(members, {r: m for r, m in dst_runs.items() if r not in taken}))
     return out
+
+
+def _templates(members: list[_Node], dst_runs: dict[str, dict[str, list[Item]]]
+               ) -> dict[str, tuple[_Node, list[Item]]]:
+    """The blocks of a source run -> (the block, a destination block holding the very same
+    units, by signature: the one of its own number where there is one), from the one
+    destination run that has such a block for most of them (at least half)."""
+    held = {m.path: Counter(unit_signature(u) for u in m.units()) for m in members}
+    best: dict[str, tuple[_Node, list[Item]]] = {}
+    for dst_members in dst_runs.values():
+        contents = [(member, Counter(i.signature for i in items))
+                    for member, items in sorted(dst_members.items(), key=lambda kv: int(kv[0]))]
+        found: dict[str, tuple[_Node, list[Item]]] = {}
+        for node in members:
+            number = node.path.rpartition(".")[2]
+            same = [member for member, content in contents if content == held[node.path]]
+            if same:
+                found[node.path] = (node, dst_members[number if number in same else same[0]])
+        if len(found) > len(best):
+            best = found
+    return best if 2 * len(best) >= len(members) else {}
 
 
 def _families(nodes: list[_Node]) -> list[list[_Node]]:
@@ -337,7 +366,7 @@ def _fit_family(root: _Node, members: list[_Node], target: list[Item],
     if OWN not in names and all(m.unit is not None and m.unit.type_name == "Parameter"
                                 for m in members):
         names = [OWN, *names]  # a lone tensor of the module (a layer scale) runs where it is used
-    chains = _Chains.of(names, lambda n: tuple(item_of(u) for u in first.part(n))
+    chains = Chains.of(names, lambda n: tuple(item_of(u) for u in first.part(n))
                         if n == OWN or not first.children[n].children else "module")
     if chains.count() <= 1:  # one order keeps the chains (blocks 0 .. N): numbers, not names
         for node in members:  # (a sorted file keeps "10" before "2")
@@ -372,75 +401,25 @@ def _fit_family(root: _Node, members: list[_Node], target: list[Item],
                         *(_named_in_place(order, first, chains, names_at)
                           for order in _beam(first, chains,
                                              extend_rows(first_row(costs), lead, costs), costs))]
-    best, best_key = arrangements[0], (np.inf, np.inf, np.inf, np.inf, np.inf)
+    best, best_key = arrangements[0], (np.inf,) * 6
     for order in arrangements:
         for node in members:
             node.order = list(order)
         cost = round(sum(sequence_cost(list(n.units())[part], c) for n, part, c in spans), 9)
         # equal costs (identical signatures: q, k, v; or a block shifted by one norm): children
         # named as in the destination in its order, then children named for their step in that
-        # step's order (q, k, v before o; gate, up before down; before/pre before after/post), then
-        # siblings of one number together (conv1 with bn1), then the earlier arrangement (the
-        # checkpoint's own)
+        # step's order (q, k, v before o; gate, up before down; before/pre before after/post) and
+        # attention's steps together (q with kv), then siblings of one number together (conv1
+        # with bn1), then the earlier arrangement (the checkpoint's own)
         key = (cost, name_inversions(order, names_at), role_inversions(order),
-               ordinal_inversions(order), ordinal_spread(order))
+               role_spread(order), ordinal_inversions(order), ordinal_spread(order))
         if key < best_key:
             best, best_key = order, key
     for node in members:
         node.order = list(best)
 
 
-@dataclass(frozen=True)
-class _Chains:
-    """A module's children as chains: siblings of one stem in their numbers' order (``norm1``,
-    ``norm2``; ``0 .. N``), every other child a chain of its own."""
-
-    labels: tuple[str, ...]  # each child's chain, in the checkpoint's order
-    ordered: dict[str, tuple[str, ...]]  # chain -> its children in order
-
-    @staticmethod
-    def of(names: Sequence[str], content: Callable[[str], object] | None = None) -> _Chains:
-        """The chains of ``names``; with ``content`` (a layer's units, compared; a container's
-        name), numbered layers chain only with equal ones: ``w1``, ``w3`` (gate, up) of Meta's
-        feed-forward chain, its ``w2`` (down, run last) is free; numbered containers (stages
-        ``layer1 .. layer4``, blocks ``0 .. N``) always chain."""
-        chains: dict[str, list[tuple[int, str]]] = {}
-        labels = []
-        kinds: dict[object, int] = {}
-        for name in names:
-            match = ORDINAL.fullmatch(name)
-            stem = f"#{match.group(1)}" if match else name
-            if match and match.group(1) and content is not None:
-                stem += f"#{kinds.setdefault(content(name), len(kinds))}"
-            chains.setdefault(stem, []).append((int(match.group(2)) if match else 0, name))
-            labels.append(stem)
-        return _Chains(tuple(labels), {s: tuple(n for _, n in sorted(c)) for s, c in chains.items()})
-
-    def labels_names(self) -> list[str]:
-        """Every child of every chain."""
-        return [n for chain in self.ordered.values() for n in chain]
-
-    def count(self) -> int:
-        """How many orders keep every chain in order (a multinomial coefficient)."""
-        return math.factorial(len(self.labels)) // math.prod(
-            math.factorial(len(c)) for c in self.ordered.values())
-
-    def realise(self, labels: Sequence[str]) -> list[str]:
-        """The children in the order of a sequence of chain labels."""
-        taken = dict.fromkeys(self.ordered, 0)
-        out = []
-        for stem in labels:
-            out.append(self.ordered[stem][taken[stem]])
-            taken[stem] += 1
-        return out
-
-    def arrangements(self) -> Iterator[list[str]]:
-        """Every order that keeps the chains, the checkpoint's (chains sorted) first."""
-        for labels in _multiset_permutations(list(self.labels)):
-            yield self.realise(labels)
-
-
-def _beam(node: _Node, chains: _Chains, rows: list[np.ndarray], costs: Costs) -> list[list[str]]:
+def _beam(node: _Node, chains: Chains, rows: list[np.ndarray], costs: Costs) -> list[list[str]]:
     """Orders of ``node``'s children built child by child, keeping the `BEAM` partial orders whose
     units align best with some beginning of the window (``rows``: the alignment so far)."""
     beam: list[tuple[float, list[str], list[np.ndarray]]] = [(0.0, [], rows)]
@@ -468,7 +447,7 @@ def _beam(node: _Node, chains: _Chains, rows: list[np.ndarray], costs: Costs) ->
     return [order for _, order, _ in beam]
 
 
-def _named_in_place(order: list[str], node: _Node, chains: _Chains,
+def _named_in_place(order: list[str], node: _Node, chains: Chains,
                     names_at: dict[str, int]) -> list[str]:
     """``order`` with children of identical content (equal units, so equal costs) swapped into
     the order their names say: destination names in its order, then steps (`_ROLES`), then the
@@ -489,32 +468,6 @@ def _named_in_place(order: list[str], node: _Node, chains: _Chains,
         if at != sorted(at):
             return order
     return out
-
-
-def _multiset_permutations(items: list[str]) -> Iterator[list[str]]:
-    """Distinct permutations of a multiset, the given order first (lexicographic in its ranks)."""
-    rank = {v: i for i, v in enumerate(dict.fromkeys(items))}
-    values = sorted(items, key=rank.__getitem__)
-    counts = {v: values.count(v) for v in dict.fromkeys(values)}
-    # the given order is not the first lexicographic one in general: start from it, then the rest
-    first = list(items)
-    yield first
-
-    def rec(prefix: list[str]) -> Iterator[list[str]]:
-        if len(prefix) == len(values):
-            yield list(prefix)
-            return
-        for v in counts:
-            if counts[v]:
-                counts[v] -= 1
-                prefix.append(v)
-                yield from rec(prefix)
-                prefix.pop()
-                counts[v] += 1
-
-    for perm in rec([]):
-        if perm != first:
-            yield perm
 
 
 def _segment_start(sequence: list[Unit], node: _Node) -> int:

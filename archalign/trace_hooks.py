@@ -18,7 +18,7 @@ from .graph import Tracer, Unit, UnitGraph, chain_graph
 from .repeats import collapsed_order
 from .running import run_in_eval
 
-__all__ = ["record_order", "trace_hooks"]
+__all__ = ["place_unreached", "record_order", "trace_hooks"]
 
 
 def trace_hooks(module: nn.Module, units: list[Unit], inputs: Any, *,
@@ -49,12 +49,29 @@ def trace_hooks(module: nn.Module, units: list[Unit], inputs: Any, *,
     if order is None:
         order = record()
     by_key = {u.key: u for u in units}
-    seen: dict[str, None] = dict.fromkeys(order)
-    ordered = [by_key[k] for k in seen]
-    ordered += [u for u in units if u.key not in seen]
+    ordered = [by_key[k] for k in place_unreached(list(dict.fromkeys(order)), units)]
     graph = chain_graph(ordered, Tracer.HOOKS)
     graph.reads = _copied_reads(reads, [u.key for u in ordered if u.type_name != "Parameter"])
     return graph
+
+
+def place_unreached(order: list[str], units: list[Unit]) -> list[str]:
+    """``order`` with the units that never started put in: one inside a layer that ran (an
+    ``nn.MultiheadAttention``'s ``out_proj``, whose weight its parent reads, never calling it)
+    right after that layer, as a traced call of the layer places it (`archalign.trace_fx`);
+    any other last, in registration order."""
+    seen = set(order)
+    after: dict[str, list[str]] = {}
+    last: list[str] = []
+    for unit in units:
+        if unit.key in seen:
+            continue
+        parts = unit.key.split(".")
+        host = next((".".join(parts[:n]) for n in range(len(parts) - 1, 0, -1)
+                     if ".".join(parts[:n]) in seen), None)
+        (last if host is None else after.setdefault(host, [])).append(unit.key)
+    placed = [k for key in order for k in (key, *after.get(key, ()))]
+    return placed + last
 
 
 def record_order(module: nn.Module, modules: Mapping[str, nn.Module],

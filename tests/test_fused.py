@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from archalign.confidence import confidence
 from archalign.cost import CostWeights
 from archalign.features import extract_features
 from archalign.fused import _named_in_order, match_fused
@@ -93,3 +94,44 @@ def test_equal_parts_named_in_order_keep_their_confidence() -> None:
     (named,) = solve(src, [linear("attn.qkv", 24, 8), linear("attn.proj", 8, 8)])[1]
     (unnamed,) = solve(src, [linear("attn.c_attn", 24, 8), linear("attn.proj", 8, 8)])[1]
     assert unnamed.confidence < named.confidence
+
+
+def test_a_group_whose_members_trade_places_with_a_gap_keeps_its_confidence() -> None:
+    """timm's attention pool (q, a fused kv, proj) against nn.MultiheadAttention (in_proj, then
+    out_proj): one of q and kv is a gap of the alignment, which one structure cannot tell, but
+    either way the pair sits at in_proj; its position is not uncertain, so the rival (kv with
+    proj) costs it nothing but its margin."""
+    src = [linear("pool.q", 8, 8), linear("pool.kv", 16, 8), linear("pool.proj", 8, 8)]
+    dst = [Unit("head.attention", ("head.attention.in_proj_weight", "head.attention.in_proj_bias"),
+                ((24, 8), (24,)), "MultiheadAttention"), linear("head.attention.out_proj", 8, 8)]
+    fs, fd = extract_features(chain_graph(src, Tracer.FX), chain_graph(dst, Tracer.FX))
+    assert max(f.spread for f in fs) > 0  # the members' own positions are uncertain
+    kept, fused = match_fused(fs, fd, W, match_units(fs, fd, W))
+    assert groups(fused) == [(("pool.q", "pool.kv"), ("head.attention",))]
+    (match,) = fused
+    structural = match.terms["position"] + match.terms["fused"]
+    assert match.confidence == pytest.approx(confidence(structural, match.terms["regret"]))
+    assert [(m.src[0].unit.key, m.dst[0].unit.key) for m in kept] == [
+        ("pool.proj", "head.attention.out_proj")]
+
+
+def conv(key: str, out: int, inp: int) -> Unit:
+    return Unit(key, (f"{key}.weight",), ((out, inp, 3, 3),), "Conv2d")
+
+
+def bn(key: str, width: int) -> Unit:
+    return Unit(key, (f"{key}.weight", f"{key}.bias"), ((width,), (width,)), "BatchNorm2d")
+
+
+@pytest.mark.parametrize("src", [
+    # a block's conv1 -> bn1 -> conv2: the second runs on the first's output
+    [conv("layer2.3.conv1", 8, 8), bn("layer2.3.bn1", 8), conv("layer2.3.conv2", 8, 8)],
+    # adjacent, but in two blocks: no module holds both
+    [conv("layer2.2.conv2", 8, 8), conv("layer2.3.conv1", 8, 8)],
+], ids=["a layer between", "two parents"])
+def test_layers_of_a_chain_are_no_pieces_of_one_tensor(src: list[Unit]) -> None:
+    """From a checkpoint (reads unknown) the pieces of a fused tensor are siblings that follow
+    one another: a ResNet-34's surplus convolutions never concatenate into ResNet-18's wider
+    one (whose own counterpart stays matched)."""
+    _, fused = solve(src, [conv("layer3.0.conv1", 16, 8)])
+    assert fused == []

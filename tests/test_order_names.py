@@ -10,6 +10,7 @@ from archalign.order_names import (
     ordinal_spread,
     role_inversions,
     role_of,
+    role_spread,
 )
 
 
@@ -47,3 +48,21 @@ def test_ordinals(order, inversions, spread):
 def test_role_of_is_the_first_step_a_name_claims():
     assert role_of("q_proj") == (0, 0) and role_of("output") == (0, 3)
     assert role_of("proj") is None
+
+
+@pytest.mark.parametrize("name, role", [
+    ("kv", (0, 1)), ("qkv", (0, 0)), ("wqkv", (0, 0)), ("kv_proj", (0, 1)), ("wkv", (0, 1)),
+    ("vk", None), ("qq", None), ("w", None), ("in_proj", None),  # no fused projection's name
+])
+def test_a_fused_projection_runs_where_its_first_part_does(name, role):
+    assert role_of(name) == role
+
+
+def test_kv_after_q_and_attention_steps_back_to_back():
+    # timm's attention-pool head, sorted as a safetensors file keeps it
+    assert role_inversions(["kv", "latent", "q", "proj", "norm"]) == 1
+    assert role_spread(["latent", "q", "kv", "proj", "norm", "mlp"]) == 0
+    assert role_spread(["latent", "q", "proj", "norm", "kv", "mlp"]) == 2
+    # norms before and after attention stand apart, as they run: no spread counted for them
+    assert role_spread(["input_layernorm", "self_attn", "post_attention_layernorm"]) == 0
+    assert role_spread(["gate_proj", "act", "up_proj", "down_proj"]) == 1

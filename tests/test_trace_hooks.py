@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from archalign.graph import INPUT, OUTPUT
+from archalign.graph import INPUT, OUTPUT, Unit
 from archalign.source import read_source
 from archalign.trace import trace_graph
+from archalign.trace_hooks import place_unreached
 
 from .models import (
     DataDependent,
@@ -78,3 +79,32 @@ def test_hooks_put_parameters_of_the_root_first():
     assert g.tracer == "hooks"
     # a root parameter is recorded when the root starts, before any layer
     assert g.order == ["pos", "proj", "head"]
+
+
+class _PoolThenHead(torch.nn.Module):
+    """An attention pool (nn.MultiheadAttention reads its out_proj's weight itself, never
+    calling it) before a norm and a head, behind data-dependent control flow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = torch.nn.MultiheadAttention(4, 1, batch_first=True)
+        self.norm = torch.nn.LayerNorm(4)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.attention(x, x, x)[0]
+        if h.sum() > 0:
+            h = -h
+        return self.head(self.norm(h))
+
+
+def test_a_layer_its_parent_reads_without_calling_runs_with_the_parent():
+    g = trace(_PoolThenHead(), torch.randn(2, 3, 4))
+    assert g.tracer == "hooks"
+    assert g.order == ["attention", "attention.out_proj", "norm", "head"]
+
+
+def test_place_unreached_keeps_the_others_last():
+    units = [Unit(k, (f"{k}.weight",), ((2, 2),), "Linear")
+             for k in ("a", "a.inner", "b", "spare", "b.x.inner")]
+    assert place_unreached(["b", "a"], units) == ["b", "b.x.inner", "a", "a.inner", "spare"]
