@@ -3,8 +3,9 @@
 Exit codes: 0 done; 1 refused (``--strict`` and something would stay unloaded, or the outputs
 differ under ``verify``); 2 usage or input error, said in one line on stderr, without a
 traceback (a bad argument, a model that cannot be built or rejects ``--input``, a file that
-cannot be read or written, a plan that does not fit the models); 3 an internal error (a bug:
-the traceback is printed); 130 interrupted.
+cannot be read or written, a plan that does not fit the models, a source with nothing in common
+with the destination, an ``apply`` that would load nothing: nothing is saved); 3 an internal
+error (a bug: the traceback is printed); 130 interrupted.
 
 Models come from factories (`archalign.factories`), which import from installed packages only:
 ``--import-path DIR`` lets them import from ``DIR`` too (``--import-path .`` for a module in the
@@ -32,7 +33,15 @@ from . import __version__
 from .checkpoint import PICKLE_SUFFIXES
 from .confidence import DEFAULT_MIN_CONFIDENCE
 from .convert import DEFAULT_SHARD_BYTES, DEFAULT_WRITERS
-from .errors import ArchalignError, PlanError, RunError, SourceError, StrictError, UsageError
+from .errors import (
+    ApplyError,
+    ArchalignError,
+    PlanError,
+    RunError,
+    SourceError,
+    StrictError,
+    UsageError,
+)
 from .factories import build_model, import_paths, load_source, parse_input
 from .plan import Plan, load_plan
 from .source import TensorSource
@@ -249,6 +258,12 @@ def _apply(args: argparse.Namespace, console: Console) -> int:
         report = plan.apply(dst, src, min_confidence=args.min_confidence, strict=args.strict,
                             shape_policy=args.shape_policy, progress=update)
     say(console, str(report))
+    if not report.loaded:  # a file of the destination's initial values is no port
+        why = (f"its {len(plan.matches)} matches are all below --min-confidence "
+               f"{args.min_confidence:.2f} or refused by shape" if plan.matches
+               else "the plan has no match")
+        raise ApplyError(f"nothing of {args.src} was loaded into {args.dst}: {why}; nothing was "
+                         f"saved to {args.output} (see 'archalign show {args.plan}')")
     with progress_bar(console, "saving") as update:
         saved = save_model(dst, args.output, max_shard_bytes=args.max_shard_size,
                            progress=update)

@@ -19,7 +19,7 @@ from .confidence import (
 )
 from .conventions import apply_conventions
 from .cost import CostWeights
-from .errors import SourceError
+from .errors import AlignError, SourceError
 from .features import UnitFeatures, extract_features, without_own_classes
 from .functional import decide_by_activations
 from .fused import match_fused
@@ -88,7 +88,9 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
     SourceError
         If ``src`` or ``dst`` cannot be read (wrong type, empty, non-tensor values, bad file).
     AlignError
-        If a hint's pattern matches nothing, or a pin pairs different numbers of layers.
+        If a hint's pattern matches nothing, or a pin pairs different numbers of layers; or if,
+        without hints, no tensor of the source matches or nearly matches any of the destination
+        (another model's file, a file of something else): the error names keys of both sides.
     """
     weights = weights or CostWeights()
     step = progress or (lambda _stage: None)
@@ -136,6 +138,8 @@ def align(src: Any, dst: Any, *, example_inputs: ExampleInputs = None,
                               weights, no, trust=trust)
 
     plan = _build_plan(found, near, source, target, src_graph.tracer, dst_graph.tracer)
+    if not plan.matches and not plan.mismatches and not hints:
+        raise AlignError(_nothing_in_common(source, target))
     if source.module is None and target.module is not None:  # a checkpoint: its format's rules
         plan = apply_conventions(plan, target.module, inputs.dst if inputs is not None else None)
     step("scanning the source for NaN/Inf")
@@ -201,6 +205,16 @@ def align_and_load(src: Any, dst: nn.Module, *, example_inputs: ExampleInputs = 
         return report
     check = run_verification(runnable, dst, verify, plan=plan)
     return dataclasses.replace(report, verification=check)
+
+
+def _nothing_in_common(source: TensorSource, target: TensorSource) -> str:
+    """Why a plan that would load nothing is refused, naming keys of both sides."""
+    return (f"nothing of the {source.description} matches the {target.description}: none of its "
+            f"{len(source.specs)} tensors ({_first_keys(tuple(source.specs))}) fits any of the "
+            f"destination's {len(target.specs)} ({_first_keys(tuple(target.specs))}) by layer "
+            f"kind and shape, nor comes near one. Is it the checkpoint of this model? A training "
+            f"file holding several state dicts needs the model's picked (entry=..., --entry); "
+            f"a reviewer's pin forces a pair (hints=Hints(pin=...))")
 
 
 def _first_keys(keys: tuple[str, ...], limit: int = 5) -> str:

@@ -112,6 +112,20 @@ def test_strict_refusal_exits_1(plan_file: Path, tmp_path: Path, capsys) -> None
     assert capsys.readouterr().err.startswith("refused: strict: ")
 
 
+def test_apply_that_would_load_nothing_saves_nothing(plan_file: Path, source_checkpoint,  # type: ignore[no-untyped-def]
+                                                     tmp_path: Path, capsys) -> None:
+    """Without --strict, a plan none of whose matches reaches --min-confidence would save the
+    destination's initial values as if ported: refused, naming why, and no file."""
+    _, checkpoint = source_checkpoint
+    out = tmp_path / "dst.safetensors"
+    code = main(["apply", str(checkpoint), str(plan_file), DST, "-o", str(out),
+                 "--min-confidence", "1.0"])
+    assert code == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert "122 matches are all below --min-confidence 1.00" in err
+    assert f"nothing was saved to {out}" in err
+
+
 def test_verify_and_export(plan_file: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     assert main(["verify", SRC, DST, "--plan", str(plan_file), "--input", "randn:1,3,64,64"]) == 0
     assert "outputs agree" in capsys.readouterr().out

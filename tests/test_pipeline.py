@@ -188,6 +188,21 @@ def test_renamed_rewrapped_reordered_copy_is_recovered_exactly(
         assert torch.equal(src(x), dst(x))
 
 
+def test_a_source_with_nothing_in_common_is_refused_naming_keys_of_both_sides() -> None:
+    """Another model's file (or a file of something else): no plan that loads nothing is
+    proposed as if it were a port; the error names keys of both sides."""
+    torch.manual_seed(0)
+    unrelated = {"mystery.table": torch.randn(5, 7, 3), "other.x": torch.randn(9)}
+    dst = mlp(10, 5, 2)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(archalign.AlignError, match=r"none of its 2 tensors \(mystery\.table, "
+                       r"other\.x\) fits any of the destination's 4 \(0\.weight, 0\.bias"):
+        archalign.align_and_load(unrelated, dst)
+    assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
+    # a reviewer who dropped every layer asked for an empty plan: no error
+    assert archalign.align(unrelated, dst, hints=archalign.Hints(drop=("*",))).matches == ()
+
+
 def test_align_and_load_warns_when_the_destination_stays_partly_initial(caplog) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     src, dst = mlp(10, 8, 5, 2), mlp(10, 5, 2)
