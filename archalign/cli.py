@@ -33,15 +33,7 @@ from . import __version__
 from .checkpoint import PICKLE_SUFFIXES
 from .confidence import DEFAULT_MIN_CONFIDENCE
 from .convert import DEFAULT_SHARD_BYTES, DEFAULT_WRITERS
-from .errors import (
-    ApplyError,
-    ArchalignError,
-    PlanError,
-    RunError,
-    SourceError,
-    StrictError,
-    UsageError,
-)
+from .errors import ApplyError, ArchalignError, PlanError, RunError, SourceError, StrictError, UsageError
 from .factories import build_model, import_paths, load_source, parse_input
 from .plan import Plan, load_plan
 from .source import TensorSource

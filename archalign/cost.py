@@ -109,7 +109,6 @@ def compute_costs(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
     # a lone vector may be the bias of a layer whose weight is tied elsewhere
     src_1d = np.array([is_vector(s.signature) for s in src], dtype=bool)
     dst_1d = np.array([is_vector(d.signature) for d in dst], dtype=bool)
-    guessable = same_family | (src_2d[rows] & dst_2d[cols])
     known = (np.array([s.known_type for s in src], dtype=bool)[rows]
              & np.array([d.known_type for d in dst], dtype=bool)[cols])
     # a lone matrix's or vector's class ("Parameter") says nothing of what it does: guessed, as
@@ -118,7 +117,7 @@ def compute_costs(src: Sequence[UnitFeatures], dst: Sequence[UnitFeatures],
     dst_param = np.array([d.family == "param" for d in dst], dtype=bool)
     lone = (((src_2d[rows] & dst_2d[cols]) | (src_1d[rows] & dst_1d[cols]))
             & (src_param[rows] | dst_param[cols]))
-    guessable = guessable | lone
+    guessable = same_family | (src_2d[rows] & dst_2d[cols]) | lone
     # a linear layer and a 1x1 convolution compute one map
     src_lin = np.array([s.family == "linear" for s in src], dtype=bool)
     dst_lin = np.array([d.family == "linear" for d in dst], dtype=bool)

@@ -16,15 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .features import (
-    GAP,
-    Signature,
-    align_sequences,
-    is_matrix,
-    is_pointwise,
-    is_vector,
-    unit_signature,
-)
+from .features import GAP, Signature, align_sequences, is_matrix, is_pointwise, is_vector, unit_signature
 from .graph import Unit, size_order
 
 __all__ = ["FUSED", "FUSED_COUNTS", "OUTSIDE_BLOCK", "Costs", "Item", "extend_rows", "first_row",

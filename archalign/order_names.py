@@ -14,6 +14,7 @@ Pure functions of names.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 __all__ = ["ORDINAL", "name_inversions", "ordinal_inversions", "ordinal_spread", "role_inversions",
            "role_of", "role_spread", "roles_of"]
@@ -46,7 +47,7 @@ def role_spread(order: list[str]) -> int:
     for i, name in enumerate(order):
         for group in roles_of(name).keys() & _ADJACENT:
             at.setdefault(group, []).append(i)
-    return sum(max(p) - min(p) - (len(p) - 1) for p in at.values())
+    return _apart(at.values())
 
 
 def roles_of(name: str) -> dict[int, int]:
@@ -107,4 +108,10 @@ def ordinal_spread(order: list[str]) -> int:
         match = ORDINAL.fullmatch(name)
         if match and match.group(1):
             at.setdefault(match.group(2), []).append(i)
-    return sum(max(p) - min(p) - (len(p) - 1) for p in at.values())
+    return _apart(at.values())
+
+
+def _apart(groups: Iterable[list[int]]) -> int:
+    """How many places in all lie between the members of each group (by their places in an
+    order): 0 when every group stands together."""
+    return sum(max(p) - min(p) - (len(p) - 1) for p in groups)

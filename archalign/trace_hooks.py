@@ -67,8 +67,8 @@ def place_unreached(order: list[str], units: list[Unit]) -> list[str]:
         if unit.key in seen:
             continue
         parts = unit.key.split(".")
-        host = next((".".join(parts[:n]) for n in range(len(parts) - 1, 0, -1)
-                     if ".".join(parts[:n]) in seen), None)
+        ancestors = (".".join(parts[:n]) for n in range(len(parts) - 1, 0, -1))  # nearest first
+        host = next((a for a in ancestors if a in seen), None)
         (last if host is None else after.setdefault(host, [])).append(unit.key)
     placed = [k for key in order for k in (key, *after.get(key, ()))]
     return placed + last
